@@ -236,6 +236,15 @@ def all_blocks(layout: TokenLayout, block_groups: int) -> set[int]:
     return set(range(len(block_ranges(layout, block_groups))))
 
 
+def explicit_dense_blocks(blocks, num_blocks: int) -> set[int]:
+    """A user's block list (to reproduce published runs) plus the always-dense blocks."""
+    chosen = {int(b) for b in blocks}
+    bad = sorted(b for b in chosen if not 0 <= b < num_blocks)
+    if bad:
+        raise ValueError(f"dense blocks {bad} out of range: this video has blocks 0..{num_blocks - 1}")
+    return chosen | always_dense_blocks(num_blocks)
+
+
 def select_dense_blocks(block_scores: np.ndarray, *, num_blocks: int, top_k: int) -> set[int]:
     """Always-dense blocks plus the top-k scoring others (ties go to the earlier block)."""
     chosen = always_dense_blocks(num_blocks)

@@ -1,0 +1,100 @@
+"""Read a Hugging Face checkpoint directory: config.json + (sharded) safetensors. No pickle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from videoxl.config import VideoXLConfig
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Keys a Video-XL-2 checkpoint may carry that inference does not use (DESIGN §1).
+UNUSED_KEY_PREFIXES = (
+    "model.text_mlp.",
+    "model.vision_tower.vision_tower.vision_model.post_layernorm.",
+    "model.vision_tower.vision_tower.vision_model.head.",
+)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is incomplete or does not match the model."""
+
+
+def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
+    index = checkpoint_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+        files = sorted({checkpoint_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{checkpoint_dir}: shards listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+        return files
+    single = checkpoint_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if list(checkpoint_dir.glob("*.bin")) or list(checkpoint_dir.glob("*.pt")):
+        raise CheckpointError(f"{checkpoint_dir}: only pickle weights (*.bin/*.pt) found; convert them to safetensors")
+    raise CheckpointError(f"{checkpoint_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    checkpoint_dir = Path(checkpoint_dir)
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(checkpoint_dir):
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy `state` into `model`, reporting missing, unexpected and mis-shaped keys clearly."""
+    expected = model.state_dict()
+    unused = {k for k in state if k.startswith(UNUSED_KEY_PREFIXES)}
+    vision_prefix = "model.vision_tower.vision_tower.vision_model.encoder.layers."
+    for key in state:  # SigLIP layers past the selected one are present and unused
+        if key.startswith(vision_prefix) and key not in expected:
+            unused.add(key)
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected and k not in unused)
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches: {_preview(wrong_shape)}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the Video-XL-2 model: " + "; ".join(problems))
+    if unused:
+        log.info("%s: %d unused keys ignored (e.g. %s)", source, len(unused), sorted(unused)[0])
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key].to(param.dtype))
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_config(checkpoint_dir: str | Path) -> VideoXLConfig:
+    return VideoXLConfig.from_checkpoint(checkpoint_dir)
