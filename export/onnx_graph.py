@@ -1,0 +1,81 @@
+"""A small helper for writing ONNX graphs by hand (the LLM graphs and the custom-op bodies).
+
+Each `op()` call appends one node and returns fresh output names, so graph code reads like the
+math it implements.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+
+ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+class GraphBuilder:
+    def __init__(self, prefix: str = "") -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._ids = itertools.count()
+        self.prefix = prefix
+
+    def name(self, hint: str) -> str:
+        return f"{self.prefix}{hint}_{next(self._ids)}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant as a Constant node (keeps function bodies self-contained)."""
+        name = self.name("const")
+        self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, dtype=dtype))))
+        return name
+
+    def initializer(self, name: str, array: np.ndarray, onnx_dtype: int | None = None) -> str:
+        if onnx_dtype == TensorProto.BFLOAT16:
+            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, _bf16_bits(array).tobytes(), raw=True)
+        else:
+            tensor = numpy_helper.from_array(array, name)
+        self.initializers.append(tensor)
+        return name
+
+    def attr_const(self, attribute: str, kind: int = onnx.AttributeProto.FLOAT) -> str:
+        """Constant whose value is the enclosing function's attribute `attribute`."""
+        name = self.name(attribute)
+        node = helper.make_node("Constant", [], [name])
+        ref = onnx.AttributeProto()
+        ref.name = "value_float" if kind == onnx.AttributeProto.FLOAT else "value_int"
+        ref.ref_attr_name = attribute
+        ref.type = kind
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return name
+
+    # --- little compositions --------------------------------------------------------------
+    def dim(self, tensor: str, axis: int) -> str:
+        """Size of one axis as a scalar int64."""
+        return self.op("Squeeze", self.op("Shape", tensor, start=axis, end=axis + 1), self.const([0]))
+
+    def scalar(self, tensor_1: str) -> str:
+        return self.op("Squeeze", tensor_1, self.const([0]))
+
+    def arange(self, start: str, stop: str) -> str:
+        return self.op("Range", start, stop, self.const(1))
+
+
+def _bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns with round-to-nearest-even."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def value_info(name: str, elem_type: int, shape: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, shape)

@@ -1,0 +1,296 @@
+// ChunkSparseAttention: flash-attention-style online softmax over the keys a chunk query may
+// see, described by index ranges (never a mask). SIMT, float32 accumulation.
+//
+// Grid: x = query head, y = query tile of 32 queries. Tiles are built from the chunk's
+// queries after a stable partition by kind, so that the rare timestamp queries (which see the
+// whole past) never drag the others through it:
+//
+//   y:  [ timestamp tiles ][ visual tiles ...................... ][ spare ]
+//        keys [0, p_max]    keys [0, prefix_len) U timestamps U [window_start, p_max]
+//
+// Timestamp tiles come first so that their long sweeps start first. Inside a tile each warp
+// owns 8 queries; a K/V tile of 32 keys is staged in shared memory (one key per lane for the
+// scores, one head_dim slice per lane for P.V), and keys beyond a query's position are
+// masked (causal inside the chunk).
+
+#include "../common/common.cuh"
+#include "chunk_attention.h"
+
+namespace videoxl {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kQueriesPerWarp = 8;
+constexpr int kBlockQ = kWarps * kQueriesPerWarp;  // queries per tile
+constexpr int kBlockK = 32;  // keys per K/V tile: one per lane
+static_assert(kBlockQ == 32, "the tile scan hands one query slot to each lane of warp 0");
+
+template <int D>
+struct SharedTile {
+    __align__(16) float q[kBlockQ][D];  // queries, pre-scaled by scale * log2(e)
+    __align__(16) float k[kBlockK][D + 4];  // +4: float4 row reads are conflict-free
+    __align__(16) float v[kBlockK][D];
+    __align__(16) float p[kWarps][kBlockK][kQueriesPerWarp];  // probabilities for P.V
+    int query_index[kBlockQ];  // chunk query of each slot, -1 when empty
+    int warp_count[kWarps];
+};
+
+// One key range of a tile's sweep: positions [begin, end) of either the key axis itself or,
+// when `index` is set, of the past_timestamp_index list.
+struct KeySegment {
+    int64_t begin;
+    int64_t end;
+    const int64_t* index;
+};
+
+__device__ __forceinline__ int64_t segment_key(const KeySegment& seg, int64_t t, int64_t num_keys) {
+    if (t >= seg.end) return -1;
+    if (seg.index == nullptr) return t;
+    const int64_t key = seg.index[t];
+    return (key >= 0 && key < num_keys) ? key : -1;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
+    const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
+    const int64_t* __restrict__ prefix_len_ptr, const int64_t* __restrict__ window_start_ptr,
+    const int64_t* __restrict__ past_timestamp_index, int64_t num_past_timestamps,
+    const uint8_t* __restrict__ query_is_timestamp, T* __restrict__ output,
+    int num_queries, int64_t num_keys, int num_q_heads, int num_kv_heads, float scale_log2) {
+    extern __shared__ __align__(16) unsigned char shared_raw[];
+    SharedTile<D>& s = *reinterpret_cast<SharedTile<D>*>(shared_raw);
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int head = blockIdx.x;
+    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const int64_t past = num_keys - num_queries;
+
+    // --- which queries this tile holds -----------------------------------------------------
+    int local = 0;
+    for (int i = tid; i < num_queries; i += kThreads) local += query_is_timestamp[i] != 0;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+    if (lane == 0) s.warp_count[warp] = local;
+    __syncthreads();
+    int num_ts = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) num_ts += s.warp_count[w];
+
+    const int ts_tiles = (num_ts + kBlockQ - 1) / kBlockQ;
+    const bool ts_tile = static_cast<int>(blockIdx.y) < ts_tiles;
+    const int of_kind = ts_tile ? num_ts : num_queries - num_ts;
+    const int rank_begin = (ts_tile ? static_cast<int>(blockIdx.y) : static_cast<int>(blockIdx.y) - ts_tiles) * kBlockQ;
+    if (rank_begin >= of_kind) return;  // spare tile: the grid is sized for the worst split
+    const int live = min(kBlockQ, of_kind - rank_begin);
+
+    if (warp == 0) {  // stable scan: the queries of this kind ranked [rank_begin, +live)
+        int seen = 0;
+        for (int base = 0; base < num_queries && seen < rank_begin + live; base += 32) {
+            const int i = base + lane;
+            const bool match = i < num_queries && ((query_is_timestamp[i] != 0) == ts_tile);
+            const unsigned int ballot = __ballot_sync(0xffffffffu, match);
+            const int rank = seen + __popc(ballot & ((1u << lane) - 1u));
+            if (match && rank >= rank_begin && rank < rank_begin + live) s.query_index[rank - rank_begin] = i;
+            seen += __popc(ballot);
+        }
+        if (lane >= live) s.query_index[lane] = -1;
+    }
+    __syncthreads();
+
+    for (int e = tid; e < kBlockQ * D; e += kThreads) {
+        const int slot = e / D;
+        const int d = e % D;
+        const int qi = s.query_index[slot];
+        s.q[slot][d] = qi >= 0 ? to_float(query[(static_cast<int64_t>(qi) * num_q_heads + head) * D + d]) * scale_log2 : 0.0f;
+    }
+
+    // --- the key ranges this tile sweeps -----------------------------------------------------
+    const int64_t p_max = past + s.query_index[live - 1];  // slots are in ascending order
+    const int64_t prefix_len = min(max(*prefix_len_ptr, int64_t{0}), past);
+    const int64_t window_start = min(max(*window_start_ptr, prefix_len), past);
+    KeySegment segments[3];
+    int num_segments;
+    if (ts_tile) {
+        segments[0] = {0, p_max + 1, nullptr};
+        num_segments = 1;
+    } else {
+        segments[0] = {0, prefix_len, nullptr};
+        segments[1] = {0, num_past_timestamps, past_timestamp_index};
+        segments[2] = {window_start, p_max + 1, nullptr};
+        num_segments = 3;
+    }
+
+    constexpr int kSlices = D >= 32 ? D / 32 : 1;  // head_dim elements per lane in P.V
+    int64_t position[kQueriesPerWarp];
+    float row_max[kQueriesPerWarp];
+    float row_sum[kQueriesPerWarp];  // per-lane partial sums; reduced once at the end
+    float acc[kQueriesPerWarp][kSlices];
+#pragma unroll
+    for (int j = 0; j < kQueriesPerWarp; ++j) {
+        const int qi = s.query_index[warp * kQueriesPerWarp + j];
+        position[j] = qi >= 0 ? past + qi : -1;  // -1 masks every key of an empty slot
+        row_max[j] = -INFINITY;
+        row_sum[j] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kSlices; ++c) acc[j][c] = 0.0f;
+    }
+    const bool warp_live = position[0] >= 0;
+
+    for (int seg_i = 0; seg_i < num_segments; ++seg_i) {
+        const KeySegment seg = segments[seg_i];
+        for (int64_t t0 = seg.begin; t0 < seg.end; t0 += kBlockK) {
+            __syncthreads();  // the previous tile is consumed (and s.q is written)
+            for (int e = tid; e < kBlockK * D; e += kThreads) {
+                const int slot = e / D;
+                const int d = e % D;
+                const int64_t k_idx = segment_key(seg, t0 + slot, num_keys);
+                float kx = 0.0f, vx = 0.0f;
+                if (k_idx >= 0) {
+                    const int64_t offset = (k_idx * num_kv_heads + kv_head) * D + d;
+                    kx = to_float(key[offset]);
+                    vx = to_float(value[offset]);
+                }
+                s.k[slot][d] = kx;
+                s.v[slot][d] = vx;
+            }
+            __syncthreads();
+            if (!warp_live) continue;
+
+            // scores: lane = key, 8 queries at once
+            const int64_t my_key = segment_key(seg, t0 + lane, num_keys);
+            float score[kQueriesPerWarp];
+#pragma unroll
+            for (int j = 0; j < kQueriesPerWarp; ++j) score[j] = 0.0f;
+#pragma unroll 4
+            for (int d = 0; d < D; d += 4) {
+                const float4 k4 = *reinterpret_cast<const float4*>(&s.k[lane][d]);
+#pragma unroll
+                for (int j = 0; j < kQueriesPerWarp; ++j) {
+                    const float4 q4 = *reinterpret_cast<const float4*>(&s.q[warp * kQueriesPerWarp + j][d]);
+                    score[j] += q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w;
+                }
+            }
+
+            // online softmax (base 2: the queries carry log2(e))
+#pragma unroll
+            for (int j = 0; j < kQueriesPerWarp; ++j) {
+                const float sj = (my_key >= 0 && my_key <= position[j]) ? score[j] : -INFINITY;
+                const float new_max = fmaxf(row_max[j], warp_max(sj));
+                const float alpha = new_max == -INFINITY ? 1.0f : exp2f(row_max[j] - new_max);
+                const float pj = sj == -INFINITY ? 0.0f : exp2f(sj - new_max);
+                row_max[j] = new_max;
+                row_sum[j] = row_sum[j] * alpha + pj;
+#pragma unroll
+                for (int c = 0; c < kSlices; ++c) acc[j][c] *= alpha;
+                s.p[warp][lane][j] = pj;
+            }
+            __syncwarp();
+
+            // P.V: lane = head_dim slice
+#pragma unroll 4
+            for (int kk = 0; kk < kBlockK; ++kk) {
+                const float4 pa = *reinterpret_cast<const float4*>(&s.p[warp][kk][0]);
+                const float4 pb = *reinterpret_cast<const float4*>(&s.p[warp][kk][4]);
+                const float pk[kQueriesPerWarp] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
+#pragma unroll
+                for (int c = 0; c < kSlices; ++c) {
+                    const int d = lane + 32 * c;
+                    if (d < D) {
+                        const float vx = s.v[kk][d];
+#pragma unroll
+                        for (int j = 0; j < kQueriesPerWarp; ++j) acc[j][c] += pk[j] * vx;
+                    }
+                }
+            }
+            __syncwarp();
+        }
+    }
+
+#pragma unroll
+    for (int j = 0; j < kQueriesPerWarp; ++j) {
+        if (position[j] < 0) continue;  // warp-uniform
+        const float inv_sum = 1.0f / warp_sum(row_sum[j]);
+        const int64_t qi = position[j] - past;
+#pragma unroll
+        for (int c = 0; c < kSlices; ++c) {
+            const int d = lane + 32 * c;
+            if (d < D) output[(qi * num_q_heads + head) * D + d] = from_float<T>(acc[j][c] * inv_sum);
+        }
+    }
+}
+
+template <typename T, int D>
+int launch(const void* query, const void* key, const void* value, const int64_t* prefix_len,
+           const int64_t* window_start, const int64_t* past_timestamp_index, int64_t num_past_timestamps,
+           const uint8_t* query_is_timestamp, void* output, int64_t num_queries, int64_t num_keys,
+           int32_t num_q_heads, int32_t num_kv_heads, float scale, cudaStream_t stream) {
+    auto kernel = chunk_attention_kernel<T, D>;
+    const int shared_bytes = static_cast<int>(sizeof(SharedTile<D>));
+    if (shared_bytes > 48 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+        if (err != cudaSuccess) return static_cast<int>(err);
+    }
+    const dim3 grid(static_cast<unsigned int>(num_q_heads),
+                    static_cast<unsigned int>((num_queries + kBlockQ - 1) / kBlockQ + 1));
+    const float log2e = 1.4426950408889634f;
+    kernel<<<grid, kThreads, shared_bytes, stream>>>(
+        static_cast<const T*>(query), static_cast<const T*>(key), static_cast<const T*>(value), prefix_len,
+        window_start, past_timestamp_index, num_past_timestamps, query_is_timestamp, static_cast<T*>(output),
+        static_cast<int>(num_queries), num_keys, num_q_heads, num_kv_heads, scale * log2e);
+    return launch_status();
+}
+
+template <typename T>
+int dispatch_head_dim(int32_t head_dim, const void* query, const void* key, const void* value,
+                      const int64_t* prefix_len, const int64_t* window_start, const int64_t* past_timestamp_index,
+                      int64_t num_past_timestamps, const uint8_t* query_is_timestamp, void* output,
+                      int64_t num_queries, int64_t num_keys, int32_t num_q_heads, int32_t num_kv_heads, float scale,
+                      cudaStream_t stream) {
+#define VIDEOXL_CHUNK_ATTENTION_CASE(DIM)                                                                     \
+    case DIM:                                                                                                 \
+        return launch<T, DIM>(query, key, value, prefix_len, window_start, past_timestamp_index,             \
+                              num_past_timestamps, query_is_timestamp, output, num_queries, num_keys,        \
+                              num_q_heads, num_kv_heads, scale, stream);
+    switch (head_dim) {
+        VIDEOXL_CHUNK_ATTENTION_CASE(16)
+        VIDEOXL_CHUNK_ATTENTION_CASE(32)
+        VIDEOXL_CHUNK_ATTENTION_CASE(64)
+        VIDEOXL_CHUNK_ATTENTION_CASE(128)
+        default: return VIDEOXL_STATUS_UNSUPPORTED_HEAD_DIM;
+    }
+#undef VIDEOXL_CHUNK_ATTENTION_CASE
+}
+
+}  // namespace
+}  // namespace videoxl
+
+VIDEOXL_API int videoxl_chunk_attention(
+    const void* query, const void* key, const void* value,
+    const int64_t* prefix_len, const int64_t* window_start,
+    const int64_t* past_timestamp_index, int64_t num_past_timestamps,
+    const uint8_t* query_is_timestamp,
+    void* output,
+    int64_t num_queries, int64_t num_keys,
+    int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+    float scale, VideoxlDType dtype, cudaStream_t stream) {
+    using namespace videoxl;
+    if (num_queries < 0 || num_keys < num_queries || num_queries > int64_t{kBlockQ} * 65534 ||
+        num_q_heads <= 0 || num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads > 65535 ||
+        num_past_timestamps < 0 || num_past_timestamps > num_keys) {
+        return VIDEOXL_STATUS_INVALID_ARGUMENT;
+    }
+    if (num_queries == 0) return VIDEOXL_STATUS_OK;
+    if (!query || !key || !value || !prefix_len || !window_start || !query_is_timestamp || !output ||
+        (num_past_timestamps > 0 && !past_timestamp_index)) {
+        return VIDEOXL_STATUS_INVALID_ARGUMENT;
+    }
+    VIDEOXL_DISPATCH_DTYPE(dtype, {
+        return dispatch_head_dim<scalar_t>(head_dim, query, key, value, prefix_len, window_start,
+                                           past_timestamp_index, num_past_timestamps, query_is_timestamp, output,
+                                           num_queries, num_keys, num_q_heads, num_kv_heads, scale, stream);
+    })
+    return VIDEOXL_STATUS_INVALID_ARGUMENT;
+}
