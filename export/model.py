@@ -73,14 +73,12 @@ class VideoXLModel(nn.Module):
         """(L,) ids -> (L, H); placeholder positions take the visual embeddings in order."""
         embeds = self.model.embed_tokens(input_ids)
         slots = input_ids == image_token_id
-        if int(slots.sum()) != (0 if visual_embeds is None else visual_embeds.reshape(-1, embeds.shape[-1]).shape[0]):
-            raise ValueError(
-                f"{int(slots.sum())} image placeholders but "
-                f"{0 if visual_embeds is None else visual_embeds.reshape(-1, embeds.shape[-1]).shape[0]} visual embeddings"
-            )
-        if visual_embeds is not None and int(slots.sum()):
+        visual = torch.zeros(0, embeds.shape[-1]) if visual_embeds is None else visual_embeds.reshape(-1, embeds.shape[-1])
+        if int(slots.sum()) != visual.shape[0]:
+            raise ValueError(f"{int(slots.sum())} image placeholders but {visual.shape[0]} visual embeddings")
+        if visual.shape[0]:
             embeds = embeds.clone()
-            embeds[slots] = visual_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            embeds[slots] = visual.to(embeds.dtype)
         return embeds
 
     def forward_hidden(self, embeds: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:

@@ -197,11 +197,8 @@ class ReferenceInference:
         cfg = self.cfg
         chunk_groups = chunk_groups or cfg.chunk_groups
         window_chunks = cfg.window_chunks if window_chunks is None else window_chunks
-        embeds = self.model.embed(
-            torch.from_numpy(layout.input_ids[: layout.suffix_start]),
-            visual_embeds,
-            image_token_id=int(layout.input_ids[layout.visual_positions[0]]) if layout.is_visual.any() else -1,
-        )
+        image_token_id = int(layout.input_ids[layout.visual_positions[0]]) if layout.is_visual.any() else -1
+        embeds = self.model.embed(torch.from_numpy(layout.input_ids[: layout.suffix_start]), visual_embeds, image_token_id=image_token_id)
         cache = DenseCache.empty(cfg, self.model.dtype)
         if mode == "dense":
             positions = torch.arange(layout.suffix_start)
@@ -293,7 +290,7 @@ class ReferenceInference:
         suffix_ids: np.ndarray,
         gen: GenerationConfig,
         *,
-        eos_token_id: int,
+        stop_ids: frozenset[int],
         on_token: Callable[[int], None] | None = None,
     ) -> list[int]:
         """Run the suffix against the mixed cache, then decode one token at a time."""
@@ -303,7 +300,7 @@ class ReferenceInference:
         tokens: list[int] = []
         while True:
             token = next_token(logits.numpy(), gen, rng)
-            if gen.stop_at_eos and token == eos_token_id:
+            if gen.stop_at_eos and token in stop_ids:
                 break
             tokens.append(token)
             if on_token:
@@ -321,7 +318,7 @@ class ReferenceInference:
         visual_embeds: torch.Tensor,
         gen: GenerationConfig,
         *,
-        eos_token_id: int,
+        stop_ids: frozenset[int],
         prefill: str = "chunked",
         decode: str = "bilevel",
         dense_blocks: int | list[int] | str = 4,
@@ -343,7 +340,7 @@ class ReferenceInference:
         mixed = self.mixed_cache(dense, layout, block_groups=block_groups, dense_blocks=chosen)
         mixed_tokens = mixed.length
         started = time.perf_counter()
-        tokens = self.decode(mixed, layout.input_ids[layout.suffix_start :], gen, eos_token_id=eos_token_id, on_token=on_token)
+        tokens = self.decode(mixed, layout.input_ids[layout.suffix_start :], gen, stop_ids=stop_ids, on_token=on_token)
         decode_s = time.perf_counter() - started
         stats = {
             "prefill_s": prefill_s,

@@ -45,7 +45,8 @@ def test_missing_and_corrupt_tokenizer(tmp_path):
 def test_special_token_ids(tokenizer):
     special = SpecialTokens.from_tokenizer(tokenizer)
     assert special == SpecialTokens(im_start=257, im_end=258, vision_pad=259, endoftext=256)
-    for token, token_id in [("<|im_start|>", 257), ("<|im_end|>", 258), ("<|vision_pad|>", 259), ("<|endoftext|>", 256)]:
+    expected = {"<|im_start|>": 257, "<|im_end|>": 258, "<|vision_pad|>": 259, "<|endoftext|>": 256}
+    for token, token_id in expected.items():
         assert encode(tokenizer, token) == [token_id]
     assert special.stop_ids == {258, 256}
 

@@ -96,6 +96,12 @@ def test_video_exactly_at_the_budget():
     np.testing.assert_array_equal(over.frame_indices, np.round(np.linspace(0, 1024 * 25, 1024)).astype(np.int64))
 
 
+def test_rate_never_drops_below_fps():
+    # max_fps below fps: the base rate wins (10 s at 30 fps, 2 fps -> step 15).
+    plan = plan_sampling(num_frames=300, video_fps=30.0, fps=2.0, max_fps=1.0, max_frames=1024)
+    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 300, 15))
+
+
 def test_low_frame_rate_source_takes_every_frame_and_one_frame_is_enough():
     np.testing.assert_array_equal(plan_sampling(num_frames=20, video_fps=2.0, max_frames=1024).frame_indices,
                                   np.arange(20))
@@ -176,6 +182,17 @@ def test_longer_file_paced_and_uniform(tmp_path):
     expected = np.round(np.linspace(0, 999, 16)).astype(int)
     np.testing.assert_array_equal(uniform.plan.frame_indices, expected)
     assert decoded_indices(read_all(uniform)[0]) == [i % 4096 for i in expected]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".avi", ".mkv", ".ts"])
+def test_containers_agree(tmp_path, suffix):
+    # Frame count from: the index (.mp4, .avi), packets (.mkv), the stream duration (.ts).
+    path = write_synthetic_video(tmp_path / f"clip{suffix}", seconds=3, fps=8, width=64, height=48)
+    source = open_video(path, image_size=32)
+    assert source.source_num_frames == 24 and source.source_fps == pytest.approx(8.0)
+    pixels, timestamps = read_all(source)
+    assert decoded_indices(pixels) == list(range(0, 24, 2))
+    np.testing.assert_allclose(timestamps, np.arange(0, 24, 2) / 8.0)
 
 
 def test_file_with_audio_uses_the_video_stream(tmp_path):
@@ -303,17 +320,32 @@ def _random_bytes(path: Path) -> Path:
     return path
 
 
+def _empty_folder(root: Path) -> Path:
+    (root / "empty_dir").mkdir()
+    (root / "empty_dir" / "readme.txt").write_text("no images here")
+    return root / "empty_dir"
+
+
+def _folder_with_a_bad_image(root: Path) -> Path:
+    (root / "bad_dir").mkdir()
+    Image.fromarray(synthetic_frame(0, width=16, height=16)).save(root / "bad_dir" / "0000.png")
+    _random_bytes(root / "bad_dir" / "0001.png")
+    return root / "bad_dir"
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
         (lambda d: d / "missing.mp4", "no such file"),
         (lambda d: write_audio_only_file(d / "voice.m4a"), "no video stream"),
+        (lambda d: write_audio_only_file(d / "song.mp4", cover_art=True),
+         r"no video stream \(the file holds audio, cover picture\)"),
         (lambda d: _random_bytes(d / "noise.mp4"), "not a readable video"),
         (lambda d: write_synthetic_video(d / "empty.avi", seconds=0, fps=8), "no frames"),
-        (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", "no images"),
-        (lambda d: (d / "bad_dir").mkdir() or _random_bytes(d / "bad_dir" / "0001.png").parent, "unreadable image"),
+        (_empty_folder, "no images"),
+        (_folder_with_a_bad_image, "0001.png: unreadable image"),
     ],
-    ids=["missing", "audio-only", "random-bytes", "zero-frames", "empty-folder", "unreadable-image"],
+    ids=["missing", "audio-only", "cover-art-only", "random-bytes", "zero-frames", "empty-folder", "unreadable-image"],
 )
 def test_unusable_sources_give_one_line_errors(tmp_path, make, match):
     path = make(tmp_path)

@@ -174,8 +174,6 @@ class VideoSource:
         filled = 0
         batch = np.empty((min(batch_frames, total), 3, size, size), dtype=np.float32)
         for frame in self._read_frames(self.plan.frame_indices):
-            if done + filled >= total:
-                raise VideoError(f"{self.source_description}: reader produced more frames than planned")
             batch[filled] = preprocess_frames(frame[None], size)[0]
             filled += 1
             if filled == batch.shape[0]:
@@ -206,6 +204,8 @@ def open_video(
 
     Only metadata is read here; frames are decoded by :meth:`VideoSource.iter_batches`.
     """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     sampling = {"fps": fps, "max_fps": max_fps, "max_frames": max_frames}
     if isinstance(source, np.ndarray):
         return _open_array(source, source_fps=source_fps, image_size=image_size, sampling=sampling)
@@ -293,7 +293,8 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.Vide
     # Cover art in audio files shows up as a one-frame "video" stream marked attached_pic.
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
-        kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
+        kinds = ", ".join(sorted({"cover picture" if s.type == "video" else s.type for s in container.streams}))
+        kinds = kinds or "nothing"
         raise VideoError(f"{path}: no video stream (the file holds {kinds})")
     return streams[0]
 
@@ -411,8 +412,9 @@ def write_synthetic_video(
     """Encode ``round(seconds * fps)`` :func:`synthetic_frame` frames with PyAV (MPEG-4 Part 2).
 
     The container follows the suffix (.mp4/.mov are written with the index up front, .mkv,
-    .avi). A fractional ``fps`` is kept as a fraction (29.97 -> 2997/100). ``seconds=0`` writes
-    a valid file whose video stream has no frames. ``with_audio`` adds a sine-tone track.
+    .avi). A fractional ``fps`` is kept as a fraction (29.97 -> 2997/100). ``seconds=0`` with
+    ``.avi`` writes a valid file whose video stream has no frames (.mp4 drops an empty track).
+    ``with_audio`` adds a sine-tone track.
     """
     path = Path(path)
     num_frames = int(round(seconds * fps))
@@ -450,12 +452,25 @@ def _sine_frames(container: av.container.OutputContainer, seconds: float, *, cod
     return [(stream, frame)]
 
 
-def write_audio_only_file(path: str | Path, *, seconds: float = 1.0) -> Path:
-    """An AAC audio file (e.g. ``.m4a``) with no video stream, for the error path."""
+def write_audio_only_file(path: str | Path, *, seconds: float = 1.0, cover_art: bool = False) -> Path:
+    """AAC audio (``.m4a``, ``.mp4``) with no video stream, for the error path.
+
+    ``cover_art`` (``.mp4`` only) adds a JPEG cover, which FFmpeg exposes as a one-frame video
+    stream marked ``attached_pic``: still not a video.
+    """
     path = Path(path)
     with av.open(str(path), "w") as container:
         frames = _sine_frames(container, seconds, codec="aac")
+        cover = None
+        if cover_art:
+            cover = container.add_stream("mjpeg", rate=1)
+            cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+            cover.disposition = av.stream.Disposition.attached_pic
         container.start_encoding()
+        if cover is not None:
+            picture = av.VideoFrame.from_ndarray(synthetic_frame(0, width=64, height=48), format="rgb24")
+            container.mux(cover.encode(picture))
+            container.mux(cover.encode(None))
         for stream, frame in frames:
             container.mux(stream.encode(frame))
             container.mux(stream.encode(None))

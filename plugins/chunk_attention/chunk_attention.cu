@@ -111,17 +111,7 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const int64_t p_max = past + s.query_index[live - 1];  // slots are in ascending order
     const int64_t prefix_len = min(max(*prefix_len_ptr, int64_t{0}), past);
     const int64_t window_start = min(max(*window_start_ptr, prefix_len), past);
-    KeySegment segments[3];
-    int num_segments;
-    if (ts_tile) {
-        segments[0] = {0, p_max + 1, nullptr};
-        num_segments = 1;
-    } else {
-        segments[0] = {0, prefix_len, nullptr};
-        segments[1] = {0, num_past_timestamps, past_timestamp_index};
-        segments[2] = {window_start, p_max + 1, nullptr};
-        num_segments = 3;
-    }
+    const int num_segments = ts_tile ? 1 : 3;
 
     constexpr int kSlices = D >= 32 ? D / 32 : 1;  // head_dim elements per lane in P.V
     int64_t position[kQueriesPerWarp];
@@ -140,7 +130,16 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const bool warp_live = position[0] >= 0;
 
     for (int seg_i = 0; seg_i < num_segments; ++seg_i) {
-        const KeySegment seg = segments[seg_i];
+        KeySegment seg;
+        if (ts_tile) {
+            seg = {0, p_max + 1, nullptr};  // timestamp queries: the whole history
+        } else if (seg_i == 0) {
+            seg = {0, prefix_len, nullptr};
+        } else if (seg_i == 1) {
+            seg = {0, num_past_timestamps, past_timestamp_index};
+        } else {
+            seg = {window_start, p_max + 1, nullptr};
+        }
         for (int64_t t0 = seg.begin; t0 < seg.end; t0 += kBlockK) {
             __syncthreads();  // the previous tile is consumed (and s.q is written)
             for (int e = tid; e < kBlockK * D; e += kThreads) {

@@ -1,0 +1,203 @@
+"""``manifest.json`` of an engine directory, and the check the runtime makes before loading.
+
+An engine is only valid for the TensorRT that built it, the GPUs it was built for, the ONNX
+files and model config it came from, and (when it uses them) the videoxl plugins. The manifest
+records all of that at build time; :func:`check_manifest` compares it with the running process
+and raises :class:`EngineMismatchError` naming the actual values and the rebuild command.
+
+    engines/
+      manifest.json   this file's subject
+      config.json     VideoXLConfig of the model (copied from the ONNX directory)
+      vision.engine  prefill_chunk.engine  decode.engine  kv_gather.engine
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from videoxl.config import VideoXLConfig
+from videoxl.engines.errors import EngineMismatchError
+from videoxl.engines.trt_module import FLAVOUR_TITLES, describe, flavour_of, normalize_target
+from videoxl.ops import PLUGIN_VERSION
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+MANIFEST_FORMAT = 1
+
+__all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_manifest", "rebuild_command"]
+
+
+# --- fingerprints ----------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"sha256": file_sha256(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def kernels_library_info() -> dict[str, Any] | None:
+    """Path and hash of the compiled kernel library the plugins call, or None if it is not built."""
+    try:
+        from videoxl.plugins import kernels
+    except ImportError as err:
+        log.debug("videoxl.plugins.kernels is not importable: %s", err)
+        return None
+    locate = getattr(kernels, "library_path", None)
+    path = locate() if callable(locate) else getattr(kernels, "LIBRARY_PATH", None)
+    if path is None or not Path(path).is_file():
+        return None
+    return {"path": str(path), "sha256": file_sha256(Path(path))}
+
+
+# --- reading and writing ---------------------------------------------------------------------------
+def write_manifest(engine_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(engine_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise EngineMismatchError(
+            f"{engine_dir}: no {MANIFEST_FILE} (not an engine directory written by `videoxl build`); "
+            "build engines with `videoxl build --onnx ONNX_DIR --out ENGINE_DIR`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EngineMismatchError(f"{path}: unreadable ({err}); rebuild the engines with `videoxl build`") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise EngineMismatchError(
+            f"{path}: manifest format {found!r}, this videoxl reads format {MANIFEST_FORMAT}; "
+            f"rebuild with `{rebuild_command(manifest if isinstance(manifest, dict) else {}, engine_dir)}`"
+        )
+    return manifest
+
+
+def rebuild_command(manifest: dict[str, Any], engine_dir: str | Path | None = None) -> str:
+    """The `videoxl build` command line that rebuilds these engines with the same limits."""
+    onnx_dir = manifest.get("model", {}).get("onnx_dir", "ONNX_DIR")
+    out = str(engine_dir) if engine_dir is not None else "ENGINE_DIR"
+    args = ["videoxl", "build", "--onnx", onnx_dir, "--out", out]
+    if "precision" in manifest:
+        args.append(f"--{manifest['precision']}")
+    limits = manifest.get("limits", {})
+    for key, flag in (("max_frames", "--max-frames"), ("chunk_groups", "--chunk-groups"), ("window_chunks", "--window")):
+        if key in limits:
+            args += [flag, str(limits[key])]
+    for target in manifest.get("compute_capabilities", []) if manifest.get("tensorrt", {}).get("flavour") == "tensorrt_rtx" else []:
+        args += ["--target", target]
+    if not manifest.get("plugins", {}).get("used", True):
+        args.append("--no-plugins")
+    return shlex.join(args)
+
+
+# --- the check -------------------------------------------------------------------------------------
+def check_manifest(
+    engine_dir: str | Path,
+    *,
+    trt_module: ModuleType,
+    gpu_compute_capability: str | tuple[int, int],
+    onnx_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Return the manifest if the engines fit this process; else raise EngineMismatchError.
+
+    Checks the TensorRT flavour and version, the GPU's compute capability against the build
+    targets, the plugin library when the engines use plugins, the engine files, the model config
+    hash, and (given ``onnx_dir``) that the ONNX files are the ones the engines were built from.
+    """
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    problems: list[str] = []
+
+    built = manifest["tensorrt"]
+    flavour, version = flavour_of(trt_module), trt_module.__version__
+    if (built["flavour"], built["version"]) != (flavour, version):
+        problems.append(
+            f"built with {FLAVOUR_TITLES.get(built['flavour'], built['flavour'])} {built['version']}, "
+            f"this process uses {describe(trt_module)}"
+        )
+
+    gpu = normalize_target(gpu_compute_capability)
+    targets = manifest["compute_capabilities"]
+    if gpu not in targets:
+        problems.append(f"built for {', '.join(targets)}; this GPU is {gpu}")
+
+    plugins = manifest["plugins"]
+    if plugins["used"]:
+        if plugins["version"] != PLUGIN_VERSION:
+            problems.append(f"built with videoxl plugins v{plugins['version']}, this videoxl has v{PLUGIN_VERSION}")
+        if kernels_library_info() is None:
+            problems.append(
+                "the engines use the videoxl TensorRT plugins but the kernel library they call is missing "
+                "(build it, see plugins/README.md, or rebuild the engines with --no-plugins)"
+            )
+
+    for graph, entry in manifest["engines"].items():
+        path = engine_dir / entry["file"]
+        if not path.is_file():
+            problems.append(f"engine file {path.name} is missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"engine file {path.name} has {path.stat().st_size} bytes, the build wrote {entry['bytes']}")
+
+    config_hash = manifest["model"]["config_hash"]
+    problems += _config_problems(engine_dir / CONFIG_FILE, config_hash, "engine directory")
+    if onnx_dir is not None:
+        onnx_dir = Path(onnx_dir)
+        problems += _config_problems(onnx_dir / CONFIG_FILE, config_hash, "ONNX directory")
+        problems += _onnx_problems(onnx_dir, manifest["onnx"])
+
+    if problems:
+        raise EngineMismatchError(
+            f"{engine_dir}: the engines do not fit this process:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nrebuild with `{rebuild_command(manifest, engine_dir)}`"
+        )
+    return manifest
+
+
+def _config_problems(path: Path, expected_hash: str, where: str) -> list[str]:
+    if not path.is_file():
+        return [f"no {CONFIG_FILE} in the {where} ({path.parent})"]
+    try:
+        actual = VideoXLConfig.load(path).model_hash()
+    except (ValueError, TypeError, json.JSONDecodeError) as err:
+        return [f"{path}: unreadable model config ({err})"]
+    if actual != expected_hash:
+        return [f"model config hash in the {where} is {actual}, the engines were built for {expected_hash}"]
+    return []
+
+
+def _onnx_problems(onnx_dir: Path, recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """Compare files by size and mtime first; hash only files that look touched."""
+    problems = []
+    for name, fingerprint in recorded.items():
+        path = onnx_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing from {onnx_dir}")
+            continue
+        stat = path.stat()
+        if stat.st_size == fingerprint["bytes"] and stat.st_mtime_ns == fingerprint["mtime_ns"]:
+            continue
+        if stat.st_size == fingerprint["bytes"] and file_sha256(path) == fingerprint["sha256"]:
+            continue  # touched, same content
+        newer = " (newer than the build)" if stat.st_mtime_ns > fingerprint["mtime_ns"] else ""
+        problems.append(f"{name} in {onnx_dir} differs from the file the engines were built from{newer}")
+    return problems

@@ -1,0 +1,155 @@
+"""Two-tier KV store for bi-level decoding (DESIGN §3, §4).
+
+    dense tier   every prefill token, keys before RoPE        host memory (pinned on a GPU)
+    sparse tier  every video block: timestamp rows kept,      resident (device on a GPU)
+                 visual rows average-pooled x4
+    mixed cache  chosen blocks reloaded dense + the rest      rotated at 0..M-1, grows while decoding
+                 sparse, built by BilevelKVGather
+
+All buffers are allocated once, from the token counts the layout gives; decoding writes into
+preallocated capacity and never allocates per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from videoxl.config import VideoXLConfig
+from videoxl.layout import TokenLayout, block_ranges
+from videoxl.runtime.backend import Backend
+
+
+def kv_bytes(config: VideoXLConfig, tokens: int, itemsize: int) -> int:
+    """Bytes of K and V for `tokens` tokens over all layers."""
+    return tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize
+
+
+@dataclass
+class _SparseRows:
+    """One video block's rows in the sparse tier: [start, end), and its groups' row plan."""
+
+    start: int
+    end: int
+    copies: list[tuple[int, int, int]]  # (dense_start, dense_end, sparse_start): timestamp rows
+    pools: list[tuple[int, int, int]]  # (dense_start, dense_end, sparse_start): visual rows, pooled
+
+
+class MixedKV:
+    """The decode cache: preallocated capacity, `length` rows valid."""
+
+    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], capacity: int, block_bounds, dense_blocks) -> None:
+        rows = keys[0].shape[0]
+        shape = (capacity,) + keys[0].shape[1:]
+        self.keys = [np.empty(shape, keys[0].dtype) for _ in keys]
+        self.values = [np.empty(shape, values[0].dtype) for _ in values]
+        for layer in range(len(keys)):
+            self.keys[layer][:rows], self.values[layer][:rows] = keys[layer], values[layer]
+        self.length, self.capacity = rows, capacity
+        self.block_bounds, self.dense_blocks = block_bounds, frozenset(dense_blocks)
+
+    def views(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return [k[: self.length] for k in self.keys], [v[: self.length] for v in self.values]
+
+    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        count = keys[0].shape[0]
+        if self.length + count > self.capacity:
+            raise RuntimeError(f"mixed cache full: {self.length} + {count} > capacity {self.capacity}")
+        for layer in range(len(keys)):
+            self.keys[layer][self.length : self.length + count] = keys[layer]
+            self.values[layer][self.length : self.length + count] = values[layer]
+        self.length += count
+
+
+class TwoTierKVStore:
+    def __init__(self, config: VideoXLConfig, layout: TokenLayout, *, block_groups: int, dtype: np.dtype) -> None:
+        self.config, self.layout, self.dtype = config, layout, np.dtype(dtype)
+        self.stride = config.kv_pool_stride
+        self.blocks = block_ranges(layout, block_groups)
+        tokens = layout.suffix_start
+        shape = (tokens, config.num_key_value_heads, config.head_dim)
+        layers = config.num_hidden_layers
+        self.dense_keys = [np.empty(shape, self.dtype) for _ in range(layers)]
+        self.dense_values = [np.empty(shape, self.dtype) for _ in range(layers)]
+        self.filled = 0
+        self.sparse_rows = self._plan_sparse_rows()
+        sparse_tokens = self.sparse_rows[-1].end if self.sparse_rows else 0
+        sparse_shape = (sparse_tokens,) + shape[1:]
+        self.sparse_keys = [np.empty(sparse_shape, self.dtype) for _ in range(layers)]
+        self.sparse_values = [np.empty(sparse_shape, self.dtype) for _ in range(layers)]
+        self._pooled_blocks = 0  # video blocks 1..n already in the sparse tier
+
+    def _plan_sparse_rows(self) -> list[_SparseRows]:
+        layout, plans, cursor = self.layout, [], 0
+        for start, end in self.blocks[1:]:
+            block_start, copies, pools = cursor, [], []
+            for g in np.flatnonzero((layout.group_starts >= start) & (layout.group_starts < end)):
+                ts_start, vis_start, g_end = (int(x) for x in (layout.group_starts[g], layout.group_visual_starts[g], layout.group_ends[g]))
+                copies.append((ts_start, vis_start, cursor))
+                cursor += vis_start - ts_start
+                pools.append((vis_start, g_end, cursor))
+                cursor += (g_end - vis_start) // self.stride
+            plans.append(_SparseRows(block_start, cursor, copies, pools))
+        return plans
+
+    # --- prefill ----------------------------------------------------------------------------
+    def past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return [k[: self.filled] for k in self.dense_keys], [v[: self.filled] for v in self.dense_values]
+
+    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        count = keys[0].shape[0]
+        for layer in range(len(keys)):
+            self.dense_keys[layer][self.filled : self.filled + count] = keys[layer]
+            self.dense_values[layer][self.filled : self.filled + count] = values[layer]
+        self.filled += count
+        while self._pooled_blocks < len(self.sparse_rows) and self.blocks[self._pooled_blocks + 1][1] <= self.filled:
+            self._pool_block(self.sparse_rows[self._pooled_blocks])
+            self._pooled_blocks += 1
+
+    def _pool_block(self, rows: _SparseRows) -> None:
+        """Timestamp rows copied, visual rows averaged over `stride` neighbours (before RoPE)."""
+        for dense, sparse in ((self.dense_keys, self.sparse_keys), (self.dense_values, self.sparse_values)):
+            for layer in range(len(dense)):
+                for start, end, at in rows.copies:
+                    sparse[layer][at : at + end - start] = dense[layer][start:end]
+                for start, end, at in rows.pools:
+                    visual = dense[layer][start:end].astype(np.float32)
+                    pooled = visual.reshape(-1, self.stride, *visual.shape[1:]).sum(axis=1) * (1.0 / self.stride)
+                    sparse[layer][at : at + (end - start) // self.stride] = pooled
+
+    # --- bi-level rebuild -------------------------------------------------------------------
+    def build_mixed(self, backend: Backend, dense_blocks: set[int], *, extra_capacity: int) -> MixedKV:
+        """Reload the chosen blocks' dense rows, gather them with the sparse tier, rotate at 0..M-1.
+
+        Source rows for BilevelKVGather: [sparse tier | reloaded dense rows]; each mixed row takes
+        one source row (weight 1): the pooling already happened when the sparse tier was filled.
+        """
+        if self.filled != self.layout.suffix_start:
+            raise RuntimeError(f"prefill incomplete: {self.filled} of {self.layout.suffix_start} tokens")
+        reload = [(b, self.blocks[b]) for b in sorted(dense_blocks)]
+        sparse_tokens = self.sparse_keys[0].shape[0]
+        index_parts, bounds, reload_offsets, cursor = [], [], {}, sparse_tokens
+        for b, (start, end) in reload:
+            reload_offsets[b] = cursor
+            cursor += end - start
+        mixed_rows = 0
+        for b, (start, end) in enumerate(self.blocks):
+            if b in dense_blocks:
+                rows = np.arange(reload_offsets[b], reload_offsets[b] + end - start)
+            else:
+                plan = self.sparse_rows[b - 1]
+                rows = np.arange(plan.start, plan.end)
+            index_parts.append(rows)
+            bounds.append((mixed_rows, mixed_rows + len(rows)))
+            mixed_rows += len(rows)
+        gather_index = np.concatenate(index_parts).astype(np.int64)[:, None]
+        gather_weight = np.ones_like(gather_index, dtype=np.float32)
+        keys, values = [], []
+        for layer in range(self.config.num_hidden_layers):
+            source_k = np.concatenate([self.sparse_keys[layer]] + [self.dense_keys[layer][s:e] for _, (s, e) in reload])
+            source_v = np.concatenate([self.sparse_values[layer]] + [self.dense_values[layer][s:e] for _, (s, e) in reload])
+            k, v = backend.gather_kv(source_k, source_v, gather_index, gather_weight)
+            keys.append(k)
+            values.append(v)
+        return MixedKV(keys, values, mixed_rows + extra_capacity, bounds, dense_blocks)

@@ -1,0 +1,260 @@
+"""The runtime loop: video -> visual tokens -> chunked prefill -> block choice -> bi-level decoding.
+
+    frames (batches of 4k) --vision--> (G, 144, H)
+    prompt layout (prefix | Time t s: + 144 slots per group | suffix)
+    prefix, then chunk 0..n-1 --prefill_chunk--> dense tier; completed blocks pooled -> sparse tier
+    suffix vs. all-sparse cache --decode--> attention mass per block -> top-k dense blocks
+    chosen blocks reloaded --kv_gather--> mixed cache; suffix, then one token at a time --decode-->
+
+Pure numpy plus a Backend; the same loop drives ONNX Runtime and TensorRT.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from videoxl.layout import (
+    TokenLayout,
+    always_dense_blocks,
+    chunk_visibility,
+    explicit_dense_blocks,
+    num_chunks,
+    prefix_visibility,
+    select_dense_blocks,
+)
+from videoxl.runtime.backend import Backend
+from videoxl.runtime.kv_store import MixedKV, TwoTierKVStore, kv_bytes
+from videoxl.sampling import GenerationConfig, next_token
+from videoxl.text import SpecialTokens, StreamDetokenizer, build_prompt, group_start_times
+from videoxl.video import VideoSource
+
+log = logging.getLogger(__name__)
+
+PREFILL_MODES = ("chunked", "dense")
+DECODE_MODES = ("bilevel", "dense")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    prefill: str = "chunked"
+    decode: str = "bilevel"
+    dense_blocks: int | tuple[int, ...] | str = 4  # top-k (task-aware), explicit blocks, or "all"
+    chunk_groups: int | None = None  # defaults from the config
+    window_chunks: int | None = None
+    block_groups: int | None = None
+    frame_batch: int = 8  # frames per vision call (a multiple of 4)
+
+    def __post_init__(self) -> None:
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill mode {self.prefill!r} not in {PREFILL_MODES}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode mode {self.decode!r} not in {DECODE_MODES}")
+        if self.frame_batch < 4 or self.frame_batch % 4:
+            raise ValueError(f"frame_batch must be a positive multiple of 4, got {self.frame_batch}")
+
+
+@dataclass
+class RunReport:
+    frames: int = 0
+    groups: int = 0
+    prompt_tokens: int = 0
+    chunks: int = 0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    select_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    dense_kv_bytes: int = 0
+    mixed_kv_bytes: int = 0
+    num_blocks: int = 0
+    dense_blocks: list[int] = field(default_factory=list)
+    block_scores: list[float] | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        mib = 1 / 2**20
+        return [
+            f"frames            {self.frames} ({self.groups} groups of 4)",
+            f"prompt tokens     {self.prompt_tokens} ({self.chunks} prefill chunks)",
+            f"vision            {self.vision_s:.2f} s",
+            f"prefill           {self.prefill_s:.2f} s",
+            f"block selection   {self.select_s:.2f} s: dense blocks {self.dense_blocks} of {self.num_blocks}",
+            f"decode            {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tokens/s",
+            f"KV cache          dense {self.dense_kv_bytes * mib:.2f} MiB, bi-level {self.mixed_kv_bytes * mib:.2f} MiB",
+        ]
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    report: RunReport
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, progress: bool = False) -> None:
+        self.backend, self.tokenizer, self.config = backend, tokenizer, backend.config
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.progress = progress
+
+    # --- vision -----------------------------------------------------------------------------
+    def encode_video(self, video: VideoSource, *, frame_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """-> visual embeddings (G, 144, H) and the sampled frames' timestamps (N,)."""
+        embeds, times = [], []
+        bar = tqdm(total=video.num_frames, unit="frame", desc="vision", disable=not self.progress)
+        for batch in video.iter_batches(frame_batch):
+            pixels = batch.pixels
+            missing = (-len(pixels)) % self.config.frames_per_group
+            if missing:  # repeat the last frame, as the model pads its last group
+                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], missing, axis=0)])
+            embeds.append(self.backend.encode_frames(pixels))
+            times.append(batch.timestamps)
+            bar.update(len(batch.timestamps))
+        bar.close()
+        return np.concatenate(embeds), np.concatenate(times)
+
+    def layout(self, question: str, frame_times: np.ndarray) -> TokenLayout:
+        group_times = group_start_times(frame_times, self.config.frames_per_group)
+        layout, _ = build_prompt(self.tokenizer, question, group_times, tokens_per_group=self.config.tokens_per_group)
+        return layout
+
+    # --- prefill ----------------------------------------------------------------------------
+    def prefill(self, layout: TokenLayout, visual_embeds: np.ndarray, options: InferenceOptions) -> TwoTierKVStore:
+        cfg = self.config
+        chunk_groups = options.chunk_groups or cfg.chunk_groups
+        window = cfg.window_chunks if options.window_chunks is None else options.window_chunks
+        if options.prefill == "dense":  # plain causal: one chunk whose window covers everything
+            chunk_groups, window = max(layout.num_groups, 1), 0
+        store = TwoTierKVStore(cfg, layout, block_groups=options.block_groups or cfg.block_groups, dtype=self.backend.float_dtype)
+        pieces = [prefix_visibility(layout)] + [
+            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window)
+            for k in range(num_chunks(layout, chunk_groups))
+        ]
+        flat_visual = visual_embeds.reshape(-1, visual_embeds.shape[-1])
+        visual_seen = 0
+        for vis in tqdm(pieces, desc="prefill", unit="chunk", disable=not self.progress):
+            ids = layout.input_ids[vis.start : vis.end]
+            count = int(layout.is_visual[vis.start : vis.end].sum())
+            past_keys, past_values = store.past()
+            out = self.backend.prefill_chunk(ids, flat_visual[visual_seen : visual_seen + count], vis, past_keys, past_values)
+            visual_seen += count
+            store.append(out.keys, out.values)
+        return store
+
+    # --- block selection ----------------------------------------------------------------------
+    def score_blocks(self, store: TwoTierKVStore, layout: TokenLayout) -> np.ndarray:
+        """Attention mass of the suffix queries on each block of the all-sparse cache."""
+        scoring = store.build_mixed(self.backend, {0}, extra_capacity=0)
+        keys, values = scoring.views()
+        mass = self.backend.decode(layout.input_ids[layout.suffix_start :], keys, values).attention_mass
+        return np.array([mass[s:e].sum(dtype=np.float64) for s, e in scoring.block_bounds])
+
+    def choose_dense_blocks(self, store: TwoTierKVStore, layout: TokenLayout, options: InferenceOptions) -> tuple[set[int], np.ndarray | None]:
+        num_blocks = len(store.blocks)
+        if options.decode == "dense" or options.dense_blocks == "all":
+            return set(range(num_blocks)), None
+        if isinstance(options.dense_blocks, (tuple, list, set)):
+            return explicit_dense_blocks(options.dense_blocks, num_blocks), None
+        top_k = int(options.dense_blocks)
+        if top_k + len(always_dense_blocks(num_blocks)) >= num_blocks:
+            return set(range(num_blocks)), None  # every block would be dense anyway
+        scores = self.score_blocks(store, layout)
+        return select_dense_blocks(scores, num_blocks=num_blocks, top_k=top_k), scores
+
+    # --- decoding ---------------------------------------------------------------------------
+    def decode(
+        self, mixed: MixedKV, suffix_ids: np.ndarray, gen: GenerationConfig, on_token: Callable[[int], None] | None = None
+    ) -> list[int]:
+        rng = np.random.default_rng(gen.seed)
+        stop = self.special.stop_ids if gen.stop_at_eos else frozenset()
+        ids, tokens = suffix_ids, []
+        while True:
+            keys, values = mixed.views()
+            out = self.backend.decode(ids, keys, values)
+            mixed.append(out.keys, out.values)
+            token = next_token(out.logits[0], gen, rng)
+            if token in stop:
+                break
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+            if len(tokens) >= gen.max_new_tokens:
+                break
+            ids = np.array([token], dtype=np.int64)
+        return tokens
+
+    # --- everything -------------------------------------------------------------------------
+    def answer(
+        self,
+        video: VideoSource,
+        question: str,
+        *,
+        options: InferenceOptions = InferenceOptions(),
+        gen: GenerationConfig = GenerationConfig(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        report = RunReport()
+        started = time.perf_counter()
+        visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
+        report.vision_s = time.perf_counter() - started
+        report.frames, report.groups = len(frame_times), len(visual_embeds)
+        layout = self.layout(question, frame_times)
+        return self.answer_tokens(layout, visual_embeds, options=options, gen=gen, on_text=on_text, report=report)
+
+    def answer_tokens(
+        self,
+        layout: TokenLayout,
+        visual_embeds: np.ndarray,
+        *,
+        options: InferenceOptions = InferenceOptions(),
+        gen: GenerationConfig = GenerationConfig(),
+        on_text: Callable[[str], None] | None = None,
+        report: RunReport | None = None,
+    ) -> Answer:
+        """From a prompt layout and visual embeddings to the streamed answer."""
+        report = report or RunReport(groups=len(visual_embeds))
+        cfg, itemsize = self.config, self.backend.float_dtype.itemsize
+        report.prompt_tokens = layout.num_tokens
+        report.chunks = num_chunks(layout, options.chunk_groups or cfg.chunk_groups)
+
+        started = time.perf_counter()
+        store = self.prefill(layout, visual_embeds, options)
+        report.prefill_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        dense_blocks, scores = self.choose_dense_blocks(store, layout, options)
+        suffix = layout.input_ids[layout.suffix_start :]
+        mixed = store.build_mixed(self.backend, dense_blocks, extra_capacity=len(suffix) + gen.max_new_tokens)
+        report.select_s = time.perf_counter() - started
+        report.num_blocks = len(store.blocks)
+        report.dense_blocks = sorted(dense_blocks)
+        report.block_scores = None if scores is None else [float(s) for s in scores]
+        report.dense_kv_bytes = kv_bytes(cfg, store.filled, itemsize)
+        report.mixed_kv_bytes = kv_bytes(cfg, mixed.length, itemsize)
+
+        detok = StreamDetokenizer(self.tokenizer)
+
+        def on_token(token: int) -> None:
+            text = detok.push(token)
+            if text and on_text:
+                on_text(text)
+
+        started = time.perf_counter()
+        tokens = self.decode(mixed, suffix, gen, on_token)
+        report.decode_s = time.perf_counter() - started
+        report.new_tokens = len(tokens)
+        tail = detok.flush()
+        if tail and on_text:
+            on_text(tail)
+        return Answer(detok.text, tokens, report)
+

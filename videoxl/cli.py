@@ -1,0 +1,212 @@
+"""`videoxl` command line: run, export, build, check, plan, demo.
+
+Flags follow trtexec/polygraphy habits: --onnx, --engines, --fp16, --max-frames, --verbose.
+The CLI prints; the library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from videoxl import logger
+
+DEFAULT_QUESTION = "What happens in this video?"
+
+
+def _dense_blocks(value: str) -> int | tuple[int, ...] | str:
+    if value == "all":
+        return "all"
+    if "," in value or value.startswith("["):
+        return tuple(int(v) for v in value.strip("[]").split(",") if v.strip())
+    return int(value)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "videoxl"
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="answer a question about a video")
+    p.add_argument("--checkpoint", type=Path, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
+    p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
+    p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
+    p.add_argument("--video", required=True, help="video file, folder of images")
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
+                   help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--fps", type=float, default=None, help="sampling rate (default 1; short videos up to 4)")
+    p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked")
+    p.add_argument("--decode", choices=("bilevel", "dense"), default="bilevel")
+    p.add_argument("--dense-blocks", type=_dense_blocks, default=4,
+                   help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all'")
+    p.add_argument("--chunk-groups", type=int, default=None, help="groups per prefill chunk (C)")
+    p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P)")
+    p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export/torch dtype")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs with videoxl custom ops")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--max-frames", type=int, default=None, help="longest video the graphs are meant for")
+    p.add_argument("--external-data", action="store_true", default=None, help="force weights into .data files (auto above 2 GB)")
+    p.set_defaults(func=cmd_export)
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="tiny end to end run: checkpoint + video written, exported, answered on ONNX Runtime")
+    p.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
+    p.add_argument("--seconds", type=float, default=24.0)
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.set_defaults(func=cmd_demo)
+
+
+def open_backend(args, *, checkpoint: Path | None):
+    """The backend the user asked for, with one-line errors for what is missing."""
+    backend = args.backend
+    if backend is None:
+        from videoxl.runtime.device import gpu_usable
+
+        backend = "tensorrt" if args.engines and gpu_usable() else "onnxruntime"
+    if backend == "tensorrt":
+        from videoxl.runtime.trt_backend import TensorRTBackend
+
+        if not args.engines:
+            raise SystemExit("--backend tensorrt needs --engines DIR (build them with `videoxl build`)")
+        return TensorRTBackend(args.engines)
+    if backend == "torch":
+        from videoxl.export.torch_backend import TorchBackend
+
+        if not checkpoint:
+            raise SystemExit("--backend torch needs --checkpoint")
+        return TorchBackend(checkpoint, dtype=args.dtype)
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+    onnx_dir = args.onnx
+    if onnx_dir is None:
+        if not checkpoint:
+            raise SystemExit("--backend onnxruntime needs --onnx DIR or --checkpoint DIR")
+        from videoxl.config import VideoXLConfig
+
+        onnx_dir = _cache_dir() / "onnx" / f"{VideoXLConfig.from_checkpoint(checkpoint).model_hash()}-{args.dtype}"
+        if not (onnx_dir / "export_manifest.json").is_file():
+            from videoxl.export.onnx_export import export_onnx
+
+            print(f"exporting {checkpoint} to {onnx_dir} (once)", file=sys.stderr)
+            export_onnx(checkpoint, onnx_dir, dtype=args.dtype)
+    return OnnxRuntimeBackend(onnx_dir)
+
+
+def cmd_run(args) -> int:
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+    from videoxl.text import load_tokenizer
+    from videoxl.video import open_video
+
+    backend = open_backend(args, checkpoint=args.checkpoint)
+    cfg = backend.config
+    tokenizer_dir = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
+    if tokenizer_dir is None:
+        raise SystemExit("need --checkpoint or --onnx for the tokenizer")
+    max_frames = args.max_frames or getattr(backend, "max_frames", cfg.max_frames)
+    video = open_video(args.video, image_size=cfg.image_size, fps=args.fps or cfg.fps, max_fps=cfg.max_fps, max_frames=max_frames)
+    if hasattr(backend, "check_frames"):
+        backend.check_frames(video.num_frames)
+    options = InferenceOptions(
+        prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
+        chunk_groups=args.chunk_groups, window_chunks=args.window, block_groups=args.block_groups,
+    )
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
+    print(f"Q: {args.question}\nA: ", end="", flush=True)
+    answer = pipeline.answer(video, args.question, options=options, gen=gen, on_text=lambda t: print(t, end="", flush=True))
+    print("\n")
+    print(f"backend           {backend.name}")
+    print("\n".join(answer.report.lines()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from videoxl.export.onnx_export import export_onnx
+
+    out = export_onnx(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, max_frames=args.max_frames, external_data=args.external_data)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from videoxl.export.onnx_export import export_onnx
+    from videoxl.tiny import write_tiny_checkpoint
+    from videoxl.video import write_synthetic_video
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_tiny_checkpoint(work / "checkpoint")
+    video = write_synthetic_video(work / "video.mp4", seconds=args.seconds, fps=8)
+    print(f"tiny checkpoint  {checkpoint}\nsynthetic video  {video} ({args.seconds:.0f} s at 8 fps)")
+    onnx_dir = export_onnx(checkpoint, work / "onnx")
+    print(f"ONNX graphs      {onnx_dir}")
+    run_args = argparse.Namespace(
+        checkpoint=checkpoint, onnx=onnx_dir, engines=None, video=str(video), question=args.question,
+        backend="onnxruntime", max_frames=None, fps=None, prefill="chunked", decode="bilevel", dense_blocks=1,
+        chunk_groups=2, window=1, block_groups=2, max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0,
+        dtype="fp32", no_progress=False,
+    )
+    return cmd_run(run_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videoxl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
+    add_export_parser(sub)
+    add_demo_parser(sub)
+    try:
+        from videoxl.engines.cli import add_build_parser, add_check_parser
+    except ImportError:
+        pass
+    else:
+        add_build_parser(sub)
+        add_check_parser(sub)
+    try:
+        from videoxl.runtime.memory_plan import add_plan_parser
+    except ImportError:
+        pass
+    else:
+        add_plan_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logger.setLevel(logging.INFO)
+    from videoxl.config import ConfigError
+    from videoxl.runtime.artifacts import ArtifactError
+    from videoxl.video import VideoError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ArtifactError, VideoError, ValueError, FileNotFoundError) as err:
+        print(f"videoxl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
