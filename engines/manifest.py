@@ -104,7 +104,7 @@ def rebuild_command(manifest: dict[str, Any], engine_dir: str | Path | None = No
             args += [flag, str(limits[key])]
     for target in manifest.get("compute_capabilities", []) if manifest.get("tensorrt", {}).get("flavour") == "tensorrt_rtx" else []:
         args += ["--target", target]
-    if not manifest.get("plugins", {}).get("used", True):
+    if not manifest.get("plugins", {}).get("requested", True):
         args.append("--no-plugins")
     return shlex.join(args)
 

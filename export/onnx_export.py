@@ -62,7 +62,7 @@ def export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
     groups = torch.export.Dim("groups", min=1, max=4096)
     example = torch.zeros(2 * cfg.frames_per_group, 3, cfg.image_size, cfg.image_size)
     program = torch.onnx.export(
-        VisionGraph(model),
+        VisionGraph(model).eval(),
         (example,),
         input_names=["pixel_values"],
         output_names=["visual_embeds"],

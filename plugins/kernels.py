@@ -41,6 +41,23 @@ class DType(enum.IntEnum):
     FLOAT16 = 1
     BFLOAT16 = 2
 
+    @classmethod
+    def of(cls, value: DType | int | str) -> DType:
+        """A DType from itself, its code, or a name ("fp16", "float16", "bf16", "bfloat16", ...)."""
+        if isinstance(value, str):
+            if value.lower() not in _DTYPE_NAMES:
+                raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(_DTYPE_NAMES)}")
+            return _DTYPE_NAMES[value.lower()]
+        return cls(value)
+
+
+DTypeLike = DType | int | str
+_DTYPE_NAMES = {
+    "fp32": DType.FLOAT32, "float32": DType.FLOAT32, "float": DType.FLOAT32,
+    "fp16": DType.FLOAT16, "float16": DType.FLOAT16, "half": DType.FLOAT16,
+    "bf16": DType.BFLOAT16, "bfloat16": DType.BFLOAT16,
+}
+
 
 class KernelError(RuntimeError):
     """A launcher returned a non-zero status."""
@@ -186,45 +203,45 @@ def chunk_attention(
     *, query: int, key: int, value: int, prefix_len: int, window_start: int,
     past_timestamp_index: int, num_past_timestamps: int, query_is_timestamp: int, output: int,
     num_queries: int, num_keys: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    scale: float, dtype: DType, stream: int = 0,
+    scale: float, dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_chunk_attention; prefix_len/window_start point to one device int64 each."""
     _call(
         "videoxl_chunk_attention", query, key, value, prefix_len, window_start, past_timestamp_index,
         num_past_timestamps, query_is_timestamp, output, num_queries, num_keys, num_q_heads, num_kv_heads,
-        head_dim, scale, int(dtype), stream,
+        head_dim, scale, DType.of(dtype), stream,
     )
 
 
 def bilevel_kv_gather(
     *, key: int, value: int, gather_index: int, gather_weight: int, mixed_key: int, mixed_value: int,
     num_source: int, num_mixed: int, gather_width: int, num_kv_heads: int, head_dim: int,
-    rope_theta: float, dtype: DType, stream: int = 0,
+    rope_theta: float, dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_bilevel_kv_gather."""
     _call(
         "videoxl_bilevel_kv_gather", key, value, gather_index, gather_weight, mixed_key, mixed_value,
-        num_source, num_mixed, gather_width, num_kv_heads, head_dim, rope_theta, int(dtype), stream,
+        num_source, num_mixed, gather_width, num_kv_heads, head_dim, rope_theta, DType.of(dtype), stream,
     )
 
 
 def pool_kv(
     *, input: int, output: int, num_output: int, stride: int, num_heads: int, head_dim: int,
-    dtype: DType, stream: int = 0,
+    dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_pool_kv."""
-    _call("videoxl_pool_kv", input, output, num_output, stride, num_heads, head_dim, int(dtype), stream)
+    _call("videoxl_pool_kv", input, output, num_output, stride, num_heads, head_dim, DType.of(dtype), stream)
 
 
 def block_scores(
     *, query: int, key: int, block_bounds: int, scores: int, num_queries: int, num_keys: int,
     num_blocks: int, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-    dtype: DType, stream: int = 0,
+    dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_block_scores (adds one layer's mass into `scores`)."""
     _call(
         "videoxl_block_scores", query, key, block_bounds, scores, num_queries, num_keys, num_blocks,
-        num_q_heads, num_kv_heads, head_dim, scale, int(dtype), stream,
+        num_q_heads, num_kv_heads, head_dim, scale, DType.of(dtype), stream,
     )
 
 

@@ -1,17 +1,17 @@
 """TEST FIXTURE: a tiny stand-in for the exporter's artifact directory.
 
 Writes ``vision.onnx``, ``prefill_chunk.onnx``, ``decode.onnx``, ``kv_gather.onnx``,
-``config.json`` and ``export_manifest.json`` for a toy config, so that the engine builder can be
-tested before (and independently of) the real exporter. The graphs are not Video-XL-2: only
-their interface follows the artifact contract (input names, symbolic dimension names from
-``videoxl.engines.profiles.DIMENSIONS``, the two ``videoxl``-domain custom ops with model-local
-function bodies that implement ``videoxl.ops`` in standard ONNX).
+``config.json`` and ``export_manifest.json`` for a toy config, so that the engine builder is
+tested independently of the real exporter (and of torch). The graphs are not Video-XL-2: only
+their interface follows ``videoxl.export.onnx_export`` (input/output names, the dimension names
+of ``videoxl.engines.profiles.dimension_ranges``), and the two ``videoxl``-domain custom ops carry
+model-local function bodies that implement ``videoxl.ops`` in standard ONNX.
 
-    prefill_chunk.onnx:
-        hidden (chunk_tokens, hidden) --MatMul--> q, k_new, v_new
-        past_key/past_value (past_tokens, Hkv, D) ++ k_new/v_new --> key/value
+    prefill_chunk.onnx, per layer i:
+        x --MatMul--> q, present_key.i, present_value.i
+        past_key.i ++ present_key.i, past_value.i ++ present_value.i --> key, value
         videoxl::ChunkSparseAttention(q, key, value, prefix_len, window_start,
-                                      past_timestamp_index, query_is_timestamp) --MatMul--> out
+                                      past_timestamp_index, query_is_timestamp) --MatMul--> x
     kv_gather.onnx:
         videoxl::BilevelKVGather(key, value, gather_index, gather_weight) --> mixed_key/value
 """
@@ -36,9 +36,9 @@ def tiny_config() -> VideoXLConfig:
     return VideoXLConfig(
         vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2, vision_num_layers=2,
         vision_select_layer=-1, image_size=28, patch_size=14, compressor_grid=8,
-        compressor_groupnorm_groups=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        compressor_groupnorm_groups=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_frames=64,
-    )  # tokens_per_group = (8 // 2) ** 2 = 16, head_dim = 8
+    )  # tokens_per_group = (8 // 2) ** 2 = 16, head_dim = 16 (the kernels' smallest)
 
 
 # --- the two custom ops: standard-ONNX function bodies following videoxl.ops -------------------
@@ -169,7 +169,7 @@ def bilevel_kv_gather_function() -> onnx.FunctionProto:
     )
 
 
-# --- the four graphs --------------------------------------------------------------------------
+# --- the four graphs (interface of videoxl.export.onnx_export; toy bodies) ------------------------
 def _model(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
     opsets = [helper.make_opsetid("", OPSET)]
     if functions:
@@ -185,108 +185,172 @@ def _weight(name: str, shape: tuple[int, ...], dtype: int, rng: np.random.Genera
     if dtype == TensorProto.BFLOAT16:
         bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation is fine for a fixture
         return helper.make_tensor(name, TensorProto.BFLOAT16, shape, bits.tobytes(), raw=True)
-    return numpy_helper.from_array(values.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)), name)
+    return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name)
+
+
+def _i64(name: str, values: list[int]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def _kv_io(cfg: VideoXLConfig, dtype: int, past: str, new: str) -> tuple[list, list]:
+    kv = [cfg.num_key_value_heads, cfg.head_dim]
+    inputs, outputs = [], []
+    for i in range(cfg.num_hidden_layers):
+        inputs += [helper.make_tensor_value_info(f"past_{t}.{i}", dtype, [past, *kv]) for t in ("key", "value")]
+        outputs += [helper.make_tensor_value_info(f"present_{t}.{i}", dtype, [new, *kv]) for t in ("key", "value")]
+    return inputs, outputs
+
+
+def _last_logits(cfg: VideoXLConfig, dtype: int, x: str, rng: np.random.Generator) -> tuple[list, list]:
+    nodes = [
+        helper.make_node("Slice", [x, "last_start", "last_end", "last_axis"], ["last"]),
+        helper.make_node("MatMul", ["last", "lm_head"], ["raw_logits"]),
+        helper.make_node("Cast", ["raw_logits"], ["logits"], to=TensorProto.FLOAT),
+    ]
+    inits = [_i64("last_start", [-1]), _i64("last_end", [2**62]), _i64("last_axis", [0]),
+             _weight("lm_head", (cfg.hidden_size, cfg.vocab_size), dtype, rng)]
+    return nodes, inits
 
 
 def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """Embeds + summed visual embeds + a position term; per layer q/k/v and ChunkSparseAttention."""
     hq, hkv, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    kv_in, kv_out = _kv_io(cfg, dtype, "past_tokens", "chunk_tokens")
     inputs = [
-        helper.make_tensor_value_info("hidden", dtype, ["chunk_tokens", h]),
-        helper.make_tensor_value_info("past_key", dtype, ["past_tokens", hkv, d]),
-        helper.make_tensor_value_info("past_value", dtype, ["past_tokens", hkv, d]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["chunk_tokens"]),
+        helper.make_tensor_value_info("visual_embeds", dtype, ["visual_tokens", h]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["chunk_tokens"]),
+        helper.make_tensor_value_info("query_is_timestamp", TensorProto.BOOL, ["chunk_tokens"]),
         helper.make_tensor_value_info("prefix_len", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("window_start", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("past_timestamp_index", TensorProto.INT64, ["timestamp_tokens"]),
-        helper.make_tensor_value_info("query_is_timestamp", TensorProto.BOOL, ["chunk_tokens"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("out", dtype, ["chunk_tokens", h]),
-        helper.make_tensor_value_info("new_key", dtype, ["chunk_tokens", hkv, d]),
-        helper.make_tensor_value_info("new_value", dtype, ["chunk_tokens", hkv, d]),
+        helper.make_tensor_value_info("past_timestamp_index", TensorProto.INT64, ["past_timestamps"]),
+        *kv_in,
     ]
     inits = [
-        _weight("wq", (h, hq * d), dtype, rng), _weight("wk", (h, hkv * d), dtype, rng),
-        _weight("wv", (h, hkv * d), dtype, rng), _weight("wo", (hq * d, h), dtype, rng),
-        numpy_helper.from_array(np.array([0, hq, d], np.int64), "q_shape"),
-        numpy_helper.from_array(np.array([0, hkv, d], np.int64), "kv_shape"),
-        numpy_helper.from_array(np.array([0, hq * d], np.int64), "o_shape"),
+        _weight("embed", (cfg.vocab_size, h), dtype, rng), _weight("pos_scale", (h,), dtype, rng),
+        _i64("q_shape", [0, hq, d]), _i64("kv_shape", [0, hkv, d]), _i64("o_shape", [0, hq * d]), _i64("axis0", [0]),
     ]
-    attn = helper.make_node(
-        ops.CHUNK_SPARSE_ATTENTION.name,
-        ["q", "key", "value", "prefix_len", "window_start", "past_timestamp_index", "query_is_timestamp"],
-        ["attn"], domain=ops.DOMAIN, name="chunk_attention_0", scale=float(d) ** -0.5,
-    )
     nodes = [
-        helper.make_node("MatMul", ["hidden", "wq"], ["q2"]),
-        helper.make_node("Reshape", ["q2", "q_shape"], ["q"]),
-        helper.make_node("MatMul", ["hidden", "wk"], ["k2"]),
-        helper.make_node("Reshape", ["k2", "kv_shape"], ["new_key"]),
-        helper.make_node("MatMul", ["hidden", "wv"], ["v2"]),
-        helper.make_node("Reshape", ["v2", "kv_shape"], ["new_value"]),
-        helper.make_node("Concat", ["past_key", "new_key"], ["key"], axis=0),
-        helper.make_node("Concat", ["past_value", "new_value"], ["value"], axis=0),
-        attn,
-        helper.make_node("Reshape", ["attn", "o_shape"], ["attn2"]),
-        helper.make_node("MatMul", ["attn2", "wo"], ["out"]),
+        helper.make_node("Gather", ["embed", "input_ids"], ["embeds"], axis=0),
+        helper.make_node("ReduceSum", ["visual_embeds", "axis0"], ["visual_sum"], keepdims=1),  # 0 rows -> zeros
+        helper.make_node("Cast", ["position_ids"], ["pos_f"], to=dtype),
+        helper.make_node("Unsqueeze", ["pos_f", "ax1_pos"], ["pos_col"]),
+        helper.make_node("Mul", ["pos_col", "pos_scale"], ["pos_term"]),
+        helper.make_node("Add", ["embeds", "visual_sum"], ["x_a"]),
+        helper.make_node("Add", ["x_a", "pos_term"], ["x0"]),
     ]
-    graph = helper.make_graph(nodes, "prefill_chunk", inputs, outputs, inits)
+    inits.append(_i64("ax1_pos", [1]))
+    x = "x0"
+    for i in range(cfg.num_hidden_layers):
+        inits += [_weight(f"wq.{i}", (h, hq * d), dtype, rng), _weight(f"wk.{i}", (h, hkv * d), dtype, rng),
+                  _weight(f"wv.{i}", (h, hkv * d), dtype, rng), _weight(f"wo.{i}", (hq * d, h), dtype, rng)]
+        nodes += [
+            helper.make_node("MatMul", [x, f"wq.{i}"], [f"q2.{i}"]),
+            helper.make_node("Reshape", [f"q2.{i}", "q_shape"], [f"q.{i}"]),
+            helper.make_node("MatMul", [x, f"wk.{i}"], [f"k2.{i}"]),
+            helper.make_node("Reshape", [f"k2.{i}", "kv_shape"], [f"present_key.{i}"]),
+            helper.make_node("MatMul", [x, f"wv.{i}"], [f"v2.{i}"]),
+            helper.make_node("Reshape", [f"v2.{i}", "kv_shape"], [f"present_value.{i}"]),
+            helper.make_node("Concat", [f"past_key.{i}", f"present_key.{i}"], [f"key.{i}"], axis=0),
+            helper.make_node("Concat", [f"past_value.{i}", f"present_value.{i}"], [f"value.{i}"], axis=0),
+            helper.make_node(
+                ops.CHUNK_SPARSE_ATTENTION.name,
+                [f"q.{i}", f"key.{i}", f"value.{i}", "prefix_len", "window_start", "past_timestamp_index", "query_is_timestamp"],
+                [f"attn.{i}"], domain=ops.DOMAIN, name=f"chunk_attention.{i}", scale=float(d) ** -0.5,
+            ),
+            helper.make_node("Reshape", [f"attn.{i}", "o_shape"], [f"attn2.{i}"]),
+            helper.make_node("MatMul", [f"attn2.{i}", f"wo.{i}"], [f"o.{i}"]),
+            helper.make_node("Add", [x, f"o.{i}"], [f"x{i + 1}"]),
+        ]
+        x = f"x{i + 1}"
+    tail, tail_inits = _last_logits(cfg, dtype, x, rng)
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]), *kv_out]
+    graph = helper.make_graph(nodes + tail, "prefill_chunk", inputs, outputs, inits + tail_inits)
     return _model(graph, [chunk_sparse_attention_function()])
 
 
-def kv_gather_model(cfg: VideoXLConfig, dtype: int) -> onnx.ModelProto:
-    hkv, d, s = cfg.num_key_value_heads, cfg.head_dim, cfg.kv_pool_stride
+def decode_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """Standard ops only: token embedding, a cache-dependent term, logits and an attention mass."""
+    hkv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    kv_in, kv_out = _kv_io(cfg, dtype, "past_tokens", "new_tokens")
     inputs = [
-        helper.make_tensor_value_info("key", dtype, ["source_tokens", hkv, d]),
-        helper.make_tensor_value_info("value", dtype, ["source_tokens", hkv, d]),
-        helper.make_tensor_value_info("gather_index", TensorProto.INT64, ["gather_rows", s]),
-        helper.make_tensor_value_info("gather_weight", TensorProto.FLOAT, ["gather_rows", s]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["new_tokens"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["new_tokens"]),
+        *kv_in,
+    ]
+    inits = [_weight("embed", (cfg.vocab_size, h), dtype, rng), _weight("wk", (h, hkv * d), dtype, rng),
+             _i64("kv_shape", [0, hkv, d]), _i64("hd_axes", [1, 2]), _i64("all_axes", [0, 1, 2])]
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["embeds"], axis=0),
+        helper.make_node("Cast", ["position_ids"], ["pos_f"], to=dtype),
+        helper.make_node("Unsqueeze", ["pos_f", "one_axis"], ["pos_col"]),
+        helper.make_node("Add", ["embeds", "pos_col"], ["x"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k2"]),
+        helper.make_node("Reshape", ["k2", "kv_shape"], ["k"]),
+    ]
+    inits.append(_i64("one_axis", [1]))
+    cache_terms = []
+    for i in range(cfg.num_hidden_layers):
+        nodes += [
+            helper.make_node("Identity", ["k"], [f"present_key.{i}"]),
+            helper.make_node("Identity", ["k"], [f"present_value.{i}"]),
+            helper.make_node("Mul", [f"past_key.{i}", f"past_value.{i}"], [f"kv.{i}"]),
+            helper.make_node("ReduceMean", [f"kv.{i}", "all_axes"], [f"kv_mean.{i}"], keepdims=0),
+        ]
+        cache_terms.append(f"kv_mean.{i}")
+    nodes += [
+        helper.make_node("Sum", cache_terms, ["cache_term"]),
+        helper.make_node("Add", ["x", "cache_term"], ["x_out"]),
+        helper.make_node("Concat", ["past_key.0", "k"], ["all_keys"], axis=0),
+        helper.make_node("ReduceSum", ["all_keys", "hd_axes"], ["mass_raw"], keepdims=0),
+        helper.make_node("Cast", ["mass_raw"], ["attention_mass"], to=TensorProto.FLOAT),
+    ]
+    tail, tail_inits = _last_logits(cfg, dtype, "x_out", rng)
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]),
+        helper.make_tensor_value_info("attention_mass", TensorProto.FLOAT, ["all_tokens"]),
+        *kv_out,
+    ]
+    graph = helper.make_graph(nodes + tail, "decode", inputs, outputs, inits + tail_inits)
+    return _model(graph, [])
+
+
+def kv_gather_model(cfg: VideoXLConfig, dtype: int) -> onnx.ModelProto:
+    kv = [cfg.num_key_value_heads, cfg.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("key", dtype, ["source_tokens", *kv]),
+        helper.make_tensor_value_info("value", dtype, ["source_tokens", *kv]),
+        helper.make_tensor_value_info("gather_index", TensorProto.INT64, ["mixed_tokens", "pool"]),
+        helper.make_tensor_value_info("gather_weight", TensorProto.FLOAT, ["mixed_tokens", "pool"]),
     ]
     outputs = [
-        helper.make_tensor_value_info("mixed_key", dtype, ["gather_rows", hkv, d]),
-        helper.make_tensor_value_info("mixed_value", dtype, ["gather_rows", hkv, d]),
+        helper.make_tensor_value_info("mixed_key", dtype, ["mixed_tokens", *kv]),
+        helper.make_tensor_value_info("mixed_value", dtype, ["mixed_tokens", *kv]),
     ]
     node = helper.make_node(
         ops.BILEVEL_KV_GATHER.name, [i.name for i in inputs], [o.name for o in outputs],
-        domain=ops.DOMAIN, name="kv_gather_0", rope_theta=float(cfg.rope_theta),
+        domain=ops.DOMAIN, name="kv_gather", rope_theta=float(cfg.rope_theta),
     )
     graph = helper.make_graph([node], "kv_gather", inputs, outputs)
     return _model(graph, [bilevel_kv_gather_function()])
 
 
-def decode_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
-    hkv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    inputs = [
-        helper.make_tensor_value_info("hidden", dtype, ["decode_tokens", h]),
-        helper.make_tensor_value_info("cache_key", dtype, ["cache_tokens", hkv, d]),
-        helper.make_tensor_value_info("cache_value", dtype, ["cache_tokens", hkv, d]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", dtype, ["decode_tokens", cfg.vocab_size])]
-    inits = [_weight("lm_head", (h, cfg.vocab_size), dtype, rng), numpy_helper.from_array(np.array([0, 1, 2], np.int64), "all_axes")]
-    nodes = [
-        helper.make_node("Mul", ["cache_key", "cache_value"], ["kv"]),
-        helper.make_node("ReduceMean", ["kv", "all_axes"], ["kv_mean"], keepdims=0),
-        helper.make_node("MatMul", ["hidden", "lm_head"], ["raw"]),
-        helper.make_node("Add", ["raw", "kv_mean"], ["logits"]),
-    ]
-    graph = helper.make_graph(nodes, "decode", inputs, outputs, inits)
-    return _model(graph, [])
-
-
 def vision_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """pixel_values (4*groups, 3, S, S) float32 -> visual_embeds (groups, tokens_per_group, H)."""
     t, h, per_group = cfg.frames_per_group, cfg.hidden_size, cfg.tokens_per_group
-    inputs = [helper.make_tensor_value_info("frames", dtype, ["frames", 3, cfg.image_size, cfg.image_size])]
-    outputs = [helper.make_tensor_value_info("embeddings", dtype, ["groups", per_group, h])]
+    size = cfg.image_size
+    inputs = [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [f"{t}*groups", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("visual_embeds", dtype, ["groups", per_group, h])]
     inits = [
-        _weight("proj", (t * 3, per_group * h), dtype, rng),
-        numpy_helper.from_array(np.array([2, 3], np.int64), "hw_axes"),
-        numpy_helper.from_array(np.array([-1, t * 3], np.int64), "group_shape"),
-        numpy_helper.from_array(np.array([-1, per_group, h], np.int64), "out_shape"),
+        _weight("proj", (t * 3, per_group * h), dtype, rng), _i64("hw_axes", [2, 3]),
+        _i64("group_shape", [-1, t * 3]), _i64("out_shape", [-1, per_group, h]),
     ]
     nodes = [
-        helper.make_node("ReduceMean", ["frames", "hw_axes"], ["pooled"], keepdims=0),  # (F, 3)
-        helper.make_node("Reshape", ["pooled", "group_shape"], ["grouped"]),  # (G, 12)
+        helper.make_node("ReduceMean", ["pixel_values", "hw_axes"], ["pooled"], keepdims=0),  # (F, 3)
+        helper.make_node("Cast", ["pooled"], ["pooled_d"], to=dtype),
+        helper.make_node("Reshape", ["pooled_d", "group_shape"], ["grouped"]),  # (G, 12)
         helper.make_node("MatMul", ["grouped", "proj"], ["flat"]),
-        helper.make_node("Reshape", ["flat", "out_shape"], ["embeddings"]),
+        helper.make_node("Reshape", ["flat", "out_shape"], ["visual_embeds"]),
     ]
     graph = helper.make_graph(nodes, "vision", inputs, outputs, inits)
     return _model(graph, [])

@@ -1,0 +1,589 @@
+"""`videoxl build`: the exporter's ONNX directory -> a checked engine directory.
+
+    onnx_dir/{vision,prefill_chunk,decode,kv_gather}.onnx + config.json
+      -> check precision, targets, memory budget, dimension names   (before any TensorRT work)
+      -> per graph: parse (plugins or inlined function bodies), one optimization profile from
+         the frame budget (profiles.py), strongly typed build for the targets
+      -> out_dir/{graph}.engine + config.json + manifest.json
+
+Everything is written into a hidden sibling directory and renamed to ``out_dir`` only when all
+four engines are built: a failed build leaves no partial engine directory, and an existing one
+is replaced only by a complete new one.
+
+TensorRT for RTX builds with no GPU for the compute capabilities it is given (default sm_89);
+standard TensorRT builds for the GPU it runs on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+import videoxl
+from videoxl.config import ConfigError, VideoXLConfig
+from videoxl.engines import manifest as manifest_io
+from videoxl.engines.errors import EngineBuildError
+from videoxl.engines.profiles import (
+    GRAPH_FILES,
+    GRAPHS,
+    PRECISION_BYTES,
+    BuildLimits,
+    TokenBudget,
+    dimension_ranges,
+    format_bytes,
+    input_profile,
+    kv_cache_bytes,
+)
+from videoxl.engines.trt_install import install_fix_applied
+from videoxl.engines.trt_module import (
+    describe,
+    flavour_of,
+    gpu_compute_capability,
+    import_tensorrt,
+    is_rtx,
+    normalize_target,
+    rtx_compute_capability,
+    target_version,
+)
+from videoxl.ops import ALL_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = tuple(PRECISION_BYTES)
+DEFAULT_RTX_TARGETS = ("sm_89",)
+BF16_MIN_TARGET = (8, 0)  # Ampere: the first architecture with bf16 tensor cores
+_ONNX_PRECISIONS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+
+__all__ = ["EngineBuildError", "build_engines", "PRECISIONS", "DEFAULT_RTX_TARGETS"]
+
+
+@dataclass(frozen=True)
+class _Graph:
+    name: str
+    path: Path
+    inputs: dict[str, list[int | str]]  # ONNX graph inputs (initializers excluded) -> dims
+    precision: str | None
+    external_files: tuple[str, ...]
+
+
+def build_engines(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp16",
+    max_frames: int | None = None,
+    chunk_groups: int | None = None,
+    window_chunks: int | None = None,
+    timing_cache: str | Path | None = None,
+    targets: tuple[str, ...] | list[str] | None = None,
+    flavour: str | None = None,
+    use_plugins: bool = True,
+    memory_budget_bytes: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Build the four engines of ``onnx_dir`` into ``out_dir`` and write their manifest.
+
+    ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
+    inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
+    default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
+    the dense KV cache of the largest profile. Returns ``out_dir``.
+    """
+    started = time.perf_counter()
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise EngineBuildError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    trt = import_tensorrt(flavour)
+    cfg = _load_config(onnx_dir)
+    limits = BuildLimits(
+        max_frames=max_frames if max_frames is not None else cfg.max_frames,
+        chunk_groups=chunk_groups if chunk_groups is not None else cfg.chunk_groups,
+        window_chunks=window_chunks if window_chunks is not None else cfg.window_chunks,
+    )
+    graphs = [_read_graph(onnx_dir, name) for name in GRAPHS]
+    _check_precision(graphs, precision, onnx_dir)
+    targets = _resolve_targets(trt, targets)
+    _check_precision_targets(trt, precision, targets)
+    kv_bytes = kv_cache_bytes(cfg, limits, precision)
+    _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
+    ranges = dimension_ranges(cfg, limits)
+    profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
+    _prepare_plugins(trt, use_plugins)
+    _check_out_dir(out_dir)
+
+    logger = _trt_logger(trt)
+    if timing_cache is not None and is_rtx(trt):
+        log.warning("%s makes timing-cache calls no-ops: ignoring --timing-cache %s", describe(trt), timing_cache)
+        timing_cache = None
+    cache_bytes = _read_timing_cache(timing_cache)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the engine directory is an ordinary one
+    try:
+        timing = None
+        engines: dict[str, dict[str, Any]] = {}
+        for graph in graphs:
+            engines[graph.name], timing = _build_one(
+                trt, logger, graph, profiles[graph.name], staging,
+                targets=targets, use_plugins=use_plugins, precision=precision,
+                use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
+                progress=progress,
+            )
+        shutil.copy2(onnx_dir / manifest_io.CONFIG_FILE, staging / manifest_io.CONFIG_FILE)
+        manifest = _manifest(
+            trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, limits=limits,
+            ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
+            memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
+        )
+        manifest_io.write_manifest(staging, manifest)
+        if timing_cache is not None and timing is not None:
+            _write_timing_cache(Path(timing_cache), timing)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("built %d engines into %s in %.1f s", len(graphs), out_dir, time.perf_counter() - started)
+    return out_dir
+
+
+# --- checks before any TensorRT work --------------------------------------------------------------
+def _load_config(onnx_dir: Path) -> VideoXLConfig:
+    path = onnx_dir / manifest_io.CONFIG_FILE
+    if not onnx_dir.is_dir():
+        raise EngineBuildError(f"{onnx_dir}: no such directory (expected the output of `videoxl export`)")
+    if not path.is_file():
+        raise EngineBuildError(f"{onnx_dir}: no {manifest_io.CONFIG_FILE} (expected the output of `videoxl export`)")
+    try:
+        return VideoXLConfig.load(path)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise EngineBuildError(f"{path}: not a videoxl model config ({err})") from err
+
+
+def _read_graph(onnx_dir: Path, name: str) -> _Graph:
+    path = onnx_dir / GRAPH_FILES[name]
+    if not path.is_file():
+        present = sorted(p.name for p in onnx_dir.glob("*.onnx"))
+        raise EngineBuildError(
+            f"{onnx_dir}: {path.name} is missing (found: {', '.join(present) or 'no .onnx files'}); "
+            f"the engine directory needs {', '.join(GRAPH_FILES.values())}"
+        )
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises its own DecodeError, or anything for a truncated file
+        raise EngineBuildError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {
+        vi.name: [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in model.graph.input
+        if vi.name not in initializers
+    }
+    external = sorted(
+        {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    return _Graph(name, path, inputs, _graph_precision(model), tuple(external))
+
+
+def _graph_precision(model: onnx.ModelProto) -> str | None:
+    """The float dtype the exporter wrote: fp16/bf16 if any weight or input has it, else fp32."""
+    types = {t.data_type for t in model.graph.initializer}
+    types |= {vi.type.tensor_type.elem_type for vi in model.graph.input}
+    low = {_ONNX_PRECISIONS[t] for t in types if t in _ONNX_PRECISIONS}
+    if len(low) > 1:
+        return "+".join(sorted(low))
+    if low:
+        return low.pop()
+    return "fp32" if onnx.TensorProto.FLOAT in types else None
+
+
+def _check_precision(graphs: list[_Graph], precision: str, onnx_dir: Path) -> None:
+    found = {g.path.name: g.precision for g in graphs if g.precision is not None}
+    wrong = {name: p for name, p in found.items() if p != precision}
+    if wrong:
+        listing = ", ".join(f"{name}: {p}" for name, p in found.items())
+        exported = sorted(set(found.values()))
+        hint = f"build with --{exported[0]}" if len(exported) == 1 and exported[0] in PRECISIONS else "re-export"
+        raise EngineBuildError(
+            f"{onnx_dir} holds an export in {'/'.join(exported)} ({listing}) but --{precision} was asked for; "
+            f"the engines are strongly typed, so the precision comes from the export: {hint}, or export "
+            f"again with `videoxl export --dtype {precision}`"
+        )
+
+
+def _resolve_targets(trt: ModuleType, targets) -> tuple[str, ...]:
+    if is_rtx(trt):
+        chosen = tuple(normalize_target(t) for t in (targets or DEFAULT_RTX_TARGETS))
+        for target in chosen:
+            try:
+                rtx_compute_capability(trt, target)
+            except ValueError as err:
+                raise EngineBuildError(str(err)) from err
+        return tuple(dict.fromkeys(chosen))
+    gpu = gpu_compute_capability()
+    if gpu is None:
+        raise EngineBuildError(
+            f"{describe(trt)} builds for the GPU it runs on and this machine has none; build on the target "
+            "GPU, or use TensorRT for RTX (--flavour tensorrt_rtx --target sm_89), which builds without one"
+        )
+    asked = {normalize_target(t) for t in targets or ()}
+    if asked - {gpu}:
+        raise EngineBuildError(
+            f"{describe(trt)} builds only for the GPU present ({gpu}); --target {' '.join(sorted(asked))} "
+            "needs a build on such a GPU (or TensorRT for RTX)"
+        )
+    return (gpu,)
+
+
+def _check_precision_targets(trt: ModuleType, precision: str, targets: tuple[str, ...]) -> None:
+    if precision != "bf16":
+        return
+    old = [t for t in targets if target_version(t) < BF16_MIN_TARGET]
+    if old:
+        raise EngineBuildError(
+            f"bf16 needs compute capability {BF16_MIN_TARGET[0]}.{BF16_MIN_TARGET[1]} or newer; "
+            f"{', '.join(old)} cannot run bf16 engines: build an fp16 export for {', '.join(old)} "
+            "or drop that --target"
+        )
+
+
+def _check_memory_budget(
+    cfg: VideoXLConfig, limits: BuildLimits, precision: str, kv_bytes: int, budget: int | None
+) -> None:
+    if budget is None or kv_bytes <= budget:
+        return
+    tokens = TokenBudget.of(cfg, limits)
+    fitting_frames = max_frames_for_budget(cfg, limits, precision, budget)
+    raise EngineBuildError(
+        f"the largest profile ({limits.max_frames} frames -> {tokens.total_tokens} tokens) needs "
+        f"{format_bytes(kv_bytes)} of dense KV cache ({cfg.num_hidden_layers} layers x 2 x "
+        f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim} x {PRECISION_BYTES[precision]} bytes per token), "
+        f"more than the memory budget of {format_bytes(budget)}; use --max-frames {fitting_frames} or less, "
+        "or raise --memory-budget"
+    )
+
+
+def _prepare_plugins(trt: ModuleType, use_plugins: bool) -> None:
+    from videoxl.plugins.trt_plugins import register_plugins, unregister_plugins
+
+    if not use_plugins:
+        unregister_plugins(trt)  # so that every custom node inlines its function body
+        return
+    if is_rtx(trt) and not install_fix_applied():
+        raise EngineBuildError(
+            "TensorRT for RTX lacks libtensorrt_rtx.so, which its ONNX parser loads for plugin nodes "
+            "(the process would abort): run `python -m videoxl.engines.trt_install` once, or build with --no-plugins"
+        )
+    register_plugins(trt)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EngineBuildError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / manifest_io.MANIFEST_FILE).is_file():
+        raise EngineBuildError(
+            f"{out_dir} is a non-empty directory without {manifest_io.MANIFEST_FILE}; "
+            "refusing to replace it (choose another --out)"
+        )
+
+
+# --- one engine ------------------------------------------------------------------------------------
+def _build_one(
+    trt: ModuleType,
+    logger,
+    graph: _Graph,
+    shapes: dict[str, tuple[tuple[int, ...], ...]],
+    staging: Path,
+    *,
+    targets: tuple[str, ...],
+    use_plugins: bool,
+    precision: str,
+    use_timing_cache: bool,
+    cache_bytes: bytes | None,
+    timing,
+    progress: bool,
+):
+    started = time.perf_counter()
+    logger.errors.clear()
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if use_plugins:
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(str(graph.path)):
+        errors = [_parser_error_text(parser.get_error(i)) for i in range(parser.num_errors)] or list(logger.errors)
+        raise EngineBuildError(
+            f"{graph.path}: the {describe(trt)} ONNX parser failed with {len(errors)} error(s):\n  - " + "\n  - ".join(errors)
+        )
+    plugin_layers = [
+        network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
+    ]
+
+    config = builder.create_builder_config()
+    if is_rtx(trt):
+        config.num_compute_capabilities = len(targets)
+        for index, target in enumerate(targets):
+            if not config.set_compute_capability(rtx_compute_capability(trt, target), index):
+                raise EngineBuildError(f"{describe(trt)} refused compute capability {target}")
+    if not _strongly_typed_available(trt):
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+    monitor = _progress_monitor(trt, graph.name, progress)
+    config.progress_monitor = monitor
+    if use_timing_cache:
+        if timing is None:  # one cache object shared by the four builds, saved at the end
+            timing = config.create_timing_cache(cache_bytes or b"")
+        if not config.set_timing_cache(timing, False):
+            raise EngineBuildError(f"the timing cache does not match {describe(trt)} (written by another version?); delete it")
+
+    profile = builder.create_optimization_profile()
+    io: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in shapes:
+            raise EngineBuildError(f"{graph.path.name}: network input {tensor.name!r} is not an input of the ONNX graph")
+        if tensor.is_shape_tensor:
+            raise EngineBuildError(
+                f"{graph.path.name}: input {tensor.name!r} is used as a shape; the engines take positions and "
+                "lengths as data (export it without shape arithmetic on this input)"
+            )
+        low, opt, high = shapes[tensor.name]
+        profile.set_shape(tensor.name, low, opt, high)
+        io["inputs"][tensor.name] = {
+            "dtype": tensor.dtype.name, "dims": graph.inputs[tensor.name], "min": list(low), "opt": list(opt), "max": list(high),
+        }
+    config.add_optimization_profile(profile)
+    for i in range(network.num_outputs):
+        tensor = network.get_output(i)
+        io["outputs"][tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape)}
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        errors = list(logger.errors) or ["(TensorRT reported no error text; rerun with VIDEOXL_LOG_LEVEL=debug)"]
+        raise EngineBuildError(
+            f"{graph.path.name}: {describe(trt)} could not build the engine for {', '.join(targets)}:\n  - "
+            + "\n  - ".join(errors)
+        )
+    path = staging / f"{graph.name}.engine"
+    with open(path, "wb") as f:
+        f.write(memoryview(serialized))
+    seconds = time.perf_counter() - started
+    log.info("built %s (%s) in %.1f s", path.name, format_bytes(path.stat().st_size), seconds)
+    entry = {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": manifest_io.file_sha256(path),
+        "build_seconds": round(seconds, 2),
+        "plugin_layers": plugin_layers,
+        **io,
+    }
+    return entry, timing
+
+
+def _network_flags(trt: ModuleType) -> int:
+    if _strongly_typed_available(trt):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def _strongly_typed_available(trt: ModuleType) -> bool:
+    return hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+
+
+def _parser_error_text(error) -> str:
+    where = f"node {error.node()}" if error.node() >= 0 else "graph"
+    if error.node_name() or error.node_operator():
+        where += f" ({error.node_operator()} {error.node_name()!r})".replace(" ''", "")
+    return f"{where}: {error.code().name}: {error.desc()}"
+
+
+# --- TensorRT callbacks ----------------------------------------------------------------------------
+_loggers: dict[str, Any] = {}
+_NO_GPU_NOISE = "cudaError 35"  # TensorRT for RTX probes the CUDA runtime even when it needs no GPU
+
+
+def _trt_logger(trt: ModuleType):
+    """One logger per TensorRT module (TensorRT keeps the first one it sees), forwarding to logging."""
+    if trt.__name__ in _loggers:
+        return _loggers[trt.__name__]
+    severity = trt.ILogger.Severity
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level, message) -> None:
+            if level in (severity.INTERNAL_ERROR, severity.ERROR) and _NO_GPU_NOISE in message:
+                log.debug("TensorRT (no GPU here, expected when building for a named target): %s", message)
+            elif level in (severity.INTERNAL_ERROR, severity.ERROR):
+                self.errors.append(message)  # raised in EngineBuildError; logged for the record
+                log.debug("TensorRT error: %s", message)
+            elif level == severity.WARNING:
+                log.info("TensorRT: %s", message)
+            elif level == severity.INFO:
+                log.debug("TensorRT: %s", message)
+
+    _loggers[trt.__name__] = _Logger()
+    return _loggers[trt.__name__]
+
+
+def _progress_monitor(trt: ModuleType, label: str, show_bars: bool):
+    """tqdm bars per builder phase when asked (a terminal), else log lines per top-level phase."""
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._started: dict[str, float] = {}
+            self._depth: dict[str, int] = {}
+            self._bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            with self._lock:
+                depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self._depth[phase_name], self._started[phase_name] = depth, time.perf_counter()
+                if show_bars:
+                    from tqdm import tqdm
+
+                    self._bars[phase_name] = tqdm(
+                        total=num_steps, desc=f"{label}: {phase_name}", position=depth, leave=False, file=sys.stderr
+                    )
+                elif depth == 0:
+                    log.info("%s: %s (%d steps)", label, phase_name, num_steps)
+
+        def step_complete(self, phase_name, step) -> bool:
+            with self._lock:
+                bar = self._bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return True  # never cancel
+
+        def phase_finish(self, phase_name) -> None:
+            with self._lock:
+                bar = self._bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+                seconds = time.perf_counter() - self._started.pop(phase_name, time.perf_counter())
+                if self._depth.pop(phase_name, 1) == 0:
+                    log.info("%s: %s done in %.1f s", label, phase_name, seconds)
+
+    return _Monitor()
+
+
+# --- files ----------------------------------------------------------------------------------------
+def _read_timing_cache(path: str | Path | None) -> bytes | None:
+    if path is None or not Path(path).is_file():
+        return None
+    data = Path(path).read_bytes()
+    log.info("loaded timing cache %s (%s)", path, format_bytes(len(data)))
+    return data
+
+
+def _write_timing_cache(path: Path, timing) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+        f.write(memoryview(timing.serialize()))
+    os.replace(partial, path)
+    log.info("saved timing cache %s", path)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
+    out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous)
+
+
+# --- the manifest ---------------------------------------------------------------------------------
+def _manifest(
+    trt: ModuleType,
+    cfg: VideoXLConfig,
+    onnx_dir: Path,
+    out_dir: Path,
+    graphs: list[_Graph],
+    engines: dict[str, dict[str, Any]],
+    *,
+    targets: tuple[str, ...],
+    precision: str,
+    limits: BuildLimits,
+    ranges: dict,
+    use_plugins: bool,
+    kv_bytes: int,
+    memory_budget_bytes: int | None,
+    seconds: float,
+) -> dict[str, Any]:
+    onnx_files: dict[str, dict[str, Any]] = {}
+    for graph in graphs:
+        onnx_files[graph.path.name] = manifest_io.file_fingerprint(graph.path)
+        for name in graph.external_files:
+            onnx_files[name] = manifest_io.file_fingerprint(onnx_dir / name)
+    tokens = TokenBudget.of(cfg, limits)
+    manifest: dict[str, Any] = {
+        "format": manifest_io.MANIFEST_FORMAT,
+        "videoxl_version": videoxl.__version__,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(seconds, 2),
+        "tensorrt": {"flavour": flavour_of(trt), "version": trt.__version__},
+        "compute_capabilities": list(targets),
+        "precision": precision,
+        "limits": limits.to_dict(),
+        "tokens": {
+            "per_group": tokens.group_tokens,
+            "chunk": tokens.chunk_tokens,
+            "context": tokens.context_tokens,
+            "total": tokens.total_tokens,
+            "visible_past": tokens.visible_past_tokens,
+        },
+        "dimensions": {g: {d: [r.min, r.opt, r.max] for d, r in dims.items()} for g, dims in ranges.items()},
+        "memory": {"kv_cache_bytes_max_profile": kv_bytes, "budget_bytes": memory_budget_bytes},
+        "model": {"config_hash": cfg.model_hash(), "onnx_dir": str(onnx_dir.resolve())},
+        "onnx": onnx_files,
+        "plugins": {
+            "requested": use_plugins,
+            "used": use_plugins and any(e["plugin_layers"] for e in engines.values()),
+            "namespace": PLUGIN_NAMESPACE,
+            "version": PLUGIN_VERSION,
+            "ops": [op.name for op in ALL_OPS],
+            "kernels_library": manifest_io.kernels_library_info() if use_plugins else None,
+        },
+        "engines": engines,
+    }
+    if use_plugins and not manifest["plugins"]["used"]:
+        log.warning("plugins were enabled but no graph has a videoxl custom op: the engines use none")
+    manifest["build_command"] = manifest_io.rebuild_command(manifest, out_dir.resolve())
+    return manifest
+
+
+def max_frames_for_budget(cfg: VideoXLConfig, limits: BuildLimits, precision: str, budget_bytes: int) -> int:
+    """The largest frame count (multiple of 4) whose dense KV cache fits ``budget_bytes``."""
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * PRECISION_BYTES[precision]
+    fixed = limits.prefix_tokens + limits.suffix_tokens + limits.answer_tokens
+    group_tokens = cfg.tokens_per_group + limits.timestamp_tokens
+    return max(0, math.floor((budget_bytes // per_token - fixed) / group_tokens)) * cfg.frames_per_group

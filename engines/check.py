@@ -1,0 +1,213 @@
+"""`videoxl check`: run each engine next to ONNX Runtime on the same inputs and compare (polygraphy).
+
+    engine_dir/{graph}.engine --TrtRunner----\\
+                                              Comparator, tolerances per precision -> pass/fail
+    onnx_dir/{graph}.onnx -----OnnxrtRunner--/
+
+Inputs: random feeds that respect each graph's semantics (index ranges, position ids, image
+placeholders; see :func:`sample_feeds`), plus any recorded feeds ``{graph}*.npz`` found in
+``inputs_dir`` (e.g. inputs captured from a tiny-model run). Engines need a GPU to run: without
+one this fails at once with :class:`GPUUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from videoxl.config import VideoXLConfig
+from videoxl.engines.errors import GPUUnavailableError
+from videoxl.engines.manifest import CONFIG_FILE, check_manifest, read_manifest
+from videoxl.engines.profiles import GRAPH_FILES, GRAPHS
+from videoxl.engines.trt_module import gpu_compute_capability, import_tensorrt, is_rtx
+
+log = logging.getLogger(__name__)
+
+# (rtol, atol) per precision. fp32 allows for TF32 matmuls, which TensorRT enables by default.
+TOLERANCES = {"fp32": (5e-3, 5e-3), "fp16": (2e-2, 2e-2), "bf16": (5e-2, 1e-1)}
+_DEFAULT_IMAGE_TOKEN = None  # prefill feeds use export_manifest.json's special_tokens.vision_pad
+
+
+@dataclass(frozen=True)
+class GraphCheck:
+    graph: str
+    passed: bool
+    feeds: int
+    detail: str
+
+
+def check_engines(
+    engine_dir: str | Path,
+    onnx_dir: str | Path,
+    *,
+    graphs: tuple[str, ...] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    inputs_dir: str | Path | None = None,
+) -> list[GraphCheck]:
+    """Compare every engine of ``engine_dir`` with ONNX Runtime on ``onnx_dir``'s graphs."""
+    engine_dir, onnx_dir = Path(engine_dir), Path(onnx_dir)
+    manifest = read_manifest(engine_dir)
+    gpu = gpu_compute_capability()
+    if gpu is None:
+        raise GPUUnavailableError(
+            "`videoxl check` runs the engines and needs an NVIDIA GPU; none was found on this machine "
+            "(building needs none: `videoxl build` works here)"
+        )
+    trt = import_tensorrt(manifest["tensorrt"]["flavour"])
+    check_manifest(engine_dir, trt_module=trt, gpu_compute_capability=gpu, onnx_dir=onnx_dir)
+    if manifest["plugins"]["used"]:
+        from videoxl.plugins.trt_plugins import register_plugins
+
+        register_plugins(trt)
+    _select_polygraphy_backend(trt)
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    cfg = VideoXLConfig.load(engine_dir / CONFIG_FILE)
+    rtol, atol = TOLERANCES[manifest["precision"]]
+    image_token = _image_token(onnx_dir)
+    rng = np.random.default_rng(seed)
+    results = []
+    for graph in graphs or GRAPHS:
+        feeds = [sample_feeds(graph, manifest, cfg, rng, image_token=image_token) for _ in range(samples)]
+        feeds += _recorded_feeds(inputs_dir, graph)
+        engine = EngineFromBytes((engine_dir / manifest["engines"][graph]["file"]).read_bytes())
+        session = SessionFromOnnx(str(onnx_dir / GRAPH_FILES[graph]), providers=_ort_providers())
+        runs = Comparator.run(
+            [TrtRunner(engine, name=f"trt:{graph}"), OnnxrtRunner(session, name=f"onnxrt:{graph}")], data_loader=feeds
+        )
+        accuracy = Comparator.compare_accuracy(runs, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
+        passed = bool(accuracy)
+        results.append(GraphCheck(graph, passed, len(feeds), f"rtol={rtol} atol={atol}"))
+        log.info("%s: %s on %d feeds", graph, "PASS" if passed else "FAIL", len(feeds))
+    return results
+
+
+def _select_polygraphy_backend(trt: ModuleType) -> None:
+    """polygraphy picks tensorrt or tensorrt_rtx when its TensorRT backend is first imported."""
+    wanted = "1" if is_rtx(trt) else "0"
+    if "polygraphy.backend.trt" in sys.modules and os.environ.get("POLYGRAPHY_USE_TENSORRT_RTX", "0") != wanted:
+        raise RuntimeError(
+            "polygraphy's TensorRT backend was imported for the other TensorRT flavour in this process; "
+            "run `videoxl check` in a fresh process"
+        )
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = wanted
+    if "polygraphy.config" in sys.modules:
+        sys.modules["polygraphy.config"].USE_TENSORRT_RTX = wanted == "1"
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _image_token(onnx_dir: Path) -> int | None:
+    path = onnx_dir / "export_manifest.json"
+    if not path.is_file():
+        return _DEFAULT_IMAGE_TOKEN
+    special = json.loads(path.read_text()).get("special_tokens", {})
+    return special.get("vision_pad", _DEFAULT_IMAGE_TOKEN)
+
+
+def _recorded_feeds(inputs_dir: str | Path | None, graph: str) -> list[dict[str, np.ndarray]]:
+    if inputs_dir is None:
+        return []
+    feeds = []
+    for path in sorted(Path(inputs_dir).glob(f"{graph}*.npz")):
+        with np.load(path) as data:
+            feeds.append({name: data[name] for name in data.files})
+    return feeds
+
+
+# --- random feeds with the graphs' semantics --------------------------------------------------------
+def _pick(ranges: dict[str, list[int]], name: str, wish: int) -> int:
+    low, _, high = ranges[name]
+    return int(min(max(wish, low), high))
+
+
+def sample_feeds(
+    graph: str, manifest: dict[str, Any], cfg: VideoXLConfig, rng: np.random.Generator, *, image_token: int | None = None
+) -> dict[str, np.ndarray]:
+    """One feed for ``graph`` with sizes inside the engine's profile and valid indices/positions."""
+    ranges = manifest["dimensions"][graph]
+    inputs = manifest["engines"][graph]["inputs"]
+    float_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[manifest["precision"]]
+    sizes: dict[str, int] = {}
+    values: dict[str, np.ndarray] = {}
+
+    if graph == "vision":
+        sizes["groups"] = _pick(ranges, "groups", 2)
+    elif graph == "prefill_chunk":
+        chunk = sizes["chunk_tokens"] = _pick(ranges, "chunk_tokens", 24)
+        past = sizes["past_tokens"] = _pick(ranges, "past_tokens", 40)
+        visual = sizes["visual_tokens"] = _pick(ranges, "visual_tokens", chunk // 2 if image_token is not None else 0)
+        prefix_len = min(4, past)
+        window_start = max(prefix_len, past - 8)
+        stamps = sizes["past_timestamps"] = _pick(ranges, "past_timestamps", min(4, window_start - prefix_len))
+        ids = rng.integers(0, cfg.vocab_size, size=chunk)
+        if image_token is not None:
+            ids[ids == image_token] = (image_token + 1) % cfg.vocab_size
+            ids[chunk - visual:] = image_token  # the chunk's visual placeholders
+        values.update(
+            input_ids=ids.astype(np.int64),
+            position_ids=np.arange(past, past + chunk, dtype=np.int64),
+            query_is_timestamp=rng.random(chunk) < 0.15,
+            prefix_len=np.array([prefix_len], np.int64),
+            window_start=np.array([window_start], np.int64),
+            past_timestamp_index=np.sort(rng.choice(np.arange(prefix_len, window_start), stamps, replace=False)).astype(np.int64),
+        )
+    elif graph == "decode":
+        new = sizes["new_tokens"] = _pick(ranges, "new_tokens", 3)
+        past = sizes["past_tokens"] = _pick(ranges, "past_tokens", 48)
+        values.update(
+            input_ids=rng.integers(0, cfg.vocab_size, size=new).astype(np.int64),
+            position_ids=np.arange(past, past + new, dtype=np.int64),
+        )
+    elif graph == "kv_gather":
+        source = sizes["source_tokens"] = _pick(ranges, "source_tokens", 64)
+        mixed = sizes["mixed_tokens"] = _pick(ranges, "mixed_tokens", 20)
+        pool = sizes["pool"] = _pick(ranges, "pool", cfg.kv_pool_stride)
+        weight = np.full((mixed, pool), 1.0 / pool, np.float32)
+        copies = rng.random(mixed) < 0.5  # dense rows copy one token: weights (1, 0, ...)
+        weight[copies] = 0.0
+        weight[copies, 0] = 1.0
+        values.update(gather_index=rng.integers(0, source, size=(mixed, pool)).astype(np.int64), gather_weight=weight)
+
+    feed = {}
+    for name, spec in inputs.items():
+        if name in values:
+            feed[name] = values[name]
+            continue
+        shape = tuple(_concrete(axis, name, spec, graph, sizes) for axis in range(len(spec["dims"])))
+        if spec["dtype"] in ("FLOAT", "HALF", "BF16"):
+            dtype = np.float32 if spec["dtype"] == "FLOAT" else float_dtype
+            feed[name] = (rng.standard_normal(shape) * 0.5).astype(dtype)
+        elif spec["dtype"] == "BOOL":
+            feed[name] = np.zeros(shape, bool)
+        else:
+            log.warning("%s: no generator for integer input %r; feeding zeros", graph, name)
+            feed[name] = np.zeros(shape, np.int64 if spec["dtype"] == "INT64" else np.int32)
+    return feed
+
+
+def _concrete(axis: int, name: str, spec: dict[str, Any], graph: str, sizes: dict[str, int]) -> int:
+    """Size of one axis from its ONNX dimension (fixed, ``name`` or ``k*name``) and the chosen sizes."""
+    dim = spec["dims"][axis]
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    factor, _, dim_name = str(dim).rpartition("*")
+    if dim_name in sizes:
+        return sizes[dim_name] * (int(factor) if factor else 1)
+    raise ValueError(f"{graph}: input {name!r} axis {axis} ({dim!r}) has no chosen size")

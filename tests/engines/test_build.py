@@ -1,0 +1,176 @@
+"""Engine builds on the CPU with TensorRT for RTX (sm_89): what is written, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import BUILD_LIMITS
+from videoxl.config import VideoXLConfig
+from videoxl.engines import build as build_module
+from videoxl.engines.build import build_engines, max_frames_for_budget
+from videoxl.engines.errors import EngineBuildError
+from videoxl.engines.profiles import GRAPHS, BuildLimits, ProfileError, kv_cache_bytes
+from videoxl.engines.trt_module import TensorRTUnavailableError, import_tensorrt
+from videoxl.ops import PLUGIN_VERSION
+
+
+def _manifest(engine_dir: Path) -> dict:
+    return json.loads((engine_dir / "manifest.json").read_text())
+
+
+def _no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_engines_and_manifest_written(engines_with_plugins: Path, onnx_dir: Path) -> None:
+    files = sorted(p.name for p in engines_with_plugins.iterdir())
+    assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "manifest.json"])
+    manifest = _manifest(engines_with_plugins)
+    assert manifest["tensorrt"]["flavour"] == "tensorrt_rtx"
+    assert manifest["compute_capabilities"] == ["sm_89"]
+    assert manifest["precision"] == "fp16"
+    assert {k: manifest["limits"][k] for k in BUILD_LIMITS} == BUILD_LIMITS
+    assert manifest["model"]["config_hash"] == VideoXLConfig.load(onnx_dir / "config.json").model_hash()
+    assert set(manifest["onnx"]) == {f"{g}.onnx" for g in GRAPHS}
+    assert manifest["plugins"]["used"] and manifest["plugins"]["version"] == PLUGIN_VERSION
+    for graph, entry in manifest["engines"].items():
+        assert (engines_with_plugins / entry["file"]).stat().st_size == entry["bytes"] > 0
+    # Profiles in the user's units, applied to the exporter's dimension names.
+    prefill = manifest["engines"]["prefill_chunk"]["inputs"]
+    assert prefill["past_key.0"]["max"] == [manifest["tokens"]["context"], 2, 16]
+    assert prefill["input_ids"]["max"] == [manifest["tokens"]["chunk"]]
+    assert manifest["engines"]["vision"]["inputs"]["pixel_values"]["max"][0] == 32  # vision_batch_frames
+    assert manifest["build_command"].startswith("videoxl build --onnx ")
+    assert _no_leftovers(engines_with_plugins.parent) == []
+
+
+def test_plugin_path_really_uses_the_plugins(engines_with_plugins: Path, engines_without_plugins: Path) -> None:
+    used = _manifest(engines_with_plugins)["engines"]
+    assert used["prefill_chunk"]["plugin_layers"] == ["chunk_attention.0", "chunk_attention.1"]
+    assert used["kv_gather"]["plugin_layers"] == ["kv_gather"]
+    assert used["vision"]["plugin_layers"] == used["decode"]["plugin_layers"] == []
+    inlined = _manifest(engines_without_plugins)
+    assert not inlined["plugins"]["used"] and "--no-plugins" in inlined["build_command"]
+    assert all(e["plugin_layers"] == [] for e in inlined["engines"].values())
+    # The inlined dense-mask attention is a different (larger) engine than the plugin call.
+    assert inlined["engines"]["prefill_chunk"]["bytes"] != used["prefill_chunk"]["bytes"]
+
+
+def test_rebuild_replaces_the_directory(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engines"
+    build_engines(onnx_dir, out, precision="fp16", use_plugins=False, progress=True, **BUILD_LIMITS)
+    first = _manifest(out)["built_at"]
+    (out / "stale.txt").write_text("from the previous build")
+    build_engines(onnx_dir, out, precision="fp16", use_plugins=False, targets=["sm_86", "8.9"], **BUILD_LIMITS)
+    assert not (out / "stale.txt").exists()
+    assert _manifest(out)["compute_capabilities"] == ["sm_86", "sm_89"]
+    assert _manifest(out)["built_at"] >= first
+    assert _no_leftovers(tmp_path) == []
+
+
+def _refused(onnx: Path, out: Path, match: str, **kwargs) -> EngineBuildError:
+    options = {"precision": "fp16", **BUILD_LIMITS, **kwargs}
+    with pytest.raises(EngineBuildError, match=match) as caught:
+        build_engines(onnx, out, **options)
+    assert not out.exists(), "a failed build must leave no engine directory"
+    assert _no_leftovers(out.parent) == []
+    return caught.value
+
+
+def test_precision_must_match_the_export(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    err = _refused(onnx_dir, tmp_path / "out", r"holds an export in fp16", precision="fp32")
+    assert "build with --fp16" in str(err)
+
+
+def test_bf16_cannot_target_sm75(trt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_fixtures import write_artifacts
+
+    bf16 = write_artifacts(tmp_path / "bf16", precision="bf16")
+    _refused(bf16, tmp_path / "out", r"bf16 needs compute capability 8\.0.*sm_75", precision="bf16", targets=["sm_75", "sm_89"])
+    # TensorRT's own answer agrees: without our check the build fails in the compiler.
+    monkeypatch.setattr(build_module, "_check_precision_targets", lambda *args: None)
+    err = _refused(bf16, tmp_path / "out", r"could not build the engine for sm_75", precision="bf16", targets=["sm_75"], use_plugins=False)
+    assert "sm75" in str(err) and "b16" in str(err)
+
+
+def test_memory_budget(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    cfg = VideoXLConfig.load(onnx_dir / "config.json")
+    limits = BuildLimits(**BUILD_LIMITS)
+    needed = kv_cache_bytes(cfg, limits, "fp16")
+    err = _refused(onnx_dir, tmp_path / "out", r"more than the memory budget", memory_budget_bytes=needed - 1)
+    fitting = max_frames_for_budget(cfg, limits, "fp16", needed - 1)
+    assert f"--max-frames {fitting} or less" in str(err)
+    assert kv_cache_bytes(cfg, BuildLimits(**{**BUILD_LIMITS, "max_frames": fitting}), "fp16") <= needed - 1
+    assert kv_cache_bytes(cfg, BuildLimits(**{**BUILD_LIMITS, "max_frames": fitting + 4}), "fp16") > needed - 1
+
+
+def test_corrupt_onnx(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    (onnx_copy / "decode.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    _refused(onnx_copy, tmp_path / "out", r"decode\.onnx: not a readable ONNX model")
+
+
+def test_parser_errors_are_listed(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(onnx_copy / "kv_gather.onnx"))
+    del model.functions[:]  # the custom node loses its body: nothing can import it without plugins
+    model.graph.node.append(helper.make_node("NoSuchOp", ["gather_weight"], ["junk"], domain="videoxl.test"))
+    model.graph.output.append(helper.make_tensor_value_info("junk", TensorProto.FLOAT, None))
+    model.opset_import.append(helper.make_opsetid("videoxl.test", 1))
+    onnx.save(model, str(onnx_copy / "kv_gather.onnx"))
+    err = _refused(onnx_copy, tmp_path / "out", r"kv_gather\.onnx: the TensorRT for RTX .* ONNX parser failed", use_plugins=False)
+    assert "with 2 error(s)" in str(err)
+    assert "node 0 (BilevelKVGather 'kv_gather'): INVALID_NODE" in str(err)
+    assert "node 1 (NoSuchOp): INVALID_NODE" in str(err)
+
+
+def test_unknown_dimension_names(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(onnx_copy / "decode.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "tokens_of_mystery"
+    onnx.save(model, str(onnx_copy / "decode.onnx"))
+    err = _refused(onnx_copy, tmp_path / "out", r"'tokens_of_mystery'")
+    assert isinstance(err, ProfileError) and "new_tokens, past_tokens" in str(err)
+
+
+def test_unsupported_target(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    _refused(onnx_dir, tmp_path / "out", r"cannot build for sm_90; it supports sm_75, sm_80", targets=["sm_90"])
+
+
+def test_missing_graph_and_config(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    (onnx_copy / "vision.onnx").unlink()
+    _refused(onnx_copy, tmp_path / "out", r"vision\.onnx is missing")
+    (onnx_copy / "config.json").unlink()
+    _refused(onnx_copy, tmp_path / "out", r"no config\.json")
+
+
+def test_refuses_to_replace_a_foreign_directory(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"...")
+    with pytest.raises(EngineBuildError, match="refusing to replace"):
+        build_engines(onnx_dir, out, precision="fp16", **BUILD_LIMITS)
+    assert (out / "holiday.jpg").exists()
+
+
+def test_timing_cache_is_ignored_by_tensorrt_for_rtx(trt, onnx_dir: Path, tmp_path: Path, caplog) -> None:
+    cache = tmp_path / "timing.cache"
+    with caplog.at_level(logging.WARNING, logger="videoxl.engines.build"):
+        build_engines(onnx_dir, tmp_path / "out", precision="fp16", use_plugins=False, timing_cache=cache, **BUILD_LIMITS)
+    assert "timing-cache calls no-ops" in caplog.text
+    assert not cache.exists()
+
+
+def test_standard_tensorrt_flavour_errors_clearly(onnx_dir: Path, tmp_path: Path) -> None:
+    try:
+        import_tensorrt("tensorrt")
+    except TensorRTUnavailableError:
+        pass
+    else:
+        pytest.skip("standard TensorRT is installed here")
+    with pytest.raises(TensorRTUnavailableError, match="no usable TensorRT: TensorRT \\(module tensorrt\\)"):
+        build_engines(onnx_dir, tmp_path / "out", flavour="tensorrt", **BUILD_LIMITS)
+    assert not (tmp_path / "out").exists()

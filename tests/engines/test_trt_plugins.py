@@ -1,0 +1,145 @@
+"""The IPluginV3 plugins at build time: registration, attributes, formats, shapes, and the parser's use of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from videoxl.ops import BILEVEL_KV_GATHER, CHUNK_SPARSE_ATTENTION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from videoxl.plugins import trt_plugins
+
+
+@pytest.fixture
+def registered(trt):
+    trt_plugins.register_plugins(trt)
+    yield trt
+    trt_plugins.unregister_plugins(trt)
+
+
+def _fields(trt, **values: float):
+    return trt.PluginFieldCollection(
+        [trt.PluginField(k, np.array([v], np.float32), trt.PluginFieldType.FLOAT32) for k, v in values.items()]
+    )
+
+
+def _creator(trt, op: str, namespace: str = PLUGIN_NAMESPACE):
+    return trt.get_plugin_registry().get_creator(op, PLUGIN_VERSION, namespace)
+
+
+def _desc(trt, dtype, dims, fmt=None):
+    desc = trt.DynamicPluginTensorDesc()
+    desc.desc.type, desc.desc.dims = dtype, trt.Dims(list(dims))
+    desc.desc.format = fmt if fmt is not None else trt.TensorFormat.LINEAR
+    return desc
+
+
+def test_registration_is_idempotent_and_reversible(trt) -> None:
+    first = trt_plugins.register_plugins(trt)
+    assert trt_plugins.register_plugins(trt) is first
+    for op in (CHUNK_SPARSE_ATTENTION.name, BILEVEL_KV_GATHER.name):
+        for namespace in trt_plugins.REGISTERED_NAMESPACES:
+            creator = _creator(trt, op, namespace)
+            assert creator is not None and creator.plugin_version == PLUGIN_VERSION
+    names = {f.name for f in _creator(trt, CHUNK_SPARSE_ATTENTION.name).field_names}
+    assert names == {"scale"}
+    trt_plugins.unregister_plugins(trt)
+    assert _creator(trt, CHUNK_SPARSE_ATTENTION.name) is None
+    assert not trt_plugins.plugins_registered(trt)
+
+
+def test_attributes_survive_serialization(registered) -> None:
+    trt = registered
+    creator = _creator(trt, BILEVEL_KV_GATHER.name)
+    plugin = creator.create_plugin("gather", _fields(trt, rope_theta=1e6), trt.TensorRTPhase.BUILD)
+    assert plugin.attributes == {"rope_theta": 1e6}
+    assert (plugin.plugin_name, plugin.plugin_namespace, plugin.plugin_version) == (
+        BILEVEL_KV_GATHER.name, PLUGIN_NAMESPACE, PLUGIN_VERSION,
+    )
+    # What an engine stores is what the runtime-phase creator gets back.
+    restored = creator.create_plugin("gather", plugin.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
+    assert restored.attributes == plugin.attributes
+    clone = plugin.attach_to_context(None)
+    assert clone is not plugin and clone.attributes == plugin.attributes
+    assert plugin.timing_cache_id == clone.timing_cache_id
+
+
+def test_missing_attribute_is_an_error(registered) -> None:
+    trt = registered
+    with pytest.raises(ValueError, match="attribute 'scale' missing"):
+        _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt), trt.TensorRTPhase.BUILD)
+
+
+def test_formats_and_dtypes(registered) -> None:
+    trt = registered
+    plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
+    half, f32, i64, i32, b = trt.DataType.HALF, trt.DataType.FLOAT, trt.DataType.INT64, trt.DataType.INT32, trt.DataType.BOOL
+    io = [_desc(trt, half, (5, 4, 16)), _desc(trt, half, (9, 2, 16)), _desc(trt, half, (9, 2, 16)),
+          _desc(trt, i64, (1,)), _desc(trt, i64, (1,)), _desc(trt, i64, (3,)), _desc(trt, b, (5,)), _desc(trt, half, (5, 4, 16))]
+    assert all(plugin.supports_format_combination(pos, io, 7) for pos in range(8))
+    io[1] = _desc(trt, f32, (9, 2, 16))  # one float dtype across the op
+    assert not plugin.supports_format_combination(1, io, 7)
+    io[5] = _desc(trt, i32, (3,))  # indices are int64 by contract
+    assert not plugin.supports_format_combination(5, io, 7)
+    io[0] = _desc(trt, half, (5, 4, 16), trt.TensorFormat.HWC8)
+    assert not plugin.supports_format_combination(0, io, 7)
+    for dtype in (f32, half, trt.DataType.BF16):
+        assert plugin.get_output_data_types([dtype, dtype, dtype, i64, i64, i64, b]) == [dtype]
+    assert plugin.get_workspace_size([], []) == 0
+    assert plugin.get_valid_tactics() == []
+
+
+def test_shape_checks(registered) -> None:
+    trt = registered
+    plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
+    plugin.check_shapes([(5, 4, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (5,)])
+    with pytest.raises(ValueError, match="not a multiple"):
+        plugin.check_shapes([(5, 3, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (5,)])
+    with pytest.raises(ValueError, match="keys < 5 queries"):
+        plugin.check_shapes([(5, 4, 16), (4, 2, 16), (4, 2, 16), (1,), (1,), (3,), (5,)])
+    gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e4), trt.TensorRTPhase.BUILD)
+    with pytest.raises(ValueError, match="odd"):
+        gather.check_shapes([(9, 2, 15), (9, 2, 15), (3, 4), (3, 4)])
+
+
+def _parse(trt, path: Path, *, override: bool):
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if override:
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    assert parser.parse_from_file(str(path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    plugins = [layer for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+    for layer in plugins:
+        layer.__class__ = trt.IPluginV3Layer  # the bindings' usual downcast
+    outputs = {network.get_output(i).name: network.get_output(i) for i in range(network.num_outputs)}
+    return network, plugins, outputs
+
+
+def test_parser_maps_custom_nodes_to_plugins(registered, onnx_dir: Path) -> None:
+    trt = registered
+    before = trt_plugins.creator_calls(trt)
+    _, plugins, outputs = _parse(trt, onnx_dir / "prefill_chunk.onnx", override=True)
+    assert [p.name for p in plugins] == ["chunk_attention.0", "chunk_attention.1"]
+    assert plugins[0].plugin.plugin_name == CHUNK_SPARSE_ATTENTION.name
+    assert plugins[0].plugin.attributes == {"scale": pytest.approx(16 ** -0.5)}
+    assert trt_plugins.creator_calls(trt)[CHUNK_SPARSE_ATTENTION.name] == before[CHUNK_SPARSE_ATTENTION.name] + 2
+    assert outputs["logits"].dtype == trt.DataType.FLOAT
+    assert outputs["present_key.0"].dtype == trt.DataType.HALF
+
+    _, plugins, outputs = _parse(trt, onnx_dir / "kv_gather.onnx", override=True)
+    assert [p.plugin.plugin_name for p in plugins] == [BILEVEL_KV_GATHER.name]
+    assert tuple(outputs["mixed_key"].shape) == (-1, 2, 16) and outputs["mixed_key"].dtype == trt.DataType.HALF
+
+
+def test_without_override_the_function_body_is_inlined(registered, onnx_dir: Path) -> None:
+    network, plugins, _ = _parse(registered, onnx_dir / "prefill_chunk.onnx", override=False)
+    assert plugins == [] and network.num_layers > 50
+
+
+def test_unregistered_plugins_are_never_used(trt, onnx_dir: Path) -> None:
+    trt_plugins.unregister_plugins(trt)
+    _, plugins, _ = _parse(trt, onnx_dir / "kv_gather.onnx", override=True)
+    assert plugins == []

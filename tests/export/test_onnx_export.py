@@ -1,0 +1,148 @@
+"""The exported graph set: validity, per-graph parity with PyTorch, external data, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from videoxl.export.onnx_export import GRAPH_FILES, export_onnx
+from videoxl.export.reference import MixedCacheAttention, ReferenceInference
+from videoxl.layout import bilevel_plan, chunk_visibility, prefix_visibility
+from videoxl.ops import DOMAIN
+from videoxl.runtime.artifacts import ArtifactError, load_onnx_artifacts
+from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_onnx):
+    return OnnxRuntimeBackend(tiny_onnx)
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPH_FILES))
+def test_graph_is_valid_with_shape_inference(tiny_onnx, graph):
+    model = onnx.load(str(tiny_onnx / GRAPH_FILES[graph]))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert len(inferred.graph.output) == len(model.graph.output)
+
+
+def test_custom_ops_carry_function_bodies(tiny_onnx):
+    for graph, op in (("prefill_chunk", "ChunkSparseAttention"), ("kv_gather", "BilevelKVGather")):
+        model = onnx.load(str(tiny_onnx / GRAPH_FILES[graph]))
+        assert any(n.domain == DOMAIN and n.op_type == op for n in model.graph.node)
+        assert any(f.domain == DOMAIN and f.name == op and len(f.node) > 5 for f in model.functions)
+    vision = onnx.load(str(tiny_onnx / GRAPH_FILES["vision"]))
+    assert all(n.domain in ("", "ai.onnx") for n in vision.graph.node)  # standard ops only
+
+
+def test_vision_graph_matches_pytorch(tiny_model, backend):
+    cfg = tiny_model.cfg
+    pixels = torch.randn(8, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = tiny_model.encode_frames(pixels).numpy()
+    assert np.abs(backend.encode_frames(pixels.numpy()) - ref).max() <= TOL
+
+
+def test_prefill_decode_gather_match_pytorch(tiny_model, backend, make_layout):
+    cfg = tiny_model.cfg
+    layout = make_layout(7)
+    visual = torch.randn(7, cfg.tokens_per_group, cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+    ref = ReferenceInference(tiny_model)
+    dense = ref.prefill(layout, visual, chunk_groups=2, window_chunks=1)
+
+    layers = range(cfg.num_hidden_layers)
+    keys = [np.zeros((0, cfg.num_key_value_heads, cfg.head_dim), np.float32) for _ in layers]
+    values = [k.copy() for k in keys]
+    flat, seen = visual.reshape(-1, cfg.hidden_size).numpy(), 0
+    for vis in [prefix_visibility(layout)] + [chunk_visibility(layout, k, chunk_groups=2, window_chunks=1) for k in range(4)]:
+        count = int(layout.is_visual[vis.start : vis.end].sum())
+        out = backend.prefill_chunk(layout.input_ids[vis.start : vis.end], flat[seen : seen + count], vis, keys, values)
+        seen += count
+        keys = [np.concatenate([k, n]) for k, n in zip(keys, out.keys)]
+        values = [np.concatenate([v, n]) for v, n in zip(values, out.values)]
+    for layer in layers:
+        assert np.abs(keys[layer] - dense.keys[layer].numpy()).max() <= TOL
+        assert np.abs(values[layer] - dense.values[layer].numpy()).max() <= TOL
+
+    chosen = {0, 1, 2, 4}
+    plan = bilevel_plan(layout, block_groups=2, dense_blocks=chosen, pool_stride=4)
+    mixed = ref.mixed_cache(dense, layout, block_groups=2, dense_blocks=chosen)
+    mixed_keys, mixed_values = [], []
+    for layer in layers:
+        k, v = backend.gather_kv(keys[layer], values[layer], plan.gather_index, plan.gather_weight)
+        assert np.abs(k - mixed.keys[layer].numpy()).max() <= TOL
+        assert np.abs(v - mixed.values[layer].numpy()).max() <= TOL
+        mixed_keys.append(k)
+        mixed_values.append(v)
+
+    suffix = layout.input_ids[layout.suffix_start :]
+    out = backend.decode(suffix, mixed_keys, mixed_values)
+    attention = MixedCacheAttention(mixed, ref.scale, grow=False, collect_mass=True)
+    with torch.no_grad():
+        logits = ref._run_text(suffix, mixed.length, attention).numpy()
+    assert np.abs(out.logits[0] - logits).max() <= TOL
+    assert np.abs(out.attention_mass - attention.mass.numpy()).max() <= TOL
+    # mass: every (layer, head, query) row of probabilities sums to one
+    assert out.attention_mass.sum() == pytest.approx(cfg.num_hidden_layers * cfg.num_attention_heads * len(suffix), rel=1e-4)
+
+
+def test_external_data_round_trip(tiny_checkpoint, tiny_onnx, tmp_path, backend):
+    out = export_onnx(tiny_checkpoint, tmp_path / "external", external_data=True)
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    for name, file in GRAPH_FILES.items():
+        if name == "kv_gather":  # no weights
+            continue
+        assert manifest["graphs"][name]["external_data"] == file + ".data"
+        assert (out / (file + ".data")).stat().st_size > 0
+    external = OnnxRuntimeBackend(out)
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 384, 384)).astype(np.float32)
+    assert np.abs(external.encode_frames(pixels) - backend.encode_frames(pixels)).max() <= 1e-6
+    (out / "decode.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="decode.onnx.data"):
+        load_onnx_artifacts(out)
+
+
+def test_fp16_export_is_valid(tiny_checkpoint, tmp_path):
+    out = export_onnx(tiny_checkpoint, tmp_path / "fp16", dtype="fp16")
+    model = onnx.load(str(out / "decode.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_missing_graph_and_stale_manifest(tiny_onnx, tmp_path):
+    broken = shutil.copytree(tiny_onnx, tmp_path / "broken")
+    (broken / "prefill_chunk.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing graph files prefill_chunk.onnx"):
+        load_onnx_artifacts(broken)
+    stale = shutil.copytree(tiny_onnx, tmp_path / "stale")
+    config = json.loads((stale / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (stale / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="does not match the graphs"):
+        load_onnx_artifacts(stale)
+
+
+def test_frames_over_the_exported_limit(tiny_onnx):
+    artifacts = load_onnx_artifacts(tiny_onnx)
+    artifacts.check_frames(artifacts.max_frames)
+    with pytest.raises(ArtifactError, match=f"at most {artifacts.max_frames}"):
+        artifacts.check_frames(artifacts.max_frames + 1)
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match="--dtype"):
+        export_onnx(tiny_checkpoint, target, dtype="int8")
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken_ckpt")
+    next(broken.glob("model-00002-*.safetensors")).write_bytes(b"junk")
+    with pytest.raises(Exception, match="unreadable safetensors"):
+        export_onnx(broken, target)
+    assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []

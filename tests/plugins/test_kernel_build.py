@@ -1,0 +1,140 @@
+"""The kernel library compiles (one arch) and exports exactly the launchers the headers declare (CPU)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from videoxl.plugins import build, kernels
+
+ARCH = "sm_89"
+DECLARATION = re.compile(r"VIDEOXL_API\s+[\w\s\*]+?\b(videoxl_\w+)\s*\(([^)]*)\)\s*;", re.S)
+
+
+def declared_functions() -> dict[str, int]:
+    """Every VIDEOXL_API function in the headers -> its number of parameters."""
+    found: dict[str, int] = {}
+    for header in build.kernel_headers():
+        for name, params in DECLARATION.findall(header.read_text()):
+            params = re.sub(r"/\*.*?\*/", "", params, flags=re.S).strip()
+            found[name] = 0 if params in ("", "void") else params.count(",") + 1
+    return found
+
+
+def _nvcc_or_skip() -> Path:
+    try:
+        return build.find_nvcc()
+    except build.NvccNotFoundError as err:
+        pytest.skip(f"no CUDA compiler: {err}")
+
+
+@pytest.fixture(scope="module")
+def one_arch_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    _nvcc_or_skip()
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("kernels")
+    library = build.build_library(archs=[ARCH], out_dir=out, ptx=False, progress=lines.append)
+    return library, lines
+
+
+def test_headers_declare_every_launcher() -> None:
+    declared = declared_functions()
+    assert set(kernels.LAUNCHERS) | {"videoxl_kernels_version", "videoxl_kernels_status_string"} == set(declared)
+    for name, argtypes in kernels.SIGNATURES.items():
+        assert len(argtypes) == declared[name], f"{name}: ctypes binding and header disagree"
+
+
+def test_library_builds_and_exports_every_launcher(one_arch_library) -> None:
+    library, lines = one_arch_library
+    assert library.is_file() and library.name == build.LIBRARY_NAME
+    info = build.read_buildinfo(library)
+    assert info is not None and info.archs == [ARCH] and info.ptx_arch is None
+    assert info.source_hash == build.source_hash()
+    assert info.covers(ARCH) and not info.covers("sm_90")
+    assert any("[1/" in line for line in lines), lines  # progress is reported
+
+    lib = ctypes.CDLL(str(library))  # static CUDA runtime: loads with no GPU and no driver
+    for name in declared_functions():
+        assert hasattr(lib, name), f"{name} is declared but not exported"
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True)
+    if nm.returncode == 0:
+        exported = set(re.findall(r"\bT (videoxl_\w+)", nm.stdout))
+        assert exported == set(declared_functions()), "only the declared launchers are exported"
+
+
+def test_launchers_validate_arguments_without_a_gpu(one_arch_library) -> None:
+    """Argument checks run before any CUDA call, so they are testable on the CPU."""
+    library, _ = one_arch_library
+    lib = ctypes.CDLL(str(library))
+    for name, argtypes in kernels.SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
+    lib.videoxl_kernels_status_string.restype = ctypes.c_char_p
+    lib.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
+    assert lib.videoxl_kernels_version() == 1
+    assert b"head_dim" in lib.videoxl_kernels_status_string(-2)
+
+    fake = 0x1000  # never dereferenced: every call below is rejected or has nothing to do
+    attention = lib.videoxl_chunk_attention
+    # 3 query heads over 2 KV heads
+    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 3, 2, 128, 1.0, 2, None) == -1
+    # head_dim 48 is not compiled
+    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 4, 2, 48, 1.0, 2, None) == -2
+    # fewer keys than queries
+    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 3, 4, 2, 64, 1.0, 0, None) == -1
+    # unknown dtype
+    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 4, 2, 64, 1.0, 7, None) == -1
+    # no queries: nothing to launch
+    assert attention(None, None, None, None, None, None, 0, None, None, 0, 10, 4, 2, 64, 1.0, 0, None) == 0
+    # odd head_dim cannot be rotated
+    assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, fake, fake, 8, 4, 4, 2, 15, 1e6, 0, None) == -1
+    assert lib.videoxl_pool_kv(fake, fake, 4, 0, 2, 16, 0, None) == -1
+    assert lib.videoxl_block_scores(fake, fake, fake, fake, 3, 9, 9000, 4, 2, 16, 1.0, 0, None) == -3
+    assert lib.videoxl_top_k_blocks(fake, fake, fake, 8, -1, None) == -1
+
+
+def test_up_to_date_build_is_reused(one_arch_library) -> None:
+    library, _ = one_arch_library
+    lines: list[str] = []
+    started = time.monotonic()
+    again = build.build_library(archs=[ARCH], out_dir=library.parent, ptx=False, progress=lines.append)
+    assert again == library
+    assert time.monotonic() - started < 5.0
+    assert any("up to date" in line for line in lines), lines
+
+
+def test_default_archs_follow_nvcc() -> None:
+    nvcc = _nvcc_or_skip()
+    available = build.supported_archs(nvcc)
+    archs = build.resolve_archs(None, available)
+    assert "sm_89" in archs and "sm_90" in archs
+    assert ("sm_110" in archs) == ("sm_110" in available)
+    assert build.resolve_archs(None, available - {"sm_110"}).count("sm_110") == 0
+    with pytest.raises(build.BuildError, match="cannot compile"):
+        build.resolve_archs(["sm_12"], available)
+    flags = build.gencode_flags(["sm_80", "sm_120"], "sm_120")
+    assert flags[-1] == "arch=compute_120,code=compute_120"
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(build, "_wheel_nvcc_candidates", lambda: [])
+    with pytest.raises(build.NvccNotFoundError, match=r"videoxl\[cuda\]"):
+        build.find_nvcc()
+
+
+def test_kernels_module_is_lazy() -> None:
+    """Importing the bindings neither opens the library nor imports torch."""
+    code = (
+        "import sys; from videoxl.plugins import kernels; "
+        "assert kernels._library is None; assert 'torch' not in sys.modules; "
+        "assert kernels.DType.of('bf16') == kernels.DType.BFLOAT16"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
