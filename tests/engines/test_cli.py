@@ -1,0 +1,63 @@
+"""`videoxl build` / `videoxl check` from the command line: flags, output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from videoxl.engines.cli import main
+from videoxl.engines.profiles import parse_bytes
+from videoxl.engines.trt_module import gpu_compute_capability
+
+
+def test_build_command(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "engines"
+    code = main([
+        "build", "--onnx", str(onnx_dir), "--out", str(out), "--fp16", "--max-frames", "48", "--chunk-groups", "2",
+        "--window", "1", "--target", "sm_89", "--target", "sm_120", "--memory-budget", "1GiB", "--no-progress",
+    ])
+    assert code == 0
+    assert f"engines written to {out}" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compute_capabilities"] == ["sm_89", "sm_120"]
+    assert manifest["limits"]["max_frames"] == 48 and manifest["memory"]["budget_bytes"] == 2**30
+
+
+def test_build_error_is_one_line(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "engines"
+    assert main(["build", "--onnx", str(onnx_dir), "--out", str(out), "--bf16"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("videoxl build: error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.skipif(gpu_compute_capability() is not None, reason="this machine has a GPU")
+def test_check_without_gpu_says_so(engines_without_plugins: Path, onnx_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["check", "--engines", str(engines_without_plugins), "--onnx", str(onnx_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs an NVIDIA GPU" in err
+
+
+def test_package_cli_has_both_commands() -> None:
+    from videoxl.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["build", "--onnx", "a", "--out", "b", "--bf16", "--target", "8.6", "--memory-budget", "8GB"])
+    assert (args.precision, args.targets, args.memory_budget, args.use_plugins) == ("bf16", ["8.6"], 8 * 10**9, True)
+    args = parser.parse_args(["check", "--engines", "e", "--onnx", "o", "--graph", "decode"])
+    assert args.graphs == ["decode"] and callable(args.func)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("16GiB", 16 * 2**30), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 2**20), ("1073741824", 2**30), (42, 42)],
+)
+def test_parse_bytes(text, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="write e.g. 16GiB"):
+        parse_bytes("lots")
