@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import onnx
@@ -58,6 +59,9 @@ class VisionGraph(torch.nn.Module):
 
 
 def export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
+    # torch.export's own chatter (missing torchvision ops, pytree deprecations) is not ours to show
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     cfg = model.cfg
     groups = torch.export.Dim("groups", min=1, max=4096)
     example = torch.zeros(2 * cfg.frames_per_group, 3, cfg.image_size, cfg.image_size)

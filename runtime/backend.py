@@ -35,6 +35,9 @@ class Backend(ABC):
     config: VideoXLConfig
     float_dtype: np.dtype
 
+    def check_frames(self, frames: int) -> None:
+        """Raise before any work when a video exceeds what the artifacts were built for."""
+
     @abstractmethod
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
         """(4G, 3, S, S) float32 -> (G, 144, H) visual embeddings."""

@@ -28,6 +28,8 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, artifacts: OnnxArtifacts | str | Path, *, providers: list[str] | None = None, threads: int = 0) -> None:
         self.artifacts = artifacts if isinstance(artifacts, OnnxArtifacts) else load_onnx_artifacts(artifacts)
         self.config = self.artifacts.config
+        self.artifact_dir = self.artifacts.root
+        self.max_frames = self.artifacts.max_frames
         if self.artifacts.dtype not in NUMPY_FLOAT:
             raise ValueError(f"ONNX Runtime cannot run {self.artifacts.dtype} graphs here; export with --dtype fp32 or fp16")
         self.float_dtype = np.dtype(NUMPY_FLOAT[self.artifacts.dtype])
@@ -42,6 +44,9 @@ class OnnxRuntimeBackend(Backend):
         }
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         log.info("ONNX Runtime backend on %s", self.providers)
+
+    def check_frames(self, frames: int) -> None:
+        self.artifacts.check_frames(frames)
 
     def _run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs[graph], self.sessions[graph].run(None, feed)))

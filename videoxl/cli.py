@@ -124,17 +124,24 @@ def cmd_run(args) -> int:
         raise SystemExit("need --checkpoint or --onnx for the tokenizer")
     max_frames = args.max_frames or getattr(backend, "max_frames", cfg.max_frames)
     video = open_video(args.video, image_size=cfg.image_size, fps=args.fps or cfg.fps, max_fps=cfg.max_fps, max_frames=max_frames)
-    if hasattr(backend, "check_frames"):
-        backend.check_frames(video.num_frames)
+    backend.check_frames(video.num_frames)
     options = InferenceOptions(
         prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
         chunk_groups=args.chunk_groups, window_chunks=args.window, block_groups=args.block_groups,
     )
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
-    print(f"Q: {args.question}\nA: ", end="", flush=True)
-    answer = pipeline.answer(video, args.question, options=options, gen=gen, on_text=lambda t: print(t, end="", flush=True))
-    print("\n")
+    print(f"Q: {args.question}", flush=True)
+    started = []
+
+    def stream(text: str) -> None:
+        if not started:
+            started.append(True)
+            print("A: ", end="")
+        print(text, end="", flush=True)
+
+    answer = pipeline.answer(video, args.question, options=options, gen=gen, on_text=stream)
+    print("" if started else "A: (empty answer)", end="\n\n")
     print(f"backend           {backend.name}")
     print("\n".join(answer.report.lines()))
     return 0

@@ -1,0 +1,456 @@
+"""What lives where for one request: weights, activations, the KV tiers, the decode cache.
+
+Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl plan` answers
+"does N frames fit in this GPU?" on any machine, and so that the answer can be tested.
+
+KV arithmetic (DESIGN §3), per token over all layers::
+
+    kv_bytes_per_token = layers x 2 (K, V) x kv_heads x head_dim x dtype_bytes
+                       = 28 x 2 x 4 x 128 x 2 = 57,344 B = 56 KiB    (Video-XL-2 8B, fp16)
+
+Token arithmetic, G = ceil(frames / 4) groups, ts = timestamp tokens per group::
+
+    group_tokens   = 144 visual + ts                  (~150)
+    dense tier     = prefix + G x group_tokens         every prefill token, pre-RoPE
+    sparse tier    = G x (ts + 144 / 4)                timestamps kept, visual rows pooled x4 (~42)
+    video blocks   = ceil(G / S); dense = first + last + top-k (block 0, the prefix, always)
+    reload area    = prefix + dense groups x group_tokens
+    mixed cache    = reload rows + sparse groups x (ts + 36) + suffix + new tokens
+    prefill past   = what one chunk attends to: prefix + earlier timestamps + P x C groups
+                     ("visible", DESIGN §2), or every earlier token ("full")
+
+Where they live::
+
+    device   weights | activations (largest of: one prefill chunk, one vision batch, the
+             suffix decode) | prefill past | sparse tier | reload area | mixed cache
+    host     dense tier (pinned), unless --dense-tier device
+    unified memory (Jetson): host and device are the same memory and share one budget.
+
+Activation estimates assume fused attention in SigLIP and in the prefill chunk (the videoxl
+attention plugin is flash-style); the decode graph materialises its probabilities (they feed
+the attention mass used to score blocks), so the suffix decode counts Q x heads x keys x 4 B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from videoxl.config import ConfigError, VideoXLConfig
+from videoxl.engines.profiles import format_bytes, parse_bytes
+
+DENSE_TIERS = ("host", "device")
+PREFILL_PAST_MODES = ("visible", "full")
+KV_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+WEIGHT_BITS = (16, 8, 4)
+PIXEL_BYTES = 4  # frames enter the vision graph as float32
+
+
+def kv_bytes_per_token(config: VideoXLConfig, dtype_bytes: int) -> int:
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+
+
+def estimate_params(config: VideoXLConfig) -> dict[str, int]:
+    """Parameter counts of the modules inference uses (unused SigLIP layer and heads excluded)."""
+    c, iv, p = config.vision_hidden_size, config.vision_intermediate_size, config.patch_size
+    siglip_layer = 4 * (c * c + c) + (c * iv + iv) + (iv * c + c) + 2 * 2 * c  # attention, MLP, 2 LayerNorms
+    vision = 3 * p * p * c + c + config.vision_grid**2 * c + config.vision_layers_used * siglip_layer
+
+    tables = 2 * (2 * config.compressor_max_relative_position + 1) * c  # relative positions K and V
+    attn3d = 2 * c + 4 * (c * c + c)  # GroupNorm, q/k/v/proj_out 1x1x1 convs
+    temporal = 2 * c + (3 * c * c + 3 * c) + tables + (c * c + c)  # GroupNorm, qkv, tables, proj_out
+    conv3d = 27 * c * c + c  # 3x3x3 kernel
+    compressor = config.frames_per_group * c + 2 * (attn3d + temporal + conv3d)
+
+    h = config.hidden_size
+    projector = (c * h + h) + (h * h + h)
+
+    kv = config.num_key_value_heads * config.head_dim
+    llm_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * config.intermediate_size + 2 * h
+    llm = 2 * config.vocab_size * h + config.num_hidden_layers * llm_layer + h  # embeddings, lm_head, final norm
+    return {"vision": vision, "compressor": compressor, "projector": projector, "llm": llm}
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    name: str
+    where: str  # "device" or "host"
+    nbytes: int
+    tokens: int | None = None  # KV rows, where the item is a KV buffer
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything a plan depends on besides the config (re-planning changes one of these)."""
+
+    frames: int
+    budget_bytes: int
+    chunk_groups: int
+    window_chunks: int
+    block_groups: int
+    dense_blocks: int
+    dtype_bytes: int
+    weight_dtype_bytes: float
+    weights_bytes: int | None
+    unified_memory: bool
+    dense_tier: str
+    prefill_past: str
+    host_budget_bytes: int | None
+    max_new_tokens: int
+    timestamp_tokens_per_group: int
+    prefix_tokens: int
+    suffix_tokens: int
+    vision_batch_frames: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    config: VideoXLConfig
+    inputs: PlanInputs
+    items: tuple[PlanItem, ...]
+    groups: int
+    prompt_tokens: int
+    num_blocks: int  # video blocks (block 0, the prefix, not counted)
+    dense_video_blocks: int
+    kv_bytes_per_token: int
+    device_bytes: int  # what the GPU budget must hold (host items added on unified memory)
+    host_bytes: int
+    fits: bool
+    advice: tuple[str, ...] = ()
+    max_frames_that_fit: int | None = None  # set when the plan does not fit and some count does
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.inputs.budget_bytes
+
+    def item(self, name: str) -> PlanItem:
+        for item in self.items:
+            if item.name == name:
+                return item
+        raise KeyError(f"no plan item {name!r}; items: {', '.join(i.name for i in self.items)}")
+
+    def table(self) -> str:
+        """The plan as a fixed-width table, as `videoxl plan` prints it."""
+        i = self.inputs
+        kv_name = {2: "fp16", 4: "fp32"}.get(i.dtype_bytes, f"{i.dtype_bytes} B")
+        memory = "unified memory (host and device share the budget)" if i.unified_memory else "discrete GPU"
+        lines = [
+            f"{i.frames} frames -> {self.groups} groups, {self.prompt_tokens:,} prompt tokens; "
+            f"KV {self.kv_bytes_per_token / 1024:.1f} KiB/token ({kv_name})",
+            f"{self.num_blocks} video blocks of {i.block_groups} groups, {self.dense_video_blocks} dense "
+            f"({'all' if self.dense_video_blocks == self.num_blocks else f'first, last, top-{i.dense_blocks}'}); chunks of {i.chunk_groups} groups, window {i.window_chunks}; "
+            f"prefill past: {i.prefill_past}",
+            f"budget {format_bytes(i.budget_bytes)} on a {memory}",
+            "",
+            f"  {'item':<22} {'where':<7} {'bytes':>12} {'tokens':>10}  detail",
+        ]
+        for item in self.items:
+            tokens = f"{item.tokens:,}" if item.tokens is not None else ""
+            lines.append(f"  {item.name:<22} {item.where:<7} {format_bytes(item.nbytes):>12} {tokens:>10}  {item.detail}")
+        budget_line = "device + host" if i.unified_memory else "device"
+        lines += [
+            "",
+            f"  {budget_line + ' total':<30} {format_bytes(self.device_bytes):>12}  of {format_bytes(i.budget_bytes)}",
+        ]
+        if not i.unified_memory:
+            host_budget = f"  of {format_bytes(i.host_budget_bytes)}" if i.host_budget_bytes else ""
+            lines.append(f"  {'host total (pinned)':<30} {format_bytes(self.host_bytes):>12}{host_budget}")
+        lines.append(f"fits: {'yes' if self.fits else 'NO'}")
+        lines += [f"  - {line}" for line in self.advice]
+        return "\n".join(lines)
+
+
+def plan_memory(
+    config: VideoXLConfig,
+    *,
+    frames: int,
+    budget_bytes: int,
+    chunk_groups: int | None = None,
+    window_chunks: int | None = None,
+    block_groups: int | None = None,
+    dense_blocks: int = 4,
+    dtype_bytes: int = 2,
+    unified_memory: bool = False,
+    weights_bytes: int | None = None,
+    weight_dtype_bytes: float | None = None,
+    dense_tier: str = "host",
+    prefill_past: str = "visible",
+    host_budget_bytes: int | None = None,
+    max_new_tokens: int = 256,
+    timestamp_tokens_per_group: int = 6,
+    prefix_tokens: int = 64,
+    suffix_tokens: int = 64,
+    vision_batch_frames: int = 32,
+) -> MemoryPlan:
+    """Plan one request of ``frames`` frames against ``budget_bytes`` of GPU memory.
+
+    ``dense_blocks`` is the task-aware top-k (first, last and prefix blocks come on top);
+    ``weights_bytes`` overrides the estimate from the config's parameter counts, which uses
+    ``weight_dtype_bytes`` (default ``dtype_bytes``; 1 for int8, 0.5 for int4 weights).
+    When the plan does not fit, ``advice`` lists changes that do, each checked by re-planning.
+    """
+    inputs = PlanInputs(
+        frames=frames, budget_bytes=budget_bytes,
+        chunk_groups=config.chunk_groups if chunk_groups is None else chunk_groups,
+        window_chunks=config.window_chunks if window_chunks is None else window_chunks,
+        block_groups=config.block_groups if block_groups is None else block_groups,
+        dense_blocks=dense_blocks, dtype_bytes=dtype_bytes,
+        weight_dtype_bytes=dtype_bytes if weight_dtype_bytes is None else weight_dtype_bytes,
+        weights_bytes=weights_bytes, unified_memory=unified_memory, dense_tier=dense_tier,
+        prefill_past=prefill_past, host_budget_bytes=host_budget_bytes, max_new_tokens=max_new_tokens,
+        timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
+        suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
+    )
+    _check_inputs(inputs)
+    plan = _plan(config, inputs)
+    if plan.fits:
+        return plan
+    advice, max_frames = _advise(config, plan)
+    return dataclasses.replace(plan, advice=tuple(advice), max_frames_that_fit=max_frames)
+
+
+def _check_inputs(i: PlanInputs) -> None:
+    problems = []
+    for name in ("frames", "budget_bytes", "chunk_groups", "block_groups", "dtype_bytes", "vision_batch_frames"):
+        if getattr(i, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(i, name)}")
+    for name in ("window_chunks", "dense_blocks", "max_new_tokens", "timestamp_tokens_per_group", "prefix_tokens", "suffix_tokens"):
+        if getattr(i, name) < 0:
+            problems.append(f"{name} must be >= 0, got {getattr(i, name)}")
+    if i.weight_dtype_bytes <= 0:
+        problems.append(f"weight_dtype_bytes must be > 0, got {i.weight_dtype_bytes}")
+    if i.dense_tier not in DENSE_TIERS:
+        problems.append(f"dense_tier {i.dense_tier!r} not one of {DENSE_TIERS}")
+    if i.prefill_past not in PREFILL_PAST_MODES:
+        problems.append(f"prefill_past {i.prefill_past!r} not one of {PREFILL_PAST_MODES}")
+    if problems:
+        raise ValueError("invalid memory plan request: " + "; ".join(problems))
+
+
+def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
+    kvpt = kv_bytes_per_token(cfg, i.dtype_bytes)
+    b, h = i.dtype_bytes, cfg.hidden_size
+    ts, tpg = i.timestamp_tokens_per_group, cfg.tokens_per_group
+    group_tokens = tpg + ts
+    sparse_group_tokens = ts + tpg // cfg.kv_pool_stride
+    groups = math.ceil(i.frames / cfg.frames_per_group)
+    dense_tokens = i.prefix_tokens + groups * group_tokens
+
+    # --- prefill: the last chunk sees the most -------------------------------------------------
+    chunks = math.ceil(groups / i.chunk_groups)
+    last = chunks - 1
+    chunk_tokens = max(min(i.chunk_groups, groups) * group_tokens, i.prefix_tokens)
+    if i.prefill_past == "visible":
+        window_groups = min(last, i.window_chunks) * i.chunk_groups
+        before_window = last * i.chunk_groups - window_groups
+        past_tokens = i.prefix_tokens + before_window * ts + window_groups * group_tokens
+    else:
+        past_tokens = i.prefix_tokens + last * i.chunk_groups * group_tokens
+
+    # --- bi-level decode -------------------------------------------------------------------------
+    num_blocks = math.ceil(groups / i.block_groups)
+    always = min(num_blocks, 2)  # first and last video block
+    dense_video_blocks = min(num_blocks, always + i.dense_blocks)
+    dense_groups = min(groups, dense_video_blocks * i.block_groups)  # upper bound: full blocks
+    sparse_tokens = groups * sparse_group_tokens
+    reload_tokens = i.prefix_tokens + dense_groups * group_tokens
+    answer_tokens = i.suffix_tokens + i.max_new_tokens
+    mixed_tokens = reload_tokens + (groups - dense_groups) * sparse_group_tokens + answer_tokens
+
+    # --- weights ---------------------------------------------------------------------------------
+    params = estimate_params(cfg)
+    if i.weights_bytes is not None:
+        weights, weights_detail = i.weights_bytes, "given"
+    else:
+        weights = math.ceil(sum(params.values()) * i.weight_dtype_bytes)
+        weights_detail = f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B"
+
+    # --- activations: the largest of the three phases (they never overlap) ----------------------
+    layer_width = 6 * h + 3 * cfg.intermediate_size + cfg.num_attention_heads * cfg.head_dim
+    kv_row = cfg.num_key_value_heads * cfg.head_dim
+    prefill_act = (
+        chunk_tokens * layer_width * b  # one layer's hidden states, MLP, attention output
+        + 2 * (past_tokens + chunk_tokens) * kv_row * b  # one layer's keys rotated + concatenated values
+        + chunk_tokens * kvpt  # the chunk's new KV, all layers (engine outputs)
+        + cfg.vocab_size * 4  # last-position logits
+    )
+    vision_frames = min(i.vision_batch_frames, groups * cfg.frames_per_group)
+    vision_groups = math.ceil(vision_frames / cfg.frames_per_group)
+    c, positions = cfg.vision_hidden_size, cfg.compressor_grid**2
+    vision_act = (
+        vision_frames * 3 * cfg.image_size**2 * PIXEL_BYTES
+        + vision_frames * cfg.vision_grid**2 * (4 * c + cfg.vision_intermediate_size) * b  # one SigLIP layer
+        + vision_groups * cfg.frames_per_group * positions * (4 * c * b + positions * 4)  # DTS, per-slice attention
+        + vision_groups * positions * h * 2 * b  # projector output before the 2x2 pool
+    )
+    decode_act = (
+        i.suffix_tokens * layer_width * b
+        + i.suffix_tokens * cfg.num_attention_heads * mixed_tokens * 4  # one layer's probabilities, fp32
+        + i.suffix_tokens * kvpt
+        + cfg.vocab_size * 4
+    )
+    phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "suffix decode": decode_act}
+    largest = max(phases, key=phases.get)
+
+    host_dense = i.dense_tier == "host"
+    in_place = i.prefill_past == "full" and not host_dense  # the full past is the device dense tier itself
+    items = (
+        PlanItem("weights", "device", weights, None, weights_detail),
+        PlanItem("activations", "device", phases[largest], None,
+                 f"largest phase: {largest} ({', '.join(f'{k} {format_bytes(v)}' for k, v in phases.items())})"),
+        PlanItem("prefill past", "device", 0 if in_place else past_tokens * kvpt, past_tokens,
+                 f"last chunk of {chunk_tokens} tokens attends to {i.prefill_past} past"
+                 + (", read in place from the device dense tier" if in_place else "")),
+        PlanItem("sparse KV tier", "device", sparse_tokens * kvpt, sparse_tokens,
+                 f"{groups} groups x {sparse_group_tokens} (timestamps + visual pooled x{cfg.kv_pool_stride})"),
+        PlanItem("dense KV tier", "host" if host_dense else "device", dense_tokens * kvpt, dense_tokens,
+                 "pinned host memory, reloaded per block" if host_dense else "resident on the device"),
+        PlanItem("dense reload area", "device", reload_tokens * kvpt if host_dense else 0, reload_tokens,
+                 f"prefix + {dense_video_blocks} dense blocks" if host_dense else "not needed: dense tier is on the device"),
+        PlanItem("mixed decode cache", "device", mixed_tokens * kvpt, mixed_tokens,
+                 f"dense rows + sparse rows + {answer_tokens} suffix/answer tokens"),
+        PlanItem("pinned staging", "host", 2 * chunk_tokens * kvpt, 2 * chunk_tokens,
+                 "double-buffered chunk KV for device<->host copies"),
+    )
+    device = sum(x.nbytes for x in items if x.where == "device")
+    host = sum(x.nbytes for x in items if x.where == "host")
+    if i.unified_memory:
+        device, fits = device + host, device + host <= i.budget_bytes
+    else:
+        fits = device <= i.budget_bytes and (i.host_budget_bytes is None or host <= i.host_budget_bytes)
+    return MemoryPlan(
+        config=cfg, inputs=i, items=items, groups=groups, prompt_tokens=dense_tokens + i.suffix_tokens,
+        num_blocks=num_blocks, dense_video_blocks=dense_video_blocks, kv_bytes_per_token=kvpt,
+        device_bytes=device, host_bytes=host, fits=fits,
+    )
+
+
+# --- advice: every suggestion is checked by planning again ---------------------------------------
+def _fits(cfg: VideoXLConfig, inputs: PlanInputs, **changes) -> bool:
+    return _plan(cfg, dataclasses.replace(inputs, **changes)).fits
+
+
+def max_frames_that_fit(cfg: VideoXLConfig, inputs: PlanInputs, **changes) -> int:
+    """The largest multiple of 4 frames, at most ``inputs.frames``, that fits (0 if none)."""
+    per_group = cfg.frames_per_group
+    low, high = 0, math.ceil(inputs.frames / per_group)  # in groups; plans grow with the group count
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _fits(cfg, inputs, frames=mid * per_group, **changes):
+            low = mid
+        else:
+            high = mid - 1
+    return min(low * per_group, inputs.frames)
+
+
+def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None]:
+    i, advice = plan.inputs, []
+    over = plan.device_bytes - i.budget_bytes
+    if i.unified_memory:
+        advice.append(f"device + host need {format_bytes(plan.device_bytes)}, {format_bytes(max(over, 0))} over the budget")
+    elif over > 0:
+        advice.append(f"the device needs {format_bytes(plan.device_bytes)}, {format_bytes(over)} over the budget")
+    else:
+        advice.append(
+            f"pinned host memory needs {format_bytes(plan.host_bytes)}, over the host budget of "
+            f"{format_bytes(i.host_budget_bytes or 0)}"
+        )
+
+    weights = plan.item("weights").nbytes
+    if weights >= i.budget_bytes:
+        advice.append(f"the weights alone need {format_bytes(weights)}: no frame count fits")
+    best = max_frames_that_fit(cfg, i)
+    if best > 0:
+        advice.append(f"lower --max-frames to {best} (the most that fits with these settings)")
+    if i.dense_tier == "device" and not i.unified_memory:
+        if _fits(cfg, i, dense_tier="host"):
+            advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): all {i.frames} frames fit")
+        elif (n := max_frames_that_fit(cfg, i, dense_tier="host")) > best:
+            advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): {n} frames fit")
+    if i.dense_blocks > 0:
+        fitting = [k for k in range(i.dense_blocks - 1, -1, -1) if _fits(cfg, i, dense_blocks=k)]
+        if fitting:
+            advice.append(f"lower --dense-blocks to {fitting[0]}: all {i.frames} frames fit")
+    if i.dtype_bytes > 2:
+        if _fits(cfg, i, dtype_bytes=2):
+            advice.append(f"use fp16 KV (--kv-dtype fp16): all {i.frames} frames fit")
+        elif (n := max_frames_that_fit(cfg, i, dtype_bytes=2)) > best:
+            advice.append(f"use fp16 KV (--kv-dtype fp16): {n} frames fit")
+    if i.prefill_past == "full" and _fits(cfg, i, prefill_past="visible"):
+        advice.append("a prefill that gathers only the visible past (prefix, timestamps, window) would fit")
+    if i.weights_bytes is None:
+        for bits in (8, 4):
+            if i.weight_dtype_bytes > bits / 8 and _fits(cfg, i, weight_dtype_bytes=bits / 8):
+                advice.append(f"{bits}-bit weights (--weight-bits {bits}) fit all {i.frames} frames")
+                break
+    return advice, (best if best > 0 else None)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+def load_plan_config(source: str) -> VideoXLConfig:
+    """'real' (the released 8B), a checkpoint directory, or an ONNX/engine directory."""
+    if source == "real":
+        return VideoXLConfig()
+    path = Path(source)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"{source}: no config.json (give a checkpoint, ONNX or engine directory, or 'real')")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    if isinstance(raw, dict) and "model_type" in raw:  # a Hugging Face checkpoint's config.json
+        return VideoXLConfig.from_hf_dict(raw, source=str(path))
+    try:
+        return VideoXLConfig.from_dict(raw)
+    except TypeError as err:
+        raise ConfigError(f"{path}: neither a checkpoint config nor a videoxl config ({err})") from err
+
+
+def _dense_blocks_arg(value: str) -> int:
+    return 10**9 if value == "all" else int(value)
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="does a video of N frames fit in this much GPU memory? (no GPU needed)",
+        description="Plan weights, activations and the KV tiers of one request against a memory budget.",
+    )
+    p.add_argument("--config", required=True, metavar="DIR|real", help="checkpoint, ONNX or engine directory, or 'real' (Video-XL-2 8B)")
+    p.add_argument("--frames", required=True, type=int, metavar="N")
+    p.add_argument("--gpu-memory-budget", required=True, type=parse_bytes, metavar="BYTES", help="e.g. 80GiB, 24GB")
+    p.add_argument("--unified-memory", action="store_true", help="host and device share the budget (Jetson)")
+    p.add_argument("--host-memory-budget", type=parse_bytes, metavar="BYTES", help="pinned host memory available")
+    p.add_argument("--dense-blocks", type=_dense_blocks_arg, default=4, metavar="K|all", help="task-aware top-K dense blocks (default 4)")
+    p.add_argument("--dense-tier", choices=DENSE_TIERS, default="host", help="where the dense KV tier lives (default host)")
+    p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="fp16")
+    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=None, help="default: the KV dtype's width")
+    p.add_argument("--weights-bytes", type=parse_bytes, metavar="BYTES", help="measured weight size (overrides the estimate)")
+    p.add_argument("--prefill-past", choices=PREFILL_PAST_MODES, default="visible",
+                   help="visible: prefix + timestamps + window (DESIGN §2); full: every earlier token")
+    p.add_argument("--chunk-groups", type=int, metavar="C")
+    p.add_argument("--window", type=int, dest="window_chunks", metavar="P")
+    p.add_argument("--block-groups", type=int, metavar="S")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--timestamp-tokens", type=int, default=6, help="tokens of 'Time 12.5s:' per group")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = plan_memory(
+        load_plan_config(args.config), frames=args.frames, budget_bytes=args.gpu_memory_budget,
+        chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, block_groups=args.block_groups,
+        dense_blocks=args.dense_blocks, dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype],
+        unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
+        weight_dtype_bytes=None if args.weight_bits is None else args.weight_bits / 8,
+        dense_tier=args.dense_tier, prefill_past=args.prefill_past, host_budget_bytes=args.host_memory_budget,
+        max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
+    )
+    print(plan.table())
+    return 0 if plan.fits else 1

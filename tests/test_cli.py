@@ -1,0 +1,56 @@
+"""The command line: a run prints a streamed answer and a report; bad input is one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from videoxl.cli import main
+from videoxl.video import write_synthetic_video
+
+
+def test_run_onnxruntime_prints_answer_and_report(tiny_onnx, synthetic_video, capsys):
+    code = main([
+        "run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--question", "What colour?",
+        "--max-frames", "24", "--chunk-groups", "2", "--window", "1", "--block-groups", "2",
+        "--dense-blocks", "1", "--max-new-tokens", "8", "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("Q: What colour?\nA: ")
+    for field in ("backend           onnxruntime", "frames            24 (6 groups of 4)", "prefill", "tokens/s", "KV cache          dense"):
+        assert field in out
+
+
+def test_explicit_block_list(tiny_onnx, synthetic_video, capsys):
+    code = main([
+        "run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--max-frames", "32",
+        "--block-groups", "1", "--dense-blocks", "3,4", "--max-new-tokens", "2", "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "dense blocks [0, 1, 3, 4, 8] of 9" in out
+
+
+def test_corrupt_video_is_one_line(tiny_onnx, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    assert main(["run", "--onnx", str(tiny_onnx), "--video", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("videoxl run: error:") and str(bad) in err and "\n" not in err
+
+
+def test_video_longer_than_export_limit(tiny_onnx, tmp_path, capsys):
+    long_video = write_synthetic_video(tmp_path / "long.mp4", seconds=300, fps=2, width=64, height=48)
+    assert main(["run", "--onnx", str(tiny_onnx), "--video", str(long_video), "--max-frames", "1000", "--no-progress"]) == 2
+    assert "exported for at most 256" in capsys.readouterr().err
+
+
+def test_missing_onnx_dir(tmp_path, synthetic_video, capsys):
+    assert main(["run", "--onnx", str(tmp_path / "nope"), "--video", str(synthetic_video)]) == 2
+    assert "no export_manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["run"], ["export", "--checkpoint", "x"]])
+def test_usage_errors(argv):
+    with pytest.raises(SystemExit):
+        main(argv)
