@@ -115,7 +115,7 @@ def build_engines(
     graphs = [_read_graph(onnx_dir, name) for name in GRAPHS]
     _check_precision(graphs, precision, onnx_dir)
     targets = _resolve_targets(trt, targets)
-    _check_precision_targets(trt, precision, targets)
+    _check_precision_targets(precision, targets)
     kv_bytes = kv_cache_bytes(cfg, limits, precision)
     _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
     ranges = dimension_ranges(cfg, limits)
@@ -141,7 +141,9 @@ def build_engines(
                 use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                 progress=progress,
             )
-        shutil.copy2(onnx_dir / manifest_io.CONFIG_FILE, staging / manifest_io.CONFIG_FILE)
+        for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
+            if (onnx_dir / name).is_file():
+                shutil.copy2(onnx_dir / name, staging / name)
         manifest = _manifest(
             trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, limits=limits,
             ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
@@ -251,7 +253,7 @@ def _resolve_targets(trt: ModuleType, targets) -> tuple[str, ...]:
     return (gpu,)
 
 
-def _check_precision_targets(trt: ModuleType, precision: str, targets: tuple[str, ...]) -> None:
+def _check_precision_targets(precision: str, targets: tuple[str, ...]) -> None:
     if precision != "bf16":
         return
     old = [t for t in targets if target_version(t) < BF16_MIN_TARGET]

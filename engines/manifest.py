@@ -9,6 +9,8 @@ and raises :class:`EngineMismatchError` naming the actual values and the rebuild
       manifest.json   this file's subject
       config.json     VideoXLConfig of the model (copied from the ONNX directory)
       vision.engine  prefill_chunk.engine  decode.engine  kv_gather.engine
+      export_manifest.json, tokenizer*.json, generation_config.json   copied when present,
+                      so that the runtime needs nothing else next to the engines
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
+COPIED_FILES = ("export_manifest.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 MANIFEST_FORMAT = 1
 
 __all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_manifest", "rebuild_command"]

@@ -30,7 +30,7 @@ def _no_leftovers(parent: Path) -> list[str]:
 
 def test_engines_and_manifest_written(engines_with_plugins: Path, onnx_dir: Path) -> None:
     files = sorted(p.name for p in engines_with_plugins.iterdir())
-    assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "manifest.json"])
+    assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "export_manifest.json", "manifest.json"])
     manifest = _manifest(engines_with_plugins)
     assert manifest["tensorrt"]["flavour"] == "tensorrt_rtx"
     assert manifest["compute_capabilities"] == ["sm_89"]
@@ -134,6 +134,11 @@ def test_unknown_dimension_names(trt, onnx_copy: Path, tmp_path: Path) -> None:
     onnx.save(model, str(onnx_copy / "decode.onnx"))
     err = _refused(onnx_copy, tmp_path / "out", r"'tokens_of_mystery'")
     assert isinstance(err, ProfileError) and "new_tokens, past_tokens" in str(err)
+
+
+def test_plugins_need_the_install_fix(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_module, "install_fix_applied", lambda: False)
+    _refused(onnx_dir, tmp_path / "out", r"run `python -m videoxl\.engines\.trt_install` once, or build with --no-plugins")
 
 
 def test_unsupported_target(trt, onnx_dir: Path, tmp_path: Path) -> None:

@@ -132,9 +132,10 @@ def test_chunk_attention_query_kinds(kernels, num_queries, timestamp_share, dtyp
     assert_close(out, want, dtype, f"{num_queries} queries, timestamp share {timestamp_share}")
 
 
-BILEVEL_CASES = [(2, 16, 9, 12, 2), (4, 128, 12, 144, 4)]  # (kv heads, head_dim, groups, per group, S)
+# (kv heads, head_dim, groups, per group, S); 300 groups rotate at positions up to ~14k
+BILEVEL_CASES = [(2, 16, 9, 12, 2), (4, 128, 12, 144, 4), (4, 128, 300, 144, 4)]
 if FULL:
-    BILEVEL_CASES += [(4, 128, 300, 144, 4), (2, 32, 50, 36, 3), (8, 64, 21, 20, 1)]
+    BILEVEL_CASES += [(4, 128, 1200, 144, 4), (2, 32, 50, 36, 3), (8, 64, 21, 20, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
