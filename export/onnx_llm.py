@@ -108,13 +108,27 @@ class LLMGraphWriter:
         model.producer_name = "videoxl"
         return model
 
+    def _splice_visual(self, b: GraphBuilder, embeds: str, ids: str, image_token_id: int) -> str:
+        """Placeholder rows take the visual embeddings in order (no NonZero: TensorRT for RTX lacks it).
+
+            slot  = CumSum(ids == image) - 1           visual row of each placeholder
+            index = Where(ids == image, slot, Nv)       row Nv = an appended zero row
+            x     = Where(ids == image, [visual; 0][index], embeds)
+        """
+        is_image = b.op("Equal", ids, b.const(image_token_id))
+        slot = b.op("Sub", b.op("CumSum", b.op("Cast", is_image, to=TensorProto.INT64), b.const(0)), b.const(1))
+        index = b.op("Where", is_image, slot, b.dim("visual_embeds", 0))
+        zero_row = b.op("CastLike", b.const(np.zeros((1, self.cfg.hidden_size), np.float32), np.float32), embeds)
+        table = b.op("Concat", "visual_embeds", zero_row, axis=0)
+        gathered = b.op("Gather", table, index, axis=0)
+        return b.op("Where", b.op("Unsqueeze", is_image, b.const([1])), gathered, embeds)
+
     # --- graphs ---------------------------------------------------------------------------
     def prefill_chunk(self, image_token_id: int) -> onnx.ModelProto:
         cfg, b = self.cfg, GraphBuilder()
         ids = "input_ids"
         embeds = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), ids, axis=0)
-        slots = b.op("Transpose", b.op("NonZero", b.op("Equal", ids, b.const(image_token_id))), perm=[1, 0])
-        x = b.op("ScatterND", embeds, slots, "visual_embeds")
+        x = self._splice_visual(b, embeds, ids, image_token_id)
         inv_freq = self._inv_freq(b)
         cos, sin = rope_tables(b, "position_ids", inv_freq)
         past_cos, past_sin = rope_tables(b, b.arange(b.const(0), b.dim("past_key.0", 0)), inv_freq)
@@ -127,7 +141,7 @@ class LLMGraphWriter:
             keys = b.op("Concat", rope(b, past_key, past_cos, past_sin), k_rot, axis=0)
             values = b.op("Concat", past_value, v, axis=0)
             return chunk_sparse_attention(
-                b, q_rot, keys, values, "prefix_len", "window_start", "past_timestamp_index", "query_is_timestamp",
+                b, q_rot, keys, values, "prefix_len", "window_start", "past_timestamp_index", "timestamp_query_index",
                 scale=cfg.head_dim**-0.5,
             )
 
@@ -137,7 +151,7 @@ class LLMGraphWriter:
             value_info("input_ids", TensorProto.INT64, ["chunk_tokens"]),
             value_info("visual_embeds", self.elem, ["visual_tokens", cfg.hidden_size]),
             value_info("position_ids", TensorProto.INT64, ["chunk_tokens"]),
-            value_info("query_is_timestamp", TensorProto.BOOL, ["chunk_tokens"]),
+            value_info("timestamp_query_index", TensorProto.INT64, ["timestamp_queries"]),
             value_info("prefix_len", TensorProto.INT64, [1]),
             value_info("window_start", TensorProto.INT64, [1]),
             value_info("past_timestamp_index", TensorProto.INT64, ["past_timestamps"]),

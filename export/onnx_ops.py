@@ -81,7 +81,7 @@ def _chunk_sparse_attention_body() -> GraphBuilder:
         out[ts]  = attention(query[ts], key, causal)           (few rows: timestamp tokens)
     """
     b = GraphBuilder("csa_")
-    query, key, value, prefix_len, window_start, past_ts, q_is_ts = CHUNK_SPARSE_ATTENTION.input_names
+    query, key, value, prefix_len, window_start, past_ts, ts_rows = CHUNK_SPARSE_ATTENTION.input_names
     scale = b.attr_const("scale")
     n_q, n_k = b.dim(query, 0), b.dim(key, 0)
     past = b.op("Sub", n_k, n_q)
@@ -97,7 +97,6 @@ def _chunk_sparse_attention_body() -> GraphBuilder:
     out_visual = gqa_attention(
         b, query, b.op("Gather", key, gathered, axis=0), b.op("Gather", value, gathered, axis=0), visible, scale
     )
-    ts_rows = b.op("Reshape", b.op("NonZero", q_is_ts), b.const([-1]))
     ts_visible = b.op(
         "LessOrEqual",
         b.op("Unsqueeze", b.arange(b.const(0), n_k), b.const([0])),

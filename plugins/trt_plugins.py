@@ -267,7 +267,3 @@ def _define(trt: ModuleType) -> dict[str, Any]:
     _classes[trt.__name__] = {"plugins": plugin_classes, "creator": VideoXLPluginCreator}
     return _classes[trt.__name__]
 
-
-def plugin_class(trt: ModuleType, op_name: str) -> type:
-    """The plugin class of one op for ``trt`` (tests build plugins directly with it)."""
-    return _define(trt)["plugins"][op_name]

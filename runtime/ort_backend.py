@@ -69,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "visual_embeds": np.ascontiguousarray(visual_embeds, dtype=self.float_dtype),
             "position_ids": np.arange(vis.start, vis.end, dtype=np.int64),
-            "query_is_timestamp": vis.query_is_timestamp,
+            "timestamp_query_index": vis.timestamp_query_index,
             "prefix_len": np.array([vis.prefix_len], dtype=np.int64),
             "window_start": np.array([vis.window_start], dtype=np.int64),
             "past_timestamp_index": vis.past_timestamp_index,

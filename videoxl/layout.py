@@ -104,6 +104,11 @@ class ChunkVisibility:
     query_is_timestamp: np.ndarray  # (end - start,) bool
 
     @property
+    def timestamp_query_index(self) -> np.ndarray:
+        """Chunk-relative indices of the timestamp queries (the op's input form)."""
+        return np.flatnonzero(self.query_is_timestamp).astype(np.int64)
+
+    @property
     def visible_past(self) -> int:
         """Past keys a visual query sees (the saving over dense: this vs. `start`)."""
         return self.prefix_len + len(self.past_timestamp_index) + (self.start - self.window_start)

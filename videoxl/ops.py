@@ -7,7 +7,8 @@ TensorRT without plugin override inline the body; TensorRT with ENABLE_PLUGIN_OV
 node to our plugin.
 
 Layouts are token-major: K/V tensors are (tokens, kv_heads, head_dim), so that a token range
-of the cache is a contiguous slice.
+of the cache is a contiguous slice. Sets of tokens are index lists, never masks: a list needs no
+NonZero to gather from (TensorRT for RTX cannot import NonZero), and it is what a kernel loops over.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ CHUNK_SPARSE_ATTENTION = OpContract(
         TensorSpec("prefix_len", ("1",), "int64", "tokens before the video, always visible"),
         TensorSpec("window_start", ("1",), "int64", "first past token of the P previous chunks"),
         TensorSpec("past_timestamp_index", ("T",), "int64", "timestamp tokens in [prefix_len, window_start)"),
-        TensorSpec("query_is_timestamp", ("Q",), "bool", "timestamp queries see the whole history"),
+        TensorSpec("timestamp_query_index", ("Tq",), "int64", "chunk queries that are timestamp tokens (ascending)"),
     ),
     outputs=(TensorSpec("output", ("Q", "Hq", "D"), "float", "attention output"),),
     attributes={"scale": "float: softmax scale, head_dim ** -0.5"},
     doc=(
-        "Query i sits at absolute position p = (K - Q) + i. A timestamp query sees keys [0, p]; "
+        "Query i sits at absolute position p = (K - Q) + i. A timestamp query (i in "
+        "timestamp_query_index) sees keys [0, p]; "
         "any other query sees [0, prefix_len) U past_timestamp_index U [window_start, p]. "
         "Query head h reads KV head h // (Hq / Hkv). Softmax and accumulation in float32."
     ),

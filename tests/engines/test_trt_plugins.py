@@ -143,3 +143,34 @@ def test_unregistered_plugins_are_never_used(trt, onnx_dir: Path) -> None:
     trt_plugins.unregister_plugins(trt)
     _, plugins, _ = _parse(trt, onnx_dir / "kv_gather.onnx", override=True)
     assert plugins == []
+
+
+def _tensor(trt, dtype, dims):
+    desc = trt.PluginTensorDesc()
+    desc.type, desc.dims, desc.format = dtype, trt.Dims(list(dims)), trt.TensorFormat.LINEAR
+    return desc
+
+
+def test_enqueue_hands_pointers_and_sizes_to_the_launchers(registered, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU needed: the launcher's C call is intercepted, so only the argument plumbing is checked."""
+    from videoxl.plugins import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "_call", lambda name, *args: calls.append((name, args)))
+    trt = registered
+    half, i64, b = trt.DataType.HALF, trt.DataType.INT64, trt.DataType.BOOL
+    attn = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.RUNTIME)
+    inputs = [_tensor(trt, half, (5, 4, 16)), _tensor(trt, half, (9, 2, 16)), _tensor(trt, half, (9, 2, 16)),
+              _tensor(trt, i64, (1,)), _tensor(trt, i64, (1,)), _tensor(trt, i64, (3,)), _tensor(trt, b, (5,))]
+    attn.enqueue(inputs, [_tensor(trt, half, (5, 4, 16))], [101, 102, 103, 104, 105, 106, 107], [201], 0, 77)
+    name, args = calls[-1]
+    assert name == "videoxl_chunk_attention"
+    assert args == (101, 102, 103, 104, 105, 106, 3, 107, 201, 5, 9, 4, 2, 16, 0.25, kernels.DType.FLOAT16, 77)
+
+    gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e6), trt.TensorRTPhase.RUNTIME)
+    inputs = [_tensor(trt, trt.DataType.BF16, (23, 2, 16)), _tensor(trt, trt.DataType.BF16, (23, 2, 16)),
+              _tensor(trt, i64, (9, 4)), _tensor(trt, trt.DataType.FLOAT, (9, 4))]
+    gather.enqueue(inputs, [], [1, 2, 3, 4], [5, 6], 0, 0)
+    name, args = calls[-1]
+    assert name == "videoxl_bilevel_kv_gather"
+    assert args == (1, 2, 3, 4, 5, 6, 23, 9, 4, 2, 16, 1e6, kernels.DType.BFLOAT16, 0)
