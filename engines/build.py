@@ -46,6 +46,7 @@ from videoxl.engines.profiles import (
     format_bytes,
     input_profile,
     kv_cache_bytes,
+    shape_input_values,
 )
 from videoxl.engines.trt_install import install_fix_applied
 from videoxl.engines.trt_module import (
@@ -137,7 +138,7 @@ def build_engines(
         for graph in graphs:
             engines[graph.name], timing = _build_one(
                 trt, logger, graph, profiles[graph.name], staging,
-                targets=targets, use_plugins=use_plugins, precision=precision,
+                shape_values=shape_input_values(cfg, limits), targets=targets, use_plugins=use_plugins, precision=precision,
                 use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                 progress=progress,
             )
@@ -313,6 +314,7 @@ def _build_one(
     shapes: dict[str, tuple[tuple[int, ...], ...]],
     staging: Path,
     *,
+    shape_values: dict[str, tuple[tuple[int], tuple[int], tuple[int]]],
     targets: tuple[str, ...],
     use_plugins: bool,
     precision: str,
@@ -362,16 +364,19 @@ def _build_one(
         tensor = network.get_input(i)
         if tensor.name not in shapes:
             raise EngineBuildError(f"{graph.path.name}: network input {tensor.name!r} is not an input of the ONNX graph")
-        if tensor.is_shape_tensor:
-            raise EngineBuildError(
-                f"{graph.path.name}: input {tensor.name!r} is used as a shape; the engines take positions and "
-                "lengths as data (export it without shape arithmetic on this input)"
-            )
         low, opt, high = shapes[tensor.name]
         profile.set_shape(tensor.name, low, opt, high)
         io["inputs"][tensor.name] = {
             "dtype": tensor.dtype.name, "dims": graph.inputs[tensor.name], "min": list(low), "opt": list(opt), "max": list(high),
         }
+        if tensor.is_shape_tensor:  # the inlined prefill body uses prefix_len / window_start in Range
+            if tensor.name not in shape_values:
+                raise EngineBuildError(
+                    f"{graph.path.name}: input {tensor.name!r} is used as a shape and has no value range; "
+                    f"known shape inputs: {', '.join(sorted(shape_values))}"
+                )
+            profile.set_shape_input(tensor.name, *shape_values[tensor.name])
+            io["inputs"][tensor.name]["shape_input"] = [list(v) for v in shape_values[tensor.name]]
     config.add_optimization_profile(profile)
     for i in range(network.num_outputs):
         tensor = network.get_output(i)

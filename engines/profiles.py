@@ -112,6 +112,9 @@ def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[
             "chunk_tokens": DimRange(1, min(limits.chunk_groups * t.group_tokens, t.chunk_tokens), t.chunk_tokens),
             "visual_tokens": DimRange(0, t.visual_chunk_tokens, t.visual_chunk_tokens),
             "past_timestamps": DimRange(0, t.groups * limits.timestamp_tokens, t.groups * limits.timestamp_tokens),
+            "timestamp_queries": DimRange(
+                0, limits.chunk_groups * limits.timestamp_tokens, limits.chunk_groups * limits.timestamp_tokens
+            ),
             "past_tokens": DimRange(0, t.context_tokens, t.context_tokens),
         },
         "decode": {
@@ -121,8 +124,22 @@ def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[
         "kv_gather": {
             "source_tokens": DimRange(1, t.context_tokens, t.context_tokens),
             "mixed_tokens": DimRange(1, t.context_tokens, t.context_tokens),
-            "pool": DimRange(pool, pool, pool),
+            # 1: the runtime gathers from the already-pooled sparse tier; `pool`: straight from dense KV
+            "pool": DimRange(1, pool, pool),
         },
+    }
+
+
+def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, tuple[tuple[int], tuple[int], tuple[int]]]:
+    """Value ranges of the scalar inputs TensorRT treats as shape tensors.
+
+    Only the plugin-free (inlined) prefill engine has them: its ChunkSparseAttention body builds
+    Range(0, prefix_len) and Range(window_start, K), so TensorRT needs these two on the host.
+    """
+    t = TokenBudget.of(cfg, limits)
+    return {
+        "prefix_len": ((0,), (min(limits.prefix_tokens, 32),), (limits.prefix_tokens,)),
+        "window_start": ((0,), (t.context_tokens // 2,), (t.context_tokens,)),
     }
 
 

@@ -74,7 +74,7 @@ SIGNATURES: dict[str, list[Any]] = {
         _p, _p, _p,  # query, key, value
         _p, _p,  # prefix_len, window_start (device int64)
         _p, _i64,  # past_timestamp_index, num_past_timestamps
-        _p,  # query_is_timestamp
+        _p, _i64,  # timestamp_query_index, num_timestamp_queries
         _p,  # output
         _i64, _i64,  # num_queries, num_keys
         _i32, _i32, _i32,  # num_q_heads, num_kv_heads, head_dim
@@ -201,14 +201,15 @@ def _call(name: str, *args: Any) -> None:
 
 def chunk_attention(
     *, query: int, key: int, value: int, prefix_len: int, window_start: int,
-    past_timestamp_index: int, num_past_timestamps: int, query_is_timestamp: int, output: int,
+    past_timestamp_index: int, num_past_timestamps: int, timestamp_query_index: int,
+    num_timestamp_queries: int, output: int,
     num_queries: int, num_keys: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     scale: float, dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_chunk_attention; prefix_len/window_start point to one device int64 each."""
     _call(
         "videoxl_chunk_attention", query, key, value, prefix_len, window_start, past_timestamp_index,
-        num_past_timestamps, query_is_timestamp, output, num_queries, num_keys, num_q_heads, num_kv_heads,
+        num_past_timestamps, timestamp_query_index, num_timestamp_queries, output, num_queries, num_keys, num_q_heads, num_kv_heads,
         head_dim, scale, DType.of(dtype), stream,
     )
 
@@ -282,7 +283,7 @@ def _check_cuda(**tensors: torch.Tensor) -> None:
 
 def chunk_attention_torch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, prefix_len: int | torch.Tensor,
-    window_start: int | torch.Tensor, past_timestamp_index: Any, query_is_timestamp: Any,
+    window_start: int | torch.Tensor, past_timestamp_index: Any, timestamp_query_index: Any,
     scale: float | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query (Q, Hq, D), key/value (K, Hkv, D) -> (Q, Hq, D), per ops.CHUNK_SPARSE_ATTENTION."""
@@ -294,15 +295,15 @@ def chunk_attention_torch(
     prefix = _device_tensor(prefix_len, query, torch.int64).reshape(1)
     window = _device_tensor(window_start, query, torch.int64).reshape(1)
     timestamps = _device_tensor(past_timestamp_index, query, torch.int64).reshape(-1)
-    is_ts = _device_tensor(query_is_timestamp, query, torch.bool).reshape(-1)
-    if is_ts.numel() != num_queries:
-        raise ValueError(f"query_is_timestamp has {is_ts.numel()} entries for {num_queries} queries")
+    ts_queries = _device_tensor(timestamp_query_index, query, torch.int64).reshape(-1)
     out = torch.empty_like(query) if out is None else out
     _check_cuda(out=out)
     chunk_attention(
         query=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(), prefix_len=prefix.data_ptr(),
         window_start=window.data_ptr(), past_timestamp_index=timestamps.data_ptr() if timestamps.numel() else 0,
-        num_past_timestamps=timestamps.numel(), query_is_timestamp=is_ts.data_ptr(), output=out.data_ptr(),
+        num_past_timestamps=timestamps.numel(),
+        timestamp_query_index=ts_queries.data_ptr() if ts_queries.numel() else 0,
+        num_timestamp_queries=ts_queries.numel(), output=out.data_ptr(),
         num_queries=num_queries, num_keys=num_keys, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, scale=head_dim**-0.5 if scale is None else scale, dtype=_torch_dtype(query),
         stream=_stream(),

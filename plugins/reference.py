@@ -23,6 +23,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "apply_rope",
+    "chunk_visibility_mask",
     "chunk_sparse_attention",
     "bilevel_kv_gather",
     "pool_visual_kv",
@@ -94,7 +95,7 @@ def chunk_visibility_mask(
     prefix_len: int,
     window_start: int,
     past_timestamp_index: np.ndarray,
-    query_is_timestamp: np.ndarray,
+    timestamp_query_index: np.ndarray,
 ) -> np.ndarray:
     """(Q, K) bool: which keys each chunk query sees (the chunk's mask, never L x L)."""
     past = num_keys - num_queries
@@ -106,13 +107,14 @@ def chunk_visibility_mask(
     timestamp_keys = np.zeros(num_keys, dtype=bool)
     timestamp_keys[np.asarray(past_timestamp_index, dtype=np.int64)] = True
     sparse_past = sparse_past | timestamp_keys[None, :]
-    is_ts = np.asarray(query_is_timestamp, dtype=bool)[:, None]
-    return causal & (is_ts | sparse_past)
+    is_ts = np.zeros(num_queries, dtype=bool)
+    is_ts[np.asarray(timestamp_query_index, dtype=np.int64)] = True
+    return causal & (is_ts[:, None] | sparse_past)
 
 
 def _check_chunk_inputs(
     query: np.ndarray, key: np.ndarray, value: np.ndarray, prefix_len: int, window_start: int,
-    past_timestamp_index: np.ndarray, query_is_timestamp: np.ndarray,
+    past_timestamp_index: np.ndarray, timestamp_query_index: np.ndarray,
 ) -> None:
     num_queries, num_q_heads, head_dim = query.shape
     num_keys, num_kv_heads, key_dim = key.shape
@@ -130,8 +132,11 @@ def _check_chunk_inputs(
         raise ValueError(f"past_timestamp_index must lie in [prefix_len, window_start) = [{prefix_len}, {window_start})")
     if ts.size != np.unique(ts).size:
         raise ValueError("past_timestamp_index has duplicates")
-    if np.asarray(query_is_timestamp).shape != (num_queries,):
-        raise ValueError(f"query_is_timestamp must have shape ({num_queries},)")
+    tq = np.asarray(timestamp_query_index)
+    if tq.ndim != 1 or (tq.size and not np.issubdtype(tq.dtype, np.integer)):
+        raise ValueError(f"timestamp_query_index must be a 1-D integer list, got {tq.dtype} {tq.shape}")
+    if tq.size and (tq.min() < 0 or tq.max() >= num_queries or np.any(np.diff(tq) <= 0)):
+        raise ValueError(f"timestamp_query_index must be ascending, unique, in [0, {num_queries})")
 
 
 def chunk_sparse_attention(
@@ -141,18 +146,19 @@ def chunk_sparse_attention(
     prefix_len: int,
     window_start: int,
     past_timestamp_index: np.ndarray,
-    query_is_timestamp: np.ndarray,
+    timestamp_query_index: np.ndarray,
     scale: float,
     *,
     dtype: type | None = None,
 ) -> np.ndarray:
     """ChunkSparseAttention: (Q, Hq, D) queries over (K, Hkv, D) keys -> (Q, Hq, D).
 
-    Query i sits at position p = (K - Q) + i; a timestamp query sees keys [0, p], any other
+    Query i sits at position p = (K - Q) + i; a timestamp query (i in the ascending list
+    timestamp_query_index) sees keys [0, p], any other
     [0, prefix_len) U past_timestamp_index U [window_start, p]. Query head h reads KV head
     h // (Hq / Hkv).
     """
-    _check_chunk_inputs(query, key, value, prefix_len, window_start, past_timestamp_index, query_is_timestamp)
+    _check_chunk_inputs(query, key, value, prefix_len, window_start, past_timestamp_index, timestamp_query_index)
     compute = _compute_dtype(query, key, value, dtype=dtype)
     q = np.asarray(query, dtype=compute)
     k = np.asarray(key, dtype=compute)
@@ -162,7 +168,7 @@ def chunk_sparse_attention(
     k = np.repeat(k, group, axis=1)  # (K, Hq, D)
     v = np.repeat(v, group, axis=1)
     mask = chunk_visibility_mask(
-        num_queries, k.shape[0], prefix_len, window_start, past_timestamp_index, query_is_timestamp
+        num_queries, k.shape[0], prefix_len, window_start, past_timestamp_index, timestamp_query_index
     )
     logits = (q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)) * compute(scale)  # (Hq, Q, K)
     logits = np.where(mask[None], logits, compute(-np.inf))

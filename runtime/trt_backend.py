@@ -201,18 +201,21 @@ def fit_kv_rows(
     )
 
 
-def fit_gather_width(gather_index: np.ndarray, gather_weight: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Widen (M, S) gather rows to the engine's fixed pool width with zero weights.
+def fit_gather_width(
+    gather_index: np.ndarray, gather_weight: np.ndarray, low: int, high: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(M, S) gather rows made acceptable to an engine built for S in [low, high].
 
     The runtime loop copies rows with S = 1 (pooling happened when the sparse tier was
-    filled); the engine was built for S = kv_pool_stride. Padding repeats the first index with
-    weight 0, which adds exactly nothing.
+    filled); an engine built for S = kv_pool_stride only gets them widened with zero weights:
+    the padding repeats the first index with weight 0, which adds exactly nothing.
     """
     rows, given = gather_index.shape
-    if given == width:
+    if given > high:
+        raise ValueError(f"gather rows pool {given} source rows; the kv_gather engine takes at most {high}")
+    if given >= low:
         return np.ascontiguousarray(gather_index, np.int64), np.ascontiguousarray(gather_weight, np.float32)
-    if given > width:
-        raise ValueError(f"gather rows pool {given} source rows; the kv_gather engine takes at most {width}")
+    width = low
     index = np.repeat(np.asarray(gather_index[:, :1], np.int64), width, axis=1)
     index[:, :given] = gather_index
     weight = np.zeros((rows, width), np.float32)
@@ -454,7 +457,11 @@ class TensorRTBackend(Backend):
             raise unavailable(f"{precision} engines cannot exchange KV with the numpy runtime loop; build fp16 or fp32 engines")
         self.float_dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
         self.limits: dict[str, int] = dict(self.manifest["limits"])
-        self._closers: list = []
+        self._graphs: DecodeGraphCache | None = None
+        self.engines: dict[str, _Engine] = {}
+        self._runtime = self._allocator = self.pinned = self.arena = None
+        self._streams: list[Stream] = []
+        self._events: list[Event] = []
         try:
             self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena)
         except BaseException:
@@ -469,12 +476,10 @@ class TensorRTBackend(Backend):
             from videoxl.plugins.trt_plugins import register_plugins
 
             register_plugins(trt)
-        self.compute, self.upload, self.download = Stream("compute"), Stream("upload"), Stream("download")
-        self._closers += [self.compute.close, self.upload.close, self.download.close]
-        self._up_done = [Event(), Event()]
-        self._down_done = [Event(), Event()]
-        self._gathered = [Event(), Event()]
-        self._closers += [e.close for e in (*self._up_done, *self._down_done, *self._gathered)]
+        self._streams = [Stream("compute"), Stream("upload"), Stream("download")]
+        self.compute, self.upload, self.download = self._streams
+        self._events = [Event() for _ in range(6)]
+        self._up_done, self._down_done, self._gathered = self._events[0:2], self._events[2:4], self._events[4:6]
 
         free, total = mem_get_info()
         if budget is None:
@@ -485,7 +490,6 @@ class TensorRTBackend(Backend):
                 f"({format_bytes(total)} total)"
             )
         self.arena = DeviceArena(budget)
-        self._closers.append(self.arena.close)  # last in, freed last (close() runs in reverse)
 
         # weights: the whole arena is offered, then trimmed to what TensorRT took
         self._logger = _trt_logger(trt)
@@ -496,7 +500,6 @@ class TensorRTBackend(Backend):
             self._allocator = _arena_allocator(trt, weights.ptr, self._weights)
             self._runtime.gpu_allocator = self._allocator
         hint = "engines built for " + ", ".join(f"{k} {v}" for k, v in self.limits.items())
-        self.engines: dict[str, _Engine] = {}
         for graph in GRAPHS:
             path = self.engines_dir / self.manifest["engines"][graph]["file"]
             try:
@@ -509,10 +512,9 @@ class TensorRTBackend(Backend):
                         "left; raise --gpu-memory-budget"
                     ) from None
                 raise
-        self._closers.append(self._release_engines)
         if weights_in_arena:
             self.arena.shrink_last("weights", min(weights.nbytes, align_up(self._weights.high_water) + WEIGHTS_SLACK_BYTES))
-            self._weights.capacity = self.arena.regions["weights"].nbytes
+            self._weights.shrink(self.arena.regions["weights"].nbytes)
         log.info("weights: %s in the arena", format_bytes(self._weights.high_water))
 
         # activations: one scratch shared by the contexts (one stream, one engine at a time)
@@ -555,33 +557,32 @@ class TensorRTBackend(Backend):
         pinned_bytes = sum(align_up(_max_bytes(t)) for _, t in io_tensors)
         pinned_bytes += sum(align_up(int(np.prod(s)) * self._row_bytes) for s in kv_staging.values())
         self.pinned = PinnedHostPool(pinned_bytes)
-        self._closers.insert(0, self.pinned.close)
         self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in io_tensors}
         self._stage = {name: self.pinned.array(name, shape + kv_shape, self.float_dtype) for name, shape in kv_staging.items()}
 
         self._prefill_mirror, self._mixed_mirror = _Mirror(), _Mirror()
         self._gather_next = 0
         self._graphs = DecodeGraphCache(max_graphs=4 if cuda_graphs else 0)
-        self._closers.insert(0, self._release_graphs)
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
 
-    def _release_engines(self) -> None:
-        for engine in getattr(self, "engines", {}).values():
+    def close(self) -> None:
+        """Free everything: graphs and contexts, engines (their weights live in the arena), pinned
+        memory, events and streams, then the arena itself. Safe to call twice."""
+        if self._graphs is not None:
+            for _context, graph in self._graphs.clear():
+                graph.close()
+        for engine in self.engines.values():
             engine.context = None
             engine.engine = None
         self.engines = {}
-        self._runtime = None
-
-    def _release_graphs(self) -> None:
-        for context, graph in self._graphs.clear():
-            graph.close()
-            del context
-
-    def close(self) -> None:
-        """Free everything (graphs, engines, pinned memory, the arena), in reverse order of creation."""
-        closers, self._closers = getattr(self, "_closers", []), []
-        for closer in reversed(closers):
-            closer()
+        self._runtime = self._allocator = None
+        if self.pinned is not None:
+            self.pinned.close()
+        for handle in (*self._events, *self._streams):
+            handle.close()
+        self._events, self._streams = [], []
+        if self.arena is not None:
+            self.arena.close()
 
     def __enter__(self) -> "TensorRTBackend":
         return self
@@ -693,11 +694,14 @@ class TensorRTBackend(Backend):
             "input_ids": np.asarray(input_ids, np.int64),
             "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
             "position_ids": np.arange(vis.start, vis.end, dtype=np.int64),
-            "query_is_timestamp": np.asarray(vis.query_is_timestamp, bool),
+            "timestamp_query_index": vis.timestamp_query_index,
             "prefix_len": np.array([vis.prefix_len], np.int64),
             "window_start": np.array([vis.window_start], np.int64),
             "past_timestamp_index": np.asarray(vis.past_timestamp_index, np.int64),
         }
+        unknown = [t.name for t in engine.inputs() if t.name not in feeds and not _is_kv("prefill_chunk", t.name)]
+        if unknown:
+            raise ValueError(f"prefill_chunk engine wants inputs {unknown} this runtime does not feed; rebuild from a current export")
         shapes = {name: value.shape for name, value in feeds.items()}
         address = {name: self._put("prefill_chunk", name, value, self.compute) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
@@ -776,9 +780,8 @@ class TensorRTBackend(Backend):
         graph = CudaGraph(f"decode t={t} past={past}")
         with graph.capture(self.compute):
             self._decode_step(context, t, past)
-        for old_context, old_graph in self._graphs.add(key, (context, graph)):
+        for _old_context, old_graph in self._graphs.add(key, (context, graph)):
             old_graph.close()
-            del old_context
 
     def gather_kv(self, keys, values, gather_index, gather_weight):
         """One layer of BilevelKVGather; successive calls fill layers 0, 1, ... of the mixed cache."""
@@ -797,7 +800,8 @@ class TensorRTBackend(Backend):
     def _gather(self, layers: list[int], keys, values, gather_index, gather_weight):
         """upload(j) on `upload` | gather(j) on `compute` | download(j) on `download`, 2 pinned slots each."""
         engine, source, mixed = self.engines["kv_gather"], self._kv["kv_source"], self._kv["mixed"]
-        index, weight = fit_gather_width(gather_index, gather_weight, engine.tensors["gather_index"].max[1])
+        pool = engine.tensors["gather_index"]
+        index, weight = fit_gather_width(gather_index, gather_weight, pool.min[1], pool.max[1])
         n, m = keys[0].shape[0], index.shape[0]
         self._require_rows("kv_source", n, f"a gather source of {n} rows (sparse tier + reloaded dense blocks)")
         self._require_rows("mixed", m, f"a mixed cache of {m} rows")

@@ -1,11 +1,10 @@
 // ChunkSparseAttention: flash-attention-style online softmax over the keys a chunk query may
 // see, described by index ranges (never a mask). SIMT, float32 accumulation.
 //
-// Grid: x = query head, y = query tile of 32 queries. Tiles are built from the chunk's
-// queries after a stable partition by kind, so that the rare timestamp queries (which see the
-// whole past) never drag the others through it:
+// Grid: x = query head, y = query tile of 32 queries. Tiles hold one kind of query, so that
+// the rare timestamp queries (which see the whole past) never drag the others through it:
 //
-//   y:  [ timestamp tiles ][ visual tiles ...................... ][ spare ]
+//   y:  [ timestamp tiles ][ other tiles ............................... ]
 //        keys [0, p_max]    keys [0, prefix_len) U timestamps U [window_start, p_max]
 //
 // Timestamp tiles come first so that their long sweeps start first. Inside a tile each warp
@@ -33,7 +32,7 @@ struct SharedTile {
     __align__(16) float v[kBlockK][D];
     __align__(16) float p[kWarps][kBlockK][kQueriesPerWarp];  // probabilities for P.V
     int query_index[kBlockQ];  // chunk query of each slot, -1 when empty
-    int warp_count[kWarps];
+    int last_query;  // largest query index in the tile, -1 if none
 };
 
 // One key range of a tile's sweep: positions [begin, end) of either the key axis itself or,
@@ -56,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
     const int64_t* __restrict__ prefix_len_ptr, const int64_t* __restrict__ window_start_ptr,
     const int64_t* __restrict__ past_timestamp_index, int64_t num_past_timestamps,
-    const uint8_t* __restrict__ query_is_timestamp, T* __restrict__ output,
+    const int64_t* __restrict__ timestamp_query_index, int num_timestamp_queries, T* __restrict__ output,
     int num_queries, int64_t num_keys, int num_q_heads, int num_kv_heads, float scale_log2) {
     extern __shared__ __align__(16) unsigned char shared_raw[];
     SharedTile<D>& s = *reinterpret_cast<SharedTile<D>*>(shared_raw);
@@ -69,36 +68,31 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const int64_t past = num_keys - num_queries;
 
     // --- which queries this tile holds -----------------------------------------------------
-    int local = 0;
-    for (int i = tid; i < num_queries; i += kThreads) local += query_is_timestamp[i] != 0;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
-    if (lane == 0) s.warp_count[warp] = local;
-    __syncthreads();
-    int num_ts = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) num_ts += s.warp_count[w];
-
-    const int ts_tiles = (num_ts + kBlockQ - 1) / kBlockQ;
+    // Timestamp tiles take 32 consecutive entries of the (ascending) timestamp list; the other
+    // tiles take the queries of rank [rank_begin, rank_begin + 32) among the non-timestamps:
+    // the r-th query not in the sorted list is r plus the list entries at or below it.
+    const int num_other = num_queries - num_timestamp_queries;
+    const int ts_tiles = (num_timestamp_queries + kBlockQ - 1) / kBlockQ;
     const bool ts_tile = static_cast<int>(blockIdx.y) < ts_tiles;
-    const int of_kind = ts_tile ? num_ts : num_queries - num_ts;
     const int rank_begin = (ts_tile ? static_cast<int>(blockIdx.y) : static_cast<int>(blockIdx.y) - ts_tiles) * kBlockQ;
-    if (rank_begin >= of_kind) return;  // spare tile: the grid is sized for the worst split
-    const int live = min(kBlockQ, of_kind - rank_begin);
-
-    if (warp == 0) {  // stable scan: the queries of this kind ranked [rank_begin, +live)
-        int seen = 0;
-        for (int base = 0; base < num_queries && seen < rank_begin + live; base += 32) {
-            const int i = base + lane;
-            const bool match = i < num_queries && ((query_is_timestamp[i] != 0) == ts_tile);
-            const unsigned int ballot = __ballot_sync(0xffffffffu, match);
-            const int rank = seen + __popc(ballot & ((1u << lane) - 1u));
-            if (match && rank >= rank_begin && rank < rank_begin + live) s.query_index[rank - rank_begin] = i;
-            seen += __popc(ballot);
+    if (warp == 0) {
+        const int rank = rank_begin + lane;
+        int qi = -1;
+        if (ts_tile && rank < num_timestamp_queries) {
+            const int64_t listed = timestamp_query_index[rank];
+            qi = (listed >= 0 && listed < num_queries) ? static_cast<int>(listed) : -1;
+        } else if (!ts_tile && rank < num_other) {
+            qi = rank;
+            for (int t = 0; t < num_timestamp_queries && timestamp_query_index[t] <= qi; ++t) ++qi;
         }
-        if (lane >= live) s.query_index[lane] = -1;
+        s.query_index[lane] = qi;
+        int last = qi;
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, offset));
+        if (lane == 0) s.last_query = last;
     }
     __syncthreads();
+    if (s.last_query < 0) return;  // nothing valid in this tile (block-uniform)
 
     for (int e = tid; e < kBlockQ * D; e += kThreads) {
         const int slot = e / D;
@@ -108,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     }
 
     // --- the key ranges this tile sweeps -----------------------------------------------------
-    const int64_t p_max = past + s.query_index[live - 1];  // slots are in ascending order
+    const int64_t p_max = past + s.last_query;
     const int64_t prefix_len = min(max(*prefix_len_ptr, int64_t{0}), past);
     const int64_t window_start = min(max(*window_start_ptr, prefix_len), past);
     const int num_segments = ts_tile ? 1 : 3;
@@ -127,7 +121,9 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
 #pragma unroll
         for (int c = 0; c < kSlices; ++c) acc[j][c] = 0.0f;
     }
-    const bool warp_live = position[0] >= 0;
+    bool warp_live = false;
+#pragma unroll
+    for (int j = 0; j < kQueriesPerWarp; ++j) warp_live |= position[j] >= 0;
 
     for (int seg_i = 0; seg_i < num_segments; ++seg_i) {
         KeySegment seg;
@@ -224,7 +220,8 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
 template <typename T, int D>
 int launch(const void* query, const void* key, const void* value, const int64_t* prefix_len,
            const int64_t* window_start, const int64_t* past_timestamp_index, int64_t num_past_timestamps,
-           const uint8_t* query_is_timestamp, void* output, int64_t num_queries, int64_t num_keys,
+           const int64_t* timestamp_query_index, int64_t num_timestamp_queries, void* output, int64_t num_queries,
+           int64_t num_keys,
            int32_t num_q_heads, int32_t num_kv_heads, float scale, cudaStream_t stream) {
     auto kernel = chunk_attention_kernel<T, D>;
     const int shared_bytes = static_cast<int>(sizeof(SharedTile<D>));
@@ -232,12 +229,14 @@ int launch(const void* query, const void* key, const void* value, const int64_t*
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
         if (err != cudaSuccess) return static_cast<int>(err);
     }
-    const dim3 grid(static_cast<unsigned int>(num_q_heads),
-                    static_cast<unsigned int>((num_queries + kBlockQ - 1) / kBlockQ + 1));
+    const int64_t tiles = (num_timestamp_queries + kBlockQ - 1) / kBlockQ +
+                          (num_queries - num_timestamp_queries + kBlockQ - 1) / kBlockQ;
+    const dim3 grid(static_cast<unsigned int>(num_q_heads), static_cast<unsigned int>(tiles));
     const float log2e = 1.4426950408889634f;
     kernel<<<grid, kThreads, shared_bytes, stream>>>(
         static_cast<const T*>(query), static_cast<const T*>(key), static_cast<const T*>(value), prefix_len,
-        window_start, past_timestamp_index, num_past_timestamps, query_is_timestamp, static_cast<T*>(output),
+        window_start, past_timestamp_index, num_past_timestamps, timestamp_query_index,
+        static_cast<int>(num_timestamp_queries), static_cast<T*>(output),
         static_cast<int>(num_queries), num_keys, num_q_heads, num_kv_heads, scale * log2e);
     return launch_status();
 }
@@ -245,13 +244,15 @@ int launch(const void* query, const void* key, const void* value, const int64_t*
 template <typename T>
 int dispatch_head_dim(int32_t head_dim, const void* query, const void* key, const void* value,
                       const int64_t* prefix_len, const int64_t* window_start, const int64_t* past_timestamp_index,
-                      int64_t num_past_timestamps, const uint8_t* query_is_timestamp, void* output,
+                      int64_t num_past_timestamps, const int64_t* timestamp_query_index,
+                      int64_t num_timestamp_queries, void* output,
                       int64_t num_queries, int64_t num_keys, int32_t num_q_heads, int32_t num_kv_heads, float scale,
                       cudaStream_t stream) {
 #define VIDEOXL_CHUNK_ATTENTION_CASE(DIM)                                                                     \
     case DIM:                                                                                                 \
         return launch<T, DIM>(query, key, value, prefix_len, window_start, past_timestamp_index,             \
-                              num_past_timestamps, query_is_timestamp, output, num_queries, num_keys,        \
+                              num_past_timestamps, timestamp_query_index, num_timestamp_queries, output,    \
+                              num_queries, num_keys,                                                         \
                               num_q_heads, num_kv_heads, scale, stream);
     switch (head_dim) {
         VIDEOXL_CHUNK_ATTENTION_CASE(16)
@@ -270,7 +271,7 @@ VIDEOXL_API int videoxl_chunk_attention(
     const void* query, const void* key, const void* value,
     const int64_t* prefix_len, const int64_t* window_start,
     const int64_t* past_timestamp_index, int64_t num_past_timestamps,
-    const uint8_t* query_is_timestamp,
+    const int64_t* timestamp_query_index, int64_t num_timestamp_queries,
     void* output,
     int64_t num_queries, int64_t num_keys,
     int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
@@ -278,17 +279,19 @@ VIDEOXL_API int videoxl_chunk_attention(
     using namespace videoxl;
     if (num_queries < 0 || num_keys < num_queries || num_queries > int64_t{kBlockQ} * 65534 ||
         num_q_heads <= 0 || num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads > 65535 ||
-        num_past_timestamps < 0 || num_past_timestamps > num_keys) {
+        num_past_timestamps < 0 || num_past_timestamps > num_keys || num_timestamp_queries < 0 ||
+        num_timestamp_queries > num_queries) {
         return VIDEOXL_STATUS_INVALID_ARGUMENT;
     }
     if (num_queries == 0) return VIDEOXL_STATUS_OK;
-    if (!query || !key || !value || !prefix_len || !window_start || !query_is_timestamp || !output ||
-        (num_past_timestamps > 0 && !past_timestamp_index)) {
+    if (!query || !key || !value || !prefix_len || !window_start || !output ||
+        (num_past_timestamps > 0 && !past_timestamp_index) || (num_timestamp_queries > 0 && !timestamp_query_index)) {
         return VIDEOXL_STATUS_INVALID_ARGUMENT;
     }
     VIDEOXL_DISPATCH_DTYPE(dtype, {
         return dispatch_head_dim<scalar_t>(head_dim, query, key, value, prefix_len, window_start,
-                                           past_timestamp_index, num_past_timestamps, query_is_timestamp, output,
+                                           past_timestamp_index, num_past_timestamps, timestamp_query_index,
+                                           num_timestamp_queries, output,
                                            num_queries, num_keys, num_q_heads, num_kv_heads, scale, stream);
     })
     return VIDEOXL_STATUS_INVALID_ARGUMENT;

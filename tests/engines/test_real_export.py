@@ -40,12 +40,6 @@ def test_every_exported_dimension_has_a_range(tiny_onnx: Path) -> None:
 
 
 @pytest.mark.parametrize("use_plugins", [True, False], ids=["plugins", "inlined"])
-@pytest.mark.xfail(
-    strict=True,
-    raises=EngineBuildError,
-    reason="prefill_chunk.onnx uses NonZero (image-slot scatter, timestamp rows in the ChunkSparseAttention body); "
-    "TensorRT for RTX 1.7 has no NonZero importer (it wants a NonZero plugin that its registry lacks)",
-)
 def test_tiny_export_builds(trt, tiny_onnx: Path, tmp_path: Path, use_plugins: bool) -> None:
     out = build_engines(tiny_onnx, tmp_path / "engines", precision="fp32", use_plugins=use_plugins, **LIMITS)
     manifest = json.loads((out / "manifest.json").read_text())

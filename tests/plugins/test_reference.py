@@ -51,7 +51,7 @@ def brute_force_attention(
 def run_reference(vis: ChunkVisibility, q_all, k_all, v_all, scale, **kwargs):
     return ref.chunk_sparse_attention(
         q_all[vis.start : vis.end], k_all[: vis.end], v_all[: vis.end], vis.prefix_len, vis.window_start,
-        vis.past_timestamp_index, vis.query_is_timestamp, scale, **kwargs,
+        vis.past_timestamp_index, vis.timestamp_query_index, scale, **kwargs,
     )
 
 
@@ -121,7 +121,7 @@ def test_no_past_timestamps_and_empty_prefix() -> None:
         start=past, end=past + num_queries, prefix_len=0, window_start=10,
         past_timestamp_index=np.zeros(0, np.int64), query_is_timestamp=rng.random(num_queries) < 0.3,
     )
-    got = ref.chunk_sparse_attention(q, k, v, 0, 10, vis.past_timestamp_index, vis.query_is_timestamp, 0.5)
+    got = ref.chunk_sparse_attention(q, k, v, 0, 10, vis.past_timestamp_index, vis.timestamp_query_index, 0.5)
     np.testing.assert_allclose(got, brute_force_attention(vis, q, k, v, 0.5), rtol=1e-12, atol=1e-12)
 
 
@@ -131,7 +131,7 @@ def test_all_queries_timestamps_is_causal() -> None:
     q = rng.standard_normal((num_queries, 4, 6))
     k, v = (rng.standard_normal((past + num_queries, 2, 6)) for _ in range(2))
     got = ref.chunk_sparse_attention(
-        q, k, v, 3, 19, np.array([5, 11, 12]), np.ones(num_queries, bool), 0.4
+        q, k, v, 3, 19, np.array([5, 11, 12]), np.arange(num_queries), 0.4
     )
     np.testing.assert_allclose(got, causal_attention(q, k, v, 0.4), rtol=1e-12, atol=1e-12)
 
@@ -153,20 +153,25 @@ def test_chunk_attention_float32_and_float16_inputs() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prefix_len", "window_start", "timestamps", "match"),
+    ("prefix_len", "window_start", "timestamps", "ts_queries", "match"),
     [
-        (3, 40, [], "window_start"),  # window starts after the chunk
-        (6, 4, [], "prefix_len"),  # prefix beyond the window
-        (2, 8, [1], "past_timestamp_index"),  # a timestamp inside the prefix
-        (2, 8, [8], "past_timestamp_index"),  # a timestamp inside the window
-        (2, 8, [4, 4], "duplicates"),
+        (3, 40, [], [], "window_start"),  # window starts after the chunk
+        (6, 4, [], [], "prefix_len"),  # prefix beyond the window
+        (2, 8, [1], [], "past_timestamp_index"),  # a timestamp inside the prefix
+        (2, 8, [8], [], "past_timestamp_index"),  # a timestamp inside the window
+        (2, 8, [4, 4], [], "duplicates"),
+        (2, 8, [], [3, 1], "ascending"),
+        (2, 8, [], [0, 5], "ascending"),  # query 5 of 5
+        (2, 8, [], np.ones(5, bool), "integer"),  # a mask is not an index list
     ],
 )
-def test_chunk_attention_rejects_contract_violations(prefix_len, window_start, timestamps, match) -> None:
+def test_chunk_attention_rejects_contract_violations(prefix_len, window_start, timestamps, ts_queries, match) -> None:
     q = np.zeros((5, 2, 4))
     k = np.zeros((20, 1, 4))
     with pytest.raises(ValueError, match=match):
-        ref.chunk_sparse_attention(q, k, k, prefix_len, window_start, np.array(timestamps, np.int64), np.zeros(5, bool), 1.0)
+        ref.chunk_sparse_attention(
+            q, k, k, prefix_len, window_start, np.array(timestamps, np.int64), np.asarray(ts_queries), 1.0
+        )
 
 
 # --- RoPE --------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The memory planner: DESIGN §3 arithmetic, the three reference budgets, advice that re-plans true."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from videoxl.config import VideoXLConfig
+from videoxl.runtime.memory_plan import estimate_params, kv_bytes_per_token, max_frames_that_fit, plan_memory
+
+GiB = 2**30
+REAL = VideoXLConfig()
+
+
+def test_kv_bytes_per_token_is_56_kib_for_the_real_model():
+    assert kv_bytes_per_token(REAL, 2) == 28 * 2 * 4 * 128 * 2 == 56 * 1024
+
+
+def test_parameter_estimate_by_hand():
+    params = estimate_params(REAL)
+    # Qwen2.5-7B: q (3584^2 + 3584), k and v (3584 x 512 + 512 each), o (3584^2), SwiGLU 3 x 3584 x 18944, 2 RMSNorms
+    layer = (3584 * 3584 + 3584) + 2 * (3584 * 512 + 512) + 3584 * 3584 + 3 * 3584 * 18944 + 2 * 3584
+    assert layer == 233_057_792
+    assert params["llm"] == 28 * layer + 2 * 152064 * 3584 + 3584 == 7_615_616_512
+    assert params["projector"] == 1152 * 3584 + 3584 + 3584 * 3584 + 3584
+    # SigLIP: 26 layers of 4 x (1152^2 + 1152) attention + MLP 1152 <-> 4304 + 2 LayerNorms, plus embeddings
+    siglip_layer = 4 * (1152**2 + 1152) + 2 * 1152 * 4304 + 4304 + 1152 + 4 * 1152
+    assert params["vision"] == 26 * siglip_layer + 3 * 14 * 14 * 1152 + 1152 + 27 * 27 * 1152
+    assert 8.0e9 < sum(params.values()) < 8.3e9  # "8B"
+
+
+def test_parameter_estimate_equals_the_tiny_model(tiny_model):
+    """The formula counts exactly the parameters the reference model holds."""
+    held = sum(p.numel() for p in tiny_model.parameters())
+    assert sum(estimate_params(tiny_model.cfg).values()) == held
+
+
+def test_10000_frames_fit_80gb_with_the_dense_tier_in_host_memory():
+    plan = plan_memory(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
+    assert plan.fits and not plan.advice
+
+    # by hand: 2500 groups of 144 + 6 tokens, blocks of 4 groups, chunks of 4 groups, window 3
+    kv = 57_344
+    dense = 64 + 2500 * 150
+    sparse = 2500 * (6 + 36)
+    dense_groups = (2 + 4) * 4  # first + last + top-4 blocks
+    reload = 64 + dense_groups * 150
+    mixed = reload + (2500 - dense_groups) * 42 + 64 + 256
+    visible_past = 64 + (624 * 4 - 12) * 6 + 12 * 150  # last chunk: prefix, earlier timestamps, 3-chunk window
+    assert (plan.groups, plan.num_blocks, plan.dense_video_blocks) == (2500, 625, 6)
+    assert plan.item("dense KV tier").where == "host"
+    assert plan.item("dense KV tier").nbytes == dense * kv == 21_507_670_016  # DESIGN §3: ~21 GB
+    assert plan.item("sparse KV tier").nbytes == sparse * kv
+    assert plan.item("dense reload area").nbytes == reload * kv
+    assert plan.item("mixed decode cache").nbytes == mixed * kv
+    assert plan.item("prefill past").nbytes == visible_past * kv
+    assert plan.item("weights").nbytes == 2 * sum(estimate_params(REAL).values())
+    assert plan.item("activations").nbytes < 1 * GiB
+    device = sum(i.nbytes for i in plan.items if i.where == "device")
+    assert plan.device_bytes == device < 32 * GiB
+    assert plan.host_bytes == dense * kv + plan.item("pinned staging").nbytes
+    assert "fits: yes" in plan.table()
+
+
+def test_1000_frames_fit_a_16gb_jetson_with_unified_memory():
+    # 8B fp16 weights alone are 15.1 GiB: a 16 GB Jetson runs the model with 4-bit weights
+    plan = plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True, weight_dtype_bytes=0.5)
+    assert plan.fits
+    everything = sum(i.nbytes for i in plan.items)
+    assert plan.device_bytes == everything  # host and device share the budget
+    assert plan.item("weights").nbytes == sum(estimate_params(REAL).values()) // 2
+
+    fp16 = plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True)
+    assert not fp16.fits
+    assert any("--weight-bits 8" in line for line in fp16.advice)
+    assert plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True, weight_dtype_bytes=1).fits
+
+
+def test_unified_memory_counts_the_host_tier_against_the_budget():
+    discrete = plan_memory(REAL, frames=4000, budget_bytes=24 * GiB)
+    unified = plan_memory(REAL, frames=4000, budget_bytes=24 * GiB, unified_memory=True)
+    assert discrete.fits and not unified.fits
+    assert unified.device_bytes == discrete.device_bytes + discrete.host_bytes
+
+
+def test_10000_frames_do_not_fit_24gb_device_only_and_the_advice_is_true():
+    plan = plan_memory(REAL, frames=10_000, budget_bytes=24 * GiB, dense_tier="device")
+    assert not plan.fits
+    assert plan.item("dense KV tier").where == "device"
+    suggested = [int(m.group(1)) for line in plan.advice if (m := re.search(r"--max-frames to (\d+)", line))]
+    assert suggested == [plan.max_frames_that_fit]
+    frames = suggested[0]
+    assert 1000 < frames < 10_000 and frames % 4 == 0
+    assert plan_memory(REAL, frames=frames, budget_bytes=24 * GiB, dense_tier="device").fits
+    assert not plan_memory(REAL, frames=frames + 4, budget_bytes=24 * GiB, dense_tier="device").fits
+
+    host = [line for line in plan.advice if "--dense-tier host" in line]
+    assert host, plan.advice
+    more = int(re.search(r"(\d+) frames fit", host[0]).group(1))
+    assert more > frames
+    assert plan_memory(REAL, frames=more, budget_bytes=24 * GiB).fits
+
+
+def test_advice_lowers_dense_blocks_and_kv_precision_only_when_that_fits():
+    base = plan_memory(REAL, frames=2000, budget_bytes=24 * GiB, dense_blocks=0)
+    assert base.fits
+    # so many dense blocks that the mixed cache overflows; fewer fit
+    heavy = plan_memory(REAL, frames=2000, budget_bytes=base.device_bytes + (1 << 20), dense_blocks=200)
+    assert not heavy.fits
+    line = next(line for line in heavy.advice if "--dense-blocks" in line)
+    k = int(re.search(r"--dense-blocks to (\d+)", line).group(1))
+    assert plan_memory(REAL, frames=2000, budget_bytes=heavy.budget_bytes, dense_blocks=k).fits
+    assert not plan_memory(REAL, frames=2000, budget_bytes=heavy.budget_bytes, dense_blocks=k + 1).fits
+
+    fp32 = plan_memory(REAL, frames=2000, budget_bytes=24 * GiB, dtype_bytes=4, weight_dtype_bytes=2, dense_tier="device")
+    assert not fp32.fits
+    assert any("--kv-dtype fp16" in line for line in fp32.advice)
+
+
+def test_full_prefill_past_on_a_device_dense_tier_is_read_in_place():
+    full = plan_memory(REAL, frames=1000, budget_bytes=80 * GiB, dense_tier="device", prefill_past="full")
+    assert full.item("prefill past").nbytes == 0
+    visible = plan_memory(REAL, frames=1000, budget_bytes=80 * GiB, dense_tier="host", prefill_past="full")
+    assert visible.item("prefill past").tokens == 64 + 62 * 4 * 150  # every token before the last chunk
+
+
+def test_max_frames_that_fit_is_monotone_and_bounded():
+    plan = plan_memory(REAL, frames=100, budget_bytes=80 * GiB)
+    assert max_frames_that_fit(REAL, plan.inputs) == 100  # already fits: the request itself
+    weights_only = plan_memory(REAL, frames=100, budget_bytes=10 * GiB)
+    assert not weights_only.fits and weights_only.max_frames_that_fit is None
+    assert any("weights alone" in line for line in weights_only.advice)
+
+
+@pytest.mark.parametrize(
+    "change", [dict(frames=0), dict(budget_bytes=0), dict(dense_tier="disk"), dict(prefill_past="some"), dict(dense_blocks=-1)]
+)
+def test_invalid_requests_raise_value_error(change):
+    kwargs = dict(frames=100, budget_bytes=GiB) | change
+    with pytest.raises(ValueError, match="invalid memory plan request"):
+        plan_memory(REAL, **kwargs)
+
+
+def test_cli_plan_prints_the_table(capsys, tmp_path):
+    from videoxl.cli import main
+
+    assert main(["plan", "--config", "real", "--frames", "10000", "--gpu-memory-budget", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "dense KV tier" in out and "host" in out and "fits: yes" in out
+
+    assert main(["plan", "--config", "real", "--frames", "10000", "--gpu-memory-budget", "24GiB", "--dense-tier", "device"]) == 1
+    assert "--max-frames" in capsys.readouterr().out
+
+    REAL.save(tmp_path / "config.json")  # an ONNX or engine directory's config
+    assert main(["plan", "--config", str(tmp_path), "--frames", "1000", "--gpu-memory-budget", "16GiB",
+                 "--unified-memory", "--weight-bits", "4"]) == 0
+    assert "unified memory" in capsys.readouterr().out
+
+
+def test_cli_plan_reads_a_checkpoint_config(capsys, tiny_checkpoint):
+    from videoxl.cli import main
+
+    assert main(["plan", "--config", str(tiny_checkpoint), "--frames", "64", "--gpu-memory-budget", "1GiB"]) == 0
+    assert "64 frames -> 16 groups" in capsys.readouterr().out
+
+
+def test_cli_plan_rejects_a_missing_config(capsys, tmp_path):
+    from videoxl.cli import main
+
+    assert main(["plan", "--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"]) == 2
+    assert "no config.json" in capsys.readouterr().err
