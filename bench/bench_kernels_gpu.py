@@ -67,7 +67,7 @@ def bench_history(torch, kernels, history: int, iters: int) -> dict[str, float]:
     vis = chunk_for_history(history)
     num_queries, num_keys = vis.end - vis.start, vis.end
     mask_np = chunk_visibility_mask(
-        num_queries, num_keys, vis.prefix_len, vis.window_start, vis.past_timestamp_index, vis.query_is_timestamp
+        num_queries, num_keys, vis.prefix_len, vis.window_start, vis.past_timestamp_index, vis.timestamp_query_index
     )
     visible_pairs = int(mask_np.sum())
     q = torch.randn(num_queries, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
@@ -78,12 +78,12 @@ def bench_history(torch, kernels, history: int, iters: int) -> dict[str, float]:
     prefix = torch.tensor([vis.prefix_len], dtype=torch.int64, device="cuda")
     window = torch.tensor([vis.window_start], dtype=torch.int64, device="cuda")
     timestamps = torch.as_tensor(vis.past_timestamp_index, device="cuda")
-    is_ts = torch.as_tensor(vis.query_is_timestamp, device="cuda")
+    ts_queries = torch.as_tensor(vis.timestamp_query_index, device="cuda")
 
     def ours() -> None:
         kernels.chunk_attention_torch(
             q, k, v, prefix_len=prefix, window_start=window, past_timestamp_index=timestamps,
-            query_is_timestamp=is_ts, scale=scale, out=out,
+            timestamp_query_index=ts_queries, scale=scale, out=out,
         )
 
     # dense baseline: (1, H, Q, D) x (1, H, K, D) with the chunk's rows of the dense mask

@@ -363,25 +363,34 @@ class DecodeRow:
     ms_per_token: float
 
 
-def bench_decode(model: Model, frame_counts: list[int], *, dense_blocks: int, new_tokens: int, threads: int) -> list[DecodeRow]:
+def bench_decode(model: Model, frame_counts: list[int], *, dense_blocks: int, new_tokens: int,
+                 repeats: int, threads: int) -> list[DecodeRow]:
+    """Each run is a whole `answer_tokens` (prefill included); modes interleave round by round."""
     cfg = model.config
     backend = TimedBackend(OnnxRuntimeBackend(model.onnx, threads=threads))
     pipeline = Pipeline(backend, model.tokenizer)
     gen = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
     per_token = kv_bytes(cfg, 1, backend.float_dtype.itemsize)
+    modes = {"bi-level": InferenceOptions(decode="bilevel", dense_blocks=dense_blocks), "dense": InferenceOptions(decode="dense")}
     rows = []
     for frames in frame_counts:
         layout, embeds = model.layout(frames), model.visual_embeds(frames)
-        for mode, options in (("bi-level", InferenceOptions(decode="bilevel", dense_blocks=dense_blocks)),
-                              ("dense", InferenceOptions(decode="dense"))):
-            backend.decode_calls.clear()
-            report = pipeline.answer_tokens(layout, embeds, options=options, gen=gen).report
-            rows.append(DecodeRow(
-                frames=frames, mode=mode, kv_tokens=report.mixed_kv_bytes // per_token, kv_bytes=report.mixed_kv_bytes,
-                dense_blocks=len(report.dense_blocks), num_blocks=report.num_blocks,
-                select_s=report.select_s, ms_per_token=backend.token_step_ms(),
-            ))
-            say(f"  {frames} frames, {mode}: {rows[-1].ms_per_token:.2f} ms/token, {rows[-1].kv_tokens} KV tokens")
+        best: dict[str, DecodeRow] = {}
+        for _ in range(repeats):
+            for mode, options in modes.items():
+                backend.decode_calls.clear()
+                report = pipeline.answer_tokens(layout, embeds, options=options, gen=gen).report
+                row = DecodeRow(
+                    frames=frames, mode=mode, kv_tokens=report.mixed_kv_bytes // per_token, kv_bytes=report.mixed_kv_bytes,
+                    dense_blocks=len(report.dense_blocks), num_blocks=report.num_blocks,
+                    select_s=report.select_s, ms_per_token=backend.token_step_ms(),
+                )
+                if mode in best:
+                    row.select_s = min(row.select_s, best[mode].select_s)
+                    row.ms_per_token = min(row.ms_per_token, best[mode].ms_per_token)
+                best[mode] = row
+        rows += best.values()
+        say(f"  {frames} frames: " + ", ".join(f"{m} {r.ms_per_token:.2f} ms/token ({r.kv_tokens} KV tokens)" for m, r in best.items()))
     return rows
 
 
@@ -506,7 +515,19 @@ def render(args, threads, load_before, models, backend_rows, prefill_rows, equiv
         out += table(["frames", "visible M chunked", "visible M dense", "visible ratio", "timestamp share (chunked)",
                       "computed M chunked", "computed M dense, chunk by chunk", "computed M dense, one pass",
                       "computed ratio (chunk by chunk / chunked)"], body)
-        out.append("")
+        same_up_to = 4 * c * (p + 1)
+        out += [
+            "",
+            "How to read it (structure, not timing):",
+            "",
+            f"- Up to {same_up_to} frames (C·(P+1) groups) every chunk's window covers all earlier chunks, so chunked "
+            "and dense have the same visibility and nothing can be saved; the saving starts above that.",
+            "- Chunked prefill is not linear in frames: timestamp queries see the whole history (DESIGN §2), so their "
+            "share of the chunked work grows with frames, and re-rotating the past keys in every chunk costs O(L) per chunk.",
+            "- Dense in one pass evaluates the whole L x L rectangle (masked, not skipped): about twice the pairs of "
+            "dense chunk by chunk, through score tensors far larger than the caches.",
+            "",
+        ]
 
     if decode_rows:
         real = VideoXLConfig()
@@ -516,7 +537,8 @@ def render(args, threads, load_before, models, backend_rows, prefill_rows, equiv
             f"`Pipeline.answer_tokens` after chunked prefill; bi-level = `InferenceOptions(decode=\"bilevel\", "
             f"dense_blocks={args.dense_blocks})` (top-{args.dense_blocks} task-aware blocks plus the prefix, first and "
             f"last video blocks dense, S={sweep.block_groups} groups per block, others pooled x{sweep.kv_pool_stride}); "
-            f"dense = `decode=\"dense\"`. ms/token = median one-token step over {args.new_tokens} greedy tokens (one run). "
+            f"dense = `decode=\"dense\"`. ms/token = median one-token step over {args.new_tokens} greedy tokens, best of "
+            f"{args.repeats} runs (interleaved). "
             "Selection = block scoring plus building the mixed cache. The 8B column applies the same token counts to "
             "Video-XL-2's KV size (28 layers, 4 KV heads, head_dim 128, fp16: 56 KiB per token): arithmetic, not measured.",
             "",
@@ -587,8 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-frames", type=int, default=None, help="frames for ONNX Runtime vs PyTorch (default 128)")
     p.add_argument("--vision-frames", type=int, default=16, help="frames for the vision row of the backend comparison")
     p.add_argument("--repeats", type=int, default=None, help="best of N (default 3; 1 with --quick)")
-    p.add_argument("--max-repeat-s", type=float, default=20.0, help="do not repeat a case whose first run took longer")
-    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode measurement (default 16; 8 with --quick)")
+    p.add_argument("--max-repeat-s", type=float, default=60.0, help="do not repeat a case whose first run took longer")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode measurement (default 32; 8 with --quick)")
     p.add_argument("--dense-blocks", type=int, default=2, help="task-aware dense blocks for bi-level decoding")
     p.add_argument("--dense-memory-gib", type=float, default=4.0, help="skip dense one-pass prefill above this estimated memory")
     p.add_argument("--sweep-model", choices=sorted(MODELS), default="tiny", help="model of the prefill and decode sweeps")
@@ -602,7 +624,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.decode_frames = args.decode_frames or ([256] if quick else [512, 1024])
     args.compare_frames = args.compare_frames or (64 if quick else 128)
     args.repeats = args.repeats or (1 if quick else 3)
-    args.new_tokens = args.new_tokens or (8 if quick else 16)
+    args.new_tokens = args.new_tokens or (8 if quick else 32)
     if args.out is None and not quick:
         args.out = REPO / "bench" / "RESULTS.md"
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -642,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" not in args.skip:
             say(f"bi-level vs dense decoding, frames {args.decode_frames}")
             decode_rows = bench_decode(models[args.sweep_model], args.decode_frames, dense_blocks=args.dense_blocks,
-                                       new_tokens=args.new_tokens, threads=args.threads)
+                                       new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
         section = render(args, args.threads, load_before, models, backend_rows, prefill_rows, equivalence, decode_rows)
     print(section)
     if args.out:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "VIDEOXL_KERNELS_LIBRARY"  # explicit path to a prebuilt library
+KERNELS_VERSION = 1  # VIDEOXL_KERNELS_VERSION these bindings are written for
 
 
 class DType(enum.IntEnum):
@@ -180,6 +181,11 @@ def load_library(*, build_if_needed: bool = True) -> ctypes.CDLL:
         library.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
         library.videoxl_kernels_status_string.restype = ctypes.c_char_p
         library.videoxl_kernels_version.restype = ctypes.c_int
+        if library.videoxl_kernels_version() != KERNELS_VERSION:
+            raise build.BuildError(
+                f"{path} implements kernels version {library.videoxl_kernels_version()}, these bindings expect "
+                f"{KERNELS_VERSION}; rebuild it with `python -m videoxl.plugins.build --force`"
+            )
         _library = library
         log.debug("loaded %s (kernels version %d)", path, library.videoxl_kernels_version())
         return library

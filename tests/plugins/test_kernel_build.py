@@ -77,21 +77,24 @@ def test_launchers_validate_arguments_without_a_gpu(one_arch_library) -> None:
         getattr(lib, name).restype = ctypes.c_int
     lib.videoxl_kernels_status_string.restype = ctypes.c_char_p
     lib.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
-    assert lib.videoxl_kernels_version() == 1
+    assert lib.videoxl_kernels_version() == kernels.KERNELS_VERSION
     assert b"head_dim" in lib.videoxl_kernels_status_string(-2)
 
     fake = 0x1000  # never dereferenced: every call below is rejected or has nothing to do
     attention = lib.videoxl_chunk_attention
     # 3 query heads over 2 KV heads
-    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 3, 2, 128, 1.0, 2, None) == -1
+    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 3, 2, 128, 1.0, 2, None) == -1
     # head_dim 48 is not compiled
-    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 4, 2, 48, 1.0, 2, None) == -2
+    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 4, 2, 48, 1.0, 2, None) == -2
     # fewer keys than queries
-    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 3, 4, 2, 64, 1.0, 0, None) == -1
+    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 3, 4, 2, 64, 1.0, 0, None) == -1
+    # more timestamp queries than queries, or a missing list
+    assert attention(fake, fake, fake, fake, fake, None, 0, fake, 5, fake, 4, 10, 4, 2, 64, 1.0, 0, None) == -1
+    assert attention(fake, fake, fake, fake, fake, None, 0, None, 2, fake, 4, 10, 4, 2, 64, 1.0, 0, None) == -1
     # unknown dtype
-    assert attention(fake, fake, fake, fake, fake, None, 0, fake, fake, 4, 10, 4, 2, 64, 1.0, 7, None) == -1
+    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 4, 2, 64, 1.0, 7, None) == -1
     # no queries: nothing to launch
-    assert attention(None, None, None, None, None, None, 0, None, None, 0, 10, 4, 2, 64, 1.0, 0, None) == 0
+    assert attention(None, None, None, None, None, None, 0, None, 0, None, 0, 10, 4, 2, 64, 1.0, 0, None) == 0
     # odd head_dim cannot be rotated
     assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, fake, fake, 8, 4, 4, 2, 15, 1e6, 0, None) == -1
     assert lib.videoxl_pool_kv(fake, fake, 4, 0, 2, 16, 0, None) == -1
@@ -138,3 +141,16 @@ def test_kernels_module_is_lazy() -> None:
         "assert kernels.DType.of('bf16') == kernels.DType.BFLOAT16"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_launch_without_a_driver_returns_a_cuda_error(one_arch_library) -> None:
+    """With no GPU driver a launch reports the CUDA error (static runtime), it never crashes."""
+    if Path("/dev/nvidiactl").exists() or kernels.device_arch() is not None:
+        pytest.skip("a GPU driver is present: this checks the driver-less path only")
+    library, _ = one_arch_library
+    lib = ctypes.CDLL(str(library))
+    lib.videoxl_pool_kv.argtypes = kernels.SIGNATURES["videoxl_pool_kv"]
+    lib.videoxl_kernels_status_string.restype = ctypes.c_char_p
+    status = lib.videoxl_pool_kv(0x1000, 0x1000, 4, 4, 2, 16, 0, None)
+    assert status > 0, "expected a cudaError_t"
+    assert lib.videoxl_kernels_status_string(status)

@@ -128,10 +128,10 @@ def run_attention(lib, q, k, v, vis, scale, dtype, num_q_heads, num_kv_heads, he
     prefix = np.array([vis.prefix_len], np.int64)
     window = np.array([vis.window_start], np.int64)
     timestamps = np.ascontiguousarray(vis.past_timestamp_index, np.int64)
-    is_ts = np.ascontiguousarray(vis.query_is_timestamp, np.uint8)
+    ts_queries = np.ascontiguousarray(vis.timestamp_query_index, np.int64)
     status = lib.videoxl_chunk_attention(
         ptr(q), ptr(k), ptr(v), ptr(prefix), ptr(window), ptr(timestamps) if timestamps.size else None,
-        timestamps.size, ptr(is_ts), ptr(out), num_queries, num_keys, num_q_heads, num_kv_heads, head_dim,
+        timestamps.size, ptr(ts_queries) if ts_queries.size else None, ts_queries.size, ptr(out), num_queries, num_keys, num_q_heads, num_kv_heads, head_dim,
         scale, DTYPE_CODE[dtype], None,
     )
     assert status == 0
@@ -164,7 +164,7 @@ def test_chunk_attention(lib, case, dtype) -> None:
     for vis in (prefix_visibility(layout), chunk_visibility(layout, last, chunk_groups=chunk_groups, window_chunks=window)):
         want = ref.chunk_sparse_attention(
             q64[vis.start : vis.end], k64[: vis.end], v64[: vis.end], vis.prefix_len, vis.window_start,
-            vis.past_timestamp_index, vis.query_is_timestamp, scale,
+            vis.past_timestamp_index, vis.timestamp_query_index, scale,
         )
         out = run_attention(
             lib, np.ascontiguousarray(q[vis.start : vis.end]), np.ascontiguousarray(k[: vis.end]),
@@ -190,7 +190,7 @@ def test_chunk_attention_query_kinds(lib, num_queries, timestamp_share, dtype) -
         past_timestamp_index=np.array([4, 5, 17, 29], np.int64),
         query_is_timestamp=rng.random(num_queries) < timestamp_share,
     )
-    want = ref.chunk_sparse_attention(q64, k64, v64, 3, 30, vis.past_timestamp_index, vis.query_is_timestamp, 0.3)
+    want = ref.chunk_sparse_attention(q64, k64, v64, 3, 30, vis.past_timestamp_index, vis.timestamp_query_index, 0.3)
     out = run_attention(lib, q, k, v, vis, 0.3, dtype, 2, 1, head_dim)
     assert_close(out, want, dtype, f"{num_queries} queries, timestamp share {timestamp_share}")
 

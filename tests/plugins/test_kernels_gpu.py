@@ -97,13 +97,13 @@ def test_chunk_attention(kernels, case, dtype) -> None:
     for vis in visibilities:
         want = ref.chunk_sparse_attention(
             q64[vis.start : vis.end], k64[: vis.end], v64[: vis.end], vis.prefix_len, vis.window_start,
-            vis.past_timestamp_index, vis.query_is_timestamp, scale,
+            vis.past_timestamp_index, vis.timestamp_query_index, scale,
         )
         out = torch.full_like(q[vis.start : vis.end], float("nan"))
         kernels.chunk_attention_torch(
             q[vis.start : vis.end].contiguous(), k[: vis.end].contiguous(), v[: vis.end].contiguous(),
             prefix_len=vis.prefix_len, window_start=vis.window_start,
-            past_timestamp_index=vis.past_timestamp_index, query_is_timestamp=vis.query_is_timestamp,
+            past_timestamp_index=vis.past_timestamp_index, timestamp_query_index=vis.timestamp_query_index,
             scale=scale, out=out,
         )
         torch.cuda.synchronize()
@@ -122,11 +122,12 @@ def test_chunk_attention_query_kinds(kernels, num_queries, timestamp_share, dtyp
     v, v64 = random((past + num_queries, 2, 64), dtype, gen)
     timestamps = np.array([9, 10, 30, 31, 32, 63], dtype=np.int64)
     is_ts = np.random.default_rng(num_queries).random(num_queries) < timestamp_share
-    want = ref.chunk_sparse_attention(q64, k64, v64, prefix_len, window_start, timestamps, is_ts, 0.125)
+    ts_queries = np.flatnonzero(is_ts)
+    want = ref.chunk_sparse_attention(q64, k64, v64, prefix_len, window_start, timestamps, ts_queries, 0.125)
     out = torch.full_like(q, float("nan"))
     kernels.chunk_attention_torch(
         q, k, v, prefix_len=prefix_len, window_start=window_start, past_timestamp_index=timestamps,
-        query_is_timestamp=is_ts, scale=0.125, out=out,
+        timestamp_query_index=ts_queries, scale=0.125, out=out,
     )
     torch.cuda.synchronize()
     assert_close(out, want, dtype, f"{num_queries} queries, timestamp share {timestamp_share}")

@@ -29,6 +29,7 @@ from videoxl.runtime.trt_backend import (
 )
 
 no_gpu = pytest.mark.skipif(gpu_usable(), reason="checks the behaviour on a machine without a usable GPU")
+needs_gpu = pytest.mark.skipif(not gpu_usable(), reason=f"needs an NVIDIA GPU: {gpu_problem()}")
 LIMITS = {"max_frames": 64, "chunk_groups": 2, "window_chunks": 1, "timestamp_tokens": 16, "prefix_tokens": 64,
           "suffix_tokens": 256, "answer_tokens": 256, "vision_batch_frames": 32}
 
@@ -192,8 +193,6 @@ GEOMETRY = dict(chunk_groups=2, window_chunks=1, block_groups=2)
 @pytest.fixture(scope="module")
 def gpu_engines(tiny_onnx, tmp_path_factory):
     """The tiny model's fp32 engines (standard ops, no plugins) built for the GPU present."""
-    if not gpu_usable():
-        pytest.skip(f"needs an NVIDIA GPU: {gpu_problem()}")
     from videoxl.engines.build import build_engines
     from videoxl.engines.trt_module import (
         TensorRTUnavailableError, flavour_of, gpu_compute_capability, import_tensorrt, is_rtx, rtx_supported_targets,
@@ -229,6 +228,7 @@ def case(make_layout, tiny_model):
 
 
 @pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dense_blocks", [1, "all"])
 def test_tokens_equal_onnxruntime(trt_backend, tiny_onnx, tiny_tokenizer, case, dense_blocks):
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
@@ -245,6 +245,7 @@ def test_tokens_equal_onnxruntime(trt_backend, tiny_onnx, tiny_tokenizer, case, 
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_vision_matches_onnxruntime(trt_backend, tiny_onnx):
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
 
@@ -265,6 +266,7 @@ def _mixed_cache(backend, tokenizer, layout, visual, extra: int):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_device_memory_is_flat_over_100_decode_steps(trt_backend, tiny_tokenizer, case):
     from videoxl.runtime.cuda_memory import mem_get_info
     from videoxl.sampling import GenerationConfig
@@ -281,6 +283,7 @@ def test_device_memory_is_flat_over_100_decode_steps(trt_backend, tiny_tokenizer
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_cuda_graph_replay_gives_the_plain_logits(trt_backend, tiny_tokenizer, case):
     layout, visual = case
     suffix = layout.input_ids[layout.suffix_start :]
@@ -298,6 +301,7 @@ def test_cuda_graph_replay_gives_the_plain_logits(trt_backend, tiny_tokenizer, c
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_gather_layers_equals_layer_by_layer(trt_backend):
     cfg, rng = trt_backend.config, np.random.default_rng(5)
     layers, shape = cfg.num_hidden_layers, (40, cfg.num_key_value_heads, cfg.head_dim)
