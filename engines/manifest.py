@@ -15,7 +15,6 @@ and raises :class:`EngineMismatchError` naming the actual values and the rebuild
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shlex
@@ -24,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from videoxl.config import VideoXLConfig
+from videoxl.files import file_sha256
 from videoxl.engines.errors import EngineMismatchError
 from videoxl.engines.trt_module import FLAVOUR_TITLES, describe, flavour_of, normalize_target
 from videoxl.ops import PLUGIN_VERSION
@@ -39,14 +39,6 @@ __all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_mani
 
 
 # --- fingerprints ----------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_fingerprint(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {"sha256": file_sha256(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}

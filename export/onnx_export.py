@@ -14,7 +14,6 @@ so a failed export leaves nothing half-written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 import videoxl
 from videoxl.config import VideoXLConfig
+from videoxl.files import file_sha256
 from videoxl.export.model import DTYPES, VideoXLModel
 from videoxl.export.onnx_graph import OPSET
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
@@ -88,14 +88,6 @@ def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> No
         )
     else:
         onnx.save_model(model, str(path))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_io(model: onnx.ModelProto) -> dict:

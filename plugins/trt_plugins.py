@@ -86,7 +86,7 @@ def _define(trt: ModuleType) -> dict[str, Any]:
         return _classes[trt.__name__]
 
     float_types = (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
-    fixed_types = {"float32": trt.DataType.FLOAT, "int64": trt.DataType.INT64, "bool": trt.DataType.BOOL}
+    fixed_types = {"float32": trt.DataType.FLOAT, "int64": trt.DataType.INT64}
     dtype_names = {trt.DataType.FLOAT: "fp32", trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16"}
 
     class VideoXLPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
@@ -192,12 +192,13 @@ def _define(trt: ModuleType) -> dict[str, Any]:
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from videoxl.plugins import kernels
 
-            q, k, ts = input_desc[0].dims, input_desc[1].dims, input_desc[5].dims
+            q, k = input_desc[0].dims, input_desc[1].dims
             kernels.chunk_attention(
                 query=inputs[0], key=inputs[1], value=inputs[2],
                 prefix_len=inputs[3], window_start=inputs[4],
-                past_timestamp_index=inputs[5], num_past_timestamps=ts[0],
-                query_is_timestamp=inputs[6], output=outputs[0],
+                past_timestamp_index=inputs[5], num_past_timestamps=input_desc[5].dims[0],
+                timestamp_query_index=inputs[6], num_timestamp_queries=input_desc[6].dims[0],
+                output=outputs[0],
                 num_queries=q[0], num_keys=k[0], num_q_heads=q[1], num_kv_heads=k[1], head_dim=q[2],
                 scale=self.attributes["scale"], dtype=self.dtype_name(input_desc[0].type), stream=stream,
             )
