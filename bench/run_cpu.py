@@ -69,6 +69,9 @@ MODELS: dict[str, dict[str, int]] = {
 THREADS_NOTE = ("one thread each by default: on a shared machine multi-threaded OpenMP collapses when other "
                 "jobs oversubscribe the cores, which would measure the neighbours rather than the backends")
 
+CPU_CLOCK_NOTE = (" (single-threaded, so it leaves out the time other jobs held the core and equals wall time "
+                  "on an idle machine)")
+
 # Peak memory of a dense one-pass prefill on ONNX Runtime: the attention body materialises
 # (heads, L, L) float32 scores; about six such tensors are alive at the peak (measured: 2.0 GB
 # at 128 frames and 9.7 GB at 256 frames with 4 heads).
@@ -77,11 +80,37 @@ DENSE_LIVE_SCORE_TENSORS = 6
 
 # --- the runtime pieces under test ---------------------------------------------------------
 
+class Clock:
+    """The measurement clock, with wall time kept beside it.
+
+    With one thread it is the process's CPU time: on a shared machine that leaves out the time
+    other jobs hold the core, and on an idle machine it equals wall time. With more threads it
+    is wall time (CPU time would add the threads up).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.cpu = threads == 1
+        self.name = "CPU time of the process" if self.cpu else "wall time"
+        self.inflation: list[float] = []  # wall / clock of every measured run (how much load slowed it)
+
+    def now(self) -> float:
+        return time.process_time() if self.cpu else time.perf_counter()
+
+    def measure(self, run: Callable[[], object]) -> tuple[object, float]:
+        """-> (what run returned, seconds on this clock)."""
+        wall, started = time.perf_counter(), self.now()
+        result = run()
+        seconds, wall = self.now() - started, time.perf_counter() - wall
+        if seconds > 0.05:
+            self.inflation.append(wall / seconds)
+        return result, seconds
+
+
 class TimedBackend(Backend):
     """A backend passed through unchanged, recording each decode call's token count and time."""
 
-    def __init__(self, inner: Backend) -> None:
-        self.inner, self.name = inner, inner.name
+    def __init__(self, inner: Backend, clock: Clock) -> None:
+        self.inner, self.name, self.clock = inner, inner.name, clock
         self.config, self.float_dtype = inner.config, inner.float_dtype
         self.decode_calls: list[tuple[int, float]] = []  # (new tokens, seconds)
 
@@ -92,9 +121,9 @@ class TimedBackend(Backend):
         return self.inner.prefill_chunk(input_ids, visual_embeds, vis, past_keys, past_values)
 
     def decode(self, input_ids, past_keys, past_values) -> DecodeOutput:
-        started = time.perf_counter()
+        started = self.clock.now()
         out = self.inner.decode(input_ids, past_keys, past_values)
-        self.decode_calls.append((len(input_ids), time.perf_counter() - started))
+        self.decode_calls.append((len(input_ids), self.clock.now() - started))
         return out
 
     def gather_kv(self, keys, values, gather_index, gather_weight):
@@ -155,7 +184,8 @@ class Timing:
         return min(self.runs) if self.runs else float("nan")
 
 
-def best_of_interleaved(cases: dict[str, Callable[[], float]], *, repeats: int, max_repeat_s: float) -> dict[str, Timing]:
+def best_of_interleaved(cases: dict[str, Callable[[], object]], clock: Clock, *, repeats: int,
+                        max_repeat_s: float) -> dict[str, Timing]:
     """Run every case once per round (interleaved, so load from other processes hits all alike).
 
     A case whose first run took longer than max_repeat_s is not repeated.
@@ -165,7 +195,7 @@ def best_of_interleaved(cases: dict[str, Callable[[], float]], *, repeats: int, 
         for name, run in cases.items():
             if round_ and timings[name].runs[0] > max_repeat_s:
                 continue
-            timings[name].runs.append(run())
+            timings[name].runs.append(clock.measure(run)[1])
     return timings
 
 
@@ -185,14 +215,16 @@ class BackendRow:
     prompt_tokens: int
 
 
-def bench_backends(models: dict[str, Model], *, frames: int, vision_frames: int, new_tokens: int,
+def bench_backends(models: dict[str, Model], clock: Clock, *, frames: int, vision_frames: int, new_tokens: int,
                    repeats: int, threads: int) -> list[BackendRow]:
+    """Vision: encode_frames. Prefill: Pipeline.prefill. Decode: the one-token steps of answer_tokens."""
     rows = []
     gen = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    options = InferenceOptions()
     for model in models.values():
         backends = {
-            "onnxruntime": TimedBackend(OnnxRuntimeBackend(model.onnx, threads=threads)),
-            "torch": TimedBackend(TorchBackend(model.checkpoint)),
+            "onnxruntime": TimedBackend(OnnxRuntimeBackend(model.onnx, threads=threads), clock),
+            "torch": TimedBackend(TorchBackend(model.checkpoint), clock),
         }
         layout, embeds = model.layout(frames), model.visual_embeds(frames)
         pixels = np.random.default_rng(0).standard_normal((vision_frames, 3, model.config.image_size, model.config.image_size)).astype(np.float32)
@@ -205,12 +237,11 @@ def bench_backends(models: dict[str, Model], *, frames: int, vision_frames: int,
             backend.encode_frames(pixels[:4])
         for _ in range(repeats):
             for name, backend in backends.items():
-                started = time.perf_counter()
-                backend.encode_frames(pixels)
-                vision[name].runs.append(time.perf_counter() - started)
+                pipeline = Pipeline(backend, model.tokenizer)
+                vision[name].runs.append(clock.measure(lambda: backend.encode_frames(pixels))[1])
+                prefill[name].runs.append(clock.measure(lambda: pipeline.prefill(layout, embeds, options))[1])
                 backend.decode_calls.clear()
-                answer = Pipeline(backend, model.tokenizer).answer_tokens(layout, embeds, options=InferenceOptions(), gen=gen)
-                prefill[name].runs.append(answer.report.prefill_s)
+                answer = pipeline.answer_tokens(layout, embeds, options=options, gen=gen)
                 decode[name].runs.append(backend.token_step_ms())
                 tokens[name] = answer.token_ids
         rows.append(BackendRow(
@@ -298,7 +329,7 @@ class PrefillRow:
     computed: dict[str, int]
 
 
-def bench_prefill(model: Model, frame_counts: list[int], *, repeats: int, max_repeat_s: float,
+def bench_prefill(model: Model, frame_counts: list[int], clock: Clock, *, repeats: int, max_repeat_s: float,
                   dense_memory_bytes: int, threads: int) -> tuple[list[PrefillRow], float]:
     cfg = model.config
     backend = OnnxRuntimeBackend(model.onnx, threads=threads)
@@ -313,12 +344,8 @@ def bench_prefill(model: Model, frame_counts: list[int], *, repeats: int, max_re
         allowed = min(dense_memory_bytes, available_memory_bytes() // 2)
         skipped = None if needed <= allowed else f"needs ~{needed / 2**30:.0f} GiB"
 
-        def run(pipe, opts) -> Callable[[], float]:
-            def once() -> float:
-                started = time.perf_counter()
-                pipe.prefill(layout, embeds, opts)
-                return time.perf_counter() - started
-            return once
+        def run(pipe, opts) -> Callable[[], object]:
+            return lambda: pipe.prefill(layout, embeds, opts)
 
         cases = {MODE_CHUNKED: run(pipeline, options[MODE_CHUNKED]),
                  MODE_DENSE_CHUNKS: run(pipeline, options[MODE_DENSE_CHUNKS])}
@@ -326,7 +353,7 @@ def bench_prefill(model: Model, frame_counts: list[int], *, repeats: int, max_re
         if skipped is None:  # its own session, so that its large arena is freed afterwards
             dense_pipeline = Pipeline(OnnxRuntimeBackend(model.onnx, threads=threads), model.tokenizer)
             cases[MODE_DENSE_ONE_PASS] = run(dense_pipeline, options[MODE_DENSE_ONE_PASS])
-        timings = best_of_interleaved(cases, repeats=repeats, max_repeat_s=max_repeat_s)
+        timings = best_of_interleaved(cases, clock, repeats=repeats, max_repeat_s=max_repeat_s)
         del dense_pipeline
         gc.collect()
         pairs = {mode: attention_pairs(layout, opts, cfg) for mode, opts in options.items()}
@@ -363,11 +390,11 @@ class DecodeRow:
     ms_per_token: float
 
 
-def bench_decode(model: Model, frame_counts: list[int], *, dense_blocks: int, new_tokens: int,
+def bench_decode(model: Model, frame_counts: list[int], clock: Clock, *, dense_blocks: int, new_tokens: int,
                  repeats: int, threads: int) -> list[DecodeRow]:
     """Each run is a whole `answer_tokens` (prefill included); modes interleave round by round."""
     cfg = model.config
-    backend = TimedBackend(OnnxRuntimeBackend(model.onnx, threads=threads))
+    backend = TimedBackend(OnnxRuntimeBackend(model.onnx, threads=threads), clock)
     pipeline = Pipeline(backend, model.tokenizer)
     gen = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
     per_token = kv_bytes(cfg, 1, backend.float_dtype.itemsize)
@@ -405,7 +432,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def environment(args, threads: int, load_before: tuple[float, ...]) -> list[str]:
+def environment(args, clock: Clock, load_before: tuple[float, ...]) -> list[str]:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -419,16 +446,24 @@ def environment(args, threads: int, load_before: tuple[float, ...]) -> list[str]
     return [
         f"- command: `python {shlex.join([script, *sys.argv[1:]])}`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- CPU: {cpu}, {os.cpu_count()} logical CPUs; {threads} thread(s) for ONNX Runtime (intra-op) and "
-        f"PyTorch{' (' + THREADS_NOTE + ')' if threads == 1 else ''}; load average {load_before[0]:.1f} at the "
-        f"start, {load_after[0]:.1f} at the end (the machine is shared: other jobs add noise, hence best-of-N, "
-        "interleaved)",
+        f"- CPU: {cpu}, {os.cpu_count()} logical CPUs; {args.threads} thread(s) for ONNX Runtime (intra-op) and "
+        f"PyTorch{' (' + THREADS_NOTE + ')' if args.threads == 1 else ''}",
+        f"- the machine is shared: load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end. "
+        f"Times are {clock.name}{CPU_CLOCK_NOTE if clock.cpu else ''}, best of N runs interleaved across the "
+        f"compared cases; other jobs stretched wall time to {inflation(clock)} of that",
         f"- onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), torch {torch.__version__}, "
         f"numpy {np.__version__}, Python {platform.python_version()}",
     ]
 
 
-def render(args, threads, load_before, models, backend_rows, prefill_rows, equivalence, decode_rows) -> str:
+def inflation(clock: Clock) -> str:
+    if not clock.inflation:
+        return "-"
+    low, mid, high = np.percentile(clock.inflation, [0, 50, 100])
+    return f"{low:.1f}x-{high:.1f}x (median {mid:.1f}x)"
+
+
+def render(args, clock: Clock, load_before, models, backend_rows, prefill_rows, equivalence, decode_rows) -> str:
     sweep = models[args.sweep_model].config
     out = [SECTION, ""]
     out += [
@@ -436,7 +471,7 @@ def render(args, threads, load_before, models, backend_rows, prefill_rows, equiv
         "absolute times; they say nothing about GPUs or about the 8B model, whose balance of "
         "attention, matrix products and memory traffic is different.",
         "",
-        *environment(args, threads, load_before),
+        *environment(args, clock, load_before),
         "- models (random weights, fp32 ONNX): " + "; ".join(f"{m.name}: {describe_model(m.config)}" for m in models.values())
         + "; the vision tower is the tiny SigLIP (64 wide, 2 layers used) in both",
         "",
@@ -446,10 +481,10 @@ def render(args, threads, load_before, models, backend_rows, prefill_rows, equiv
         out += [
             f"### ONNX Runtime vs eager PyTorch ({frames} frames)",
             "",
-            f"Both backends behind the same runtime loop (`Pipeline.answer_tokens`), same prompt layout and "
-            f"random visual embeddings; default options (chunked prefill C=4, P=3; bi-level decoding with "
-            f"4 task-aware dense blocks); {args.new_tokens} greedy tokens, decode = median one-token step. "
-            f"Vision = `encode_frames` on {args.vision_frames} random frames. Best of {args.repeats}.",
+            "Both backends behind the same runtime loop, same prompt layout and random visual embeddings, default "
+            "options (chunked prefill C=4, P=3; bi-level decoding with 4 task-aware dense blocks). Prefill = "
+            f"`Pipeline.prefill`; decode = median one-token step of `Pipeline.answer_tokens` over {args.new_tokens} "
+            f"greedy tokens; vision = `encode_frames` on {args.vision_frames} random frames. Best of {args.repeats}.",
             "",
         ]
         body = []
@@ -549,7 +584,7 @@ def render(args, threads, load_before, models, backend_rows, prefill_rows, equiv
                          f"{r.kv_bytes / 2**20:.1f}", f"{kv_bytes(real, r.kv_tokens, 2) / 2**30:.2f}",
                          f"{r.select_s:.2f}", f"{r.ms_per_token:.2f}"])
         out += table(["frames", "decode", "dense blocks", "KV tokens", "KV MiB (this model)", "KV GiB (8B, fp16)",
-                      "selection s", "ms/token"], body)
+                      "selection s (wall)", "ms/token"], body)
         out.append("")
         by_frames: dict[int, dict[str, DecodeRow]] = {}
         for r in decode_rows:
@@ -615,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-memory-gib", type=float, default=4.0, help="skip dense one-pass prefill above this estimated memory")
     p.add_argument("--sweep-model", choices=sorted(MODELS), default="tiny", help="model of the prefill and decode sweeps")
     p.add_argument("--threads", type=int, default=1,
-                   help="ONNX Runtime (intra-op) and PyTorch threads (default 1: see THREADS_NOTE)")
+                   help="ONNX Runtime (intra-op) and PyTorch threads; with 1 (the default) times are process CPU time")
     p.add_argument("--skip", default="", help="comma list of parts to skip: backends,prefill,decode")
     p.add_argument("--out", type=Path, default=None, help="results file to update (default bench/RESULTS.md; none with --quick)")
     args = p.parse_args(argv)
@@ -647,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    clock = Clock(args.threads)
     needed = ["tiny", "medium"] if "backends" not in args.skip else [args.sweep_model]
     with tempfile.TemporaryDirectory(prefix="videoxl-bench-") as tmp:
         say("writing and exporting the benchmark models")
@@ -654,18 +690,18 @@ def main(argv: list[str] | None = None) -> int:
         backend_rows, prefill_rows, decode_rows, equivalence = [], [], [], float("nan")
         if "backends" not in args.skip:
             say(f"ONNX Runtime vs PyTorch at {args.compare_frames} frames")
-            backend_rows = bench_backends(models, frames=args.compare_frames, vision_frames=args.vision_frames,
+            backend_rows = bench_backends(models, clock, frames=args.compare_frames, vision_frames=args.vision_frames,
                                           new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
         if "prefill" not in args.skip:
             say(f"chunked vs dense prefill, frames {args.frames}")
             prefill_rows, equivalence = bench_prefill(
-                models[args.sweep_model], args.frames, repeats=args.repeats, max_repeat_s=args.max_repeat_s,
+                models[args.sweep_model], args.frames, clock, repeats=args.repeats, max_repeat_s=args.max_repeat_s,
                 dense_memory_bytes=int(args.dense_memory_gib * 2**30), threads=args.threads)
         if "decode" not in args.skip:
             say(f"bi-level vs dense decoding, frames {args.decode_frames}")
-            decode_rows = bench_decode(models[args.sweep_model], args.decode_frames, dense_blocks=args.dense_blocks,
+            decode_rows = bench_decode(models[args.sweep_model], args.decode_frames, clock, dense_blocks=args.dense_blocks,
                                        new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
-        section = render(args, args.threads, load_before, models, backend_rows, prefill_rows, equivalence, decode_rows)
+        section = render(args, clock, load_before, models, backend_rows, prefill_rows, equivalence, decode_rows)
     print(section)
     if args.out:
         write_section(args.out, section)

@@ -137,6 +137,16 @@ def _pick(ranges: dict[str, list[int]], name: str, wish: int) -> int:
     return int(min(max(wish, low), high))
 
 
+def _pick_value(inputs: dict[str, Any], name: str, wish: int, *, low: int = 0, high: int) -> int:
+    """A value in [low, high], and inside the engine's value range when ``name`` is a shape input."""
+    value = min(max(wish, low), high)
+    shape_input = inputs.get(name, {}).get("shape_input")
+    if shape_input is not None:
+        (lowest,), _, (highest,) = shape_input
+        value = min(max(value, lowest, low), highest, high)
+    return int(value)
+
+
 def sample_feeds(
     graph: str, manifest: dict[str, Any], cfg: VideoXLConfig, rng: np.random.Generator, *, image_token: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -153,9 +163,11 @@ def sample_feeds(
         chunk = sizes["chunk_tokens"] = _pick(ranges, "chunk_tokens", 24)
         past = sizes["past_tokens"] = _pick(ranges, "past_tokens", 40)
         visual = sizes["visual_tokens"] = _pick(ranges, "visual_tokens", chunk // 2 if image_token is not None else 0)
-        prefix_len = min(4, past)
-        window_start = max(prefix_len, past - 8)
+        # prefix_len <= window_start <= past, inside the value ranges of shape inputs (plugin-free engines)
+        prefix_len = _pick_value(inputs, "prefix_len", min(4, past), high=past)
+        window_start = _pick_value(inputs, "window_start", max(prefix_len, past - 8), low=prefix_len, high=past)
         stamps = sizes["past_timestamps"] = _pick(ranges, "past_timestamps", min(4, window_start - prefix_len))
+        ts_queries = sizes["timestamp_queries"] = min(_pick(ranges, "timestamp_queries", max(1, chunk // 6)), chunk)
         ids = rng.integers(0, cfg.vocab_size, size=chunk)
         if image_token is not None:
             ids[ids == image_token] = (image_token + 1) % cfg.vocab_size
@@ -163,7 +175,7 @@ def sample_feeds(
         values.update(
             input_ids=ids.astype(np.int64),
             position_ids=np.arange(past, past + chunk, dtype=np.int64),
-            query_is_timestamp=rng.random(chunk) < 0.15,
+            timestamp_query_index=np.sort(rng.choice(chunk, ts_queries, replace=False)).astype(np.int64),
             prefix_len=np.array([prefix_len], np.int64),
             window_start=np.array([window_start], np.int64),
             past_timestamp_index=np.sort(rng.choice(np.arange(prefix_len, window_start), stamps, replace=False)).astype(np.int64),

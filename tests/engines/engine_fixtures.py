@@ -5,13 +5,14 @@ Writes ``vision.onnx``, ``prefill_chunk.onnx``, ``decode.onnx``, ``kv_gather.onn
 tested independently of the real exporter (and of torch). The graphs are not Video-XL-2: only
 their interface follows ``videoxl.export.onnx_export`` (input/output names, the dimension names
 of ``videoxl.engines.profiles.dimension_ranges``), and the two ``videoxl``-domain custom ops carry
-model-local function bodies that implement ``videoxl.ops`` in standard ONNX.
+the exporter's own model-local function bodies (``videoxl.export.onnx_ops``, which needs no torch),
+so the engine builder sees the same standard-op definitions as on a real export.
 
     prefill_chunk.onnx, per layer i:
         x --MatMul--> q, present_key.i, present_value.i
         past_key.i ++ present_key.i, past_value.i ++ present_value.i --> key, value
         videoxl::ChunkSparseAttention(q, key, value, prefix_len, window_start,
-                                      past_timestamp_index, query_is_timestamp) --MatMul--> x
+                                      past_timestamp_index, timestamp_query_index) --MatMul--> x
     kv_gather.onnx:
         videoxl::BilevelKVGather(key, value, gather_index, gather_weight) --> mixed_key/value
 """
@@ -27,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from videoxl import ops
 from videoxl.config import VideoXLConfig
+from videoxl.export.onnx_ops import OPSET, custom_opset_imports, function_protos
 
-OPSET = 18
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
@@ -41,139 +42,23 @@ def tiny_config() -> VideoXLConfig:
     )  # tokens_per_group = (8 // 2) ** 2 = 16, head_dim = 16 (the kernels' smallest)
 
 
-# --- the two custom ops: standard-ONNX function bodies following videoxl.ops -------------------
-def _ref_attr(name: str, ref: str, kind: int) -> onnx.AttributeProto:
-    attr = onnx.AttributeProto()
-    attr.name, attr.ref_attr_name, attr.type = name, ref, kind
-    return attr
-
-
-def _const_i64(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
-    array = np.asarray(values[0] if scalar else values, dtype=np.int64)
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array))
+# --- the two custom ops: the exporter's own model-local functions -----------------------------
+def custom_functions() -> dict[str, onnx.FunctionProto]:
+    """``{op name: FunctionProto}``: exactly the bodies the exporter writes (``onnx_ops``)."""
+    return {f.name: f for f in function_protos()}
 
 
 def chunk_sparse_attention_function() -> onnx.FunctionProto:
-    """Dense masked attention with the contract's visibility rule, float32 inside."""
-    c = ops.CHUNK_SPARSE_ATTENTION
-    scale = helper.make_node("Constant", [], ["scale"])
-    scale.attribute.append(_ref_attr("value_float", "scale", onnx.AttributeProto.FLOAT))
-    nodes = [
-        _const_i64("zero", [0], scalar=True), _const_i64("one", [1], scalar=True),
-        _const_i64("minus_one", [-1]), _const_i64("ax1", [1]), scale,
-        helper.make_node("Constant", [], ["neg"], value_float=-1e30),
-        helper.make_node("Cast", ["query"], ["qf"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["key"], ["kf"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["value"], ["vf"], to=TensorProto.FLOAT),
-        helper.make_node("Shape", ["query"], ["Qn"], start=0, end=1),
-        helper.make_node("Shape", ["key"], ["Kn"], start=0, end=1),
-        helper.make_node("Shape", ["key"], ["Hkv"], start=1, end=2),
-        helper.make_node("Shape", ["key"], ["D"], start=2, end=3),
-        helper.make_node("Sub", ["Kn", "Qn"], ["past"]),
-        helper.make_node("Squeeze", ["Qn"], ["Qs"]),
-        helper.make_node("Squeeze", ["Kn"], ["Ks"]),
-        helper.make_node("Range", ["zero", "Qs", "one"], ["qidx"]),
-        helper.make_node("Add", ["qidx", "past"], ["qpos"]),  # (Q,) absolute query positions
-        helper.make_node("Range", ["zero", "Ks", "one"], ["kpos"]),  # (K,)
-        helper.make_node("Unsqueeze", ["qpos", "ax1"], ["qpos_col"]),
-        helper.make_node("LessOrEqual", ["kpos", "qpos_col"], ["causal"]),  # (Q, K)
-        helper.make_node("Less", ["kpos", "prefix_len"], ["in_prefix"]),
-        helper.make_node("GreaterOrEqual", ["kpos", "window_start"], ["in_window"]),
-        helper.make_node("Unsqueeze", ["kpos", "ax1"], ["kpos_col"]),
-        helper.make_node("Equal", ["kpos_col", "past_timestamp_index"], ["ts_eq"]),  # (K, T)
-        helper.make_node("Cast", ["ts_eq"], ["ts_eqf"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceSum", ["ts_eqf", "ax1"], ["ts_count"], keepdims=0),
-        helper.make_node("Constant", [], ["fzero"], value_float=0.0),
-        helper.make_node("Greater", ["ts_count", "fzero"], ["is_past_ts"]),
-        helper.make_node("Or", ["in_prefix", "in_window"], ["base0"]),
-        helper.make_node("Or", ["base0", "is_past_ts"], ["base"]),  # (K,)
-        helper.make_node("Unsqueeze", ["query_is_timestamp", "ax1"], ["qts_col"]),
-        helper.make_node("Or", ["qts_col", "base"], ["sees"]),
-        helper.make_node("And", ["causal", "sees"], ["visible"]),  # (Q, K)
-        # GQA: (Q, Hq, D) -> (Hkv, G, Q, D) against keys (Hkv, 1, D, K)
-        helper.make_node("Concat", ["Qn", "Hkv", "minus_one", "D"], ["q4_shape"], axis=0),
-        helper.make_node("Reshape", ["qf", "q4_shape"], ["q4"]),
-        helper.make_node("Transpose", ["q4"], ["qt"], perm=[1, 2, 0, 3]),
-        helper.make_node("Transpose", ["kf"], ["kt"], perm=[1, 2, 0]),
-        helper.make_node("Unsqueeze", ["kt", "ax1"], ["kt4"]),
-        helper.make_node("MatMul", ["qt", "kt4"], ["logits"]),
-        helper.make_node("Mul", ["logits", "scale"], ["scaled"]),
-        helper.make_node("Where", ["visible", "scaled", "neg"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
-        helper.make_node("Transpose", ["vf"], ["vt"], perm=[1, 0, 2]),
-        helper.make_node("Unsqueeze", ["vt", "ax1"], ["vt4"]),
-        helper.make_node("MatMul", ["probs", "vt4"], ["ctx"]),  # (Hkv, G, Q, D)
-        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[2, 0, 1, 3]),
-        helper.make_node("Shape", ["query"], ["q_shape"]),
-        helper.make_node("Reshape", ["ctx_t", "q_shape"], ["ctx3"]),
-        helper.make_node("CastLike", ["ctx3", "query"], ["output"]),
-    ]
-    return helper.make_function(
-        ops.DOMAIN, c.name, c.input_names, c.output_names, nodes,
-        [helper.make_opsetid("", OPSET)], attributes=list(c.attributes),
-    )
+    return custom_functions()[ops.CHUNK_SPARSE_ATTENTION.name]
 
 
 def bilevel_kv_gather_function() -> onnx.FunctionProto:
-    """Weighted gather of source rows, then rotate-half RoPE of keys at positions 0..M-1."""
-    c = ops.BILEVEL_KV_GATHER
-    theta = helper.make_node("Constant", [], ["theta"])
-    theta.attribute.append(_ref_attr("value_float", "rope_theta", onnx.AttributeProto.FLOAT))
-    nodes = [
-        _const_i64("zero", [0], scalar=True), _const_i64("one", [1], scalar=True),
-        _const_i64("two", [2], scalar=True), _const_i64("ax1", [1]), _const_i64("ax2", [2]),
-        _const_i64("ax23", [2, 3]), theta,
-        helper.make_node("Cast", ["key"], ["kf"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["value"], ["vf"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["gather_weight", "ax23"], ["w4"]),  # (M, S, 1, 1)
-        helper.make_node("Gather", ["kf", "gather_index"], ["kg"], axis=0),  # (M, S, Hkv, D)
-        helper.make_node("Gather", ["vf", "gather_index"], ["vg"], axis=0),
-        helper.make_node("Mul", ["kg", "w4"], ["kw"]),
-        helper.make_node("Mul", ["vg", "w4"], ["vw"]),
-        helper.make_node("ReduceSum", ["kw", "ax1"], ["kp"], keepdims=0),  # (M, Hkv, D)
-        helper.make_node("ReduceSum", ["vw", "ax1"], ["vp"], keepdims=0),
-        helper.make_node("Shape", ["gather_index"], ["Mn"], start=0, end=1),
-        helper.make_node("Squeeze", ["Mn"], ["Ms"]),
-        helper.make_node("Shape", ["key"], ["Dn"], start=2, end=3),
-        helper.make_node("Squeeze", ["Dn"], ["Ds"]),
-        helper.make_node("Div", ["Dn", "two"], ["half"]),
-        helper.make_node("Range", ["zero", "Ms", "one"], ["pos_i"]),
-        helper.make_node("Cast", ["pos_i"], ["pos"], to=TensorProto.FLOAT),
-        helper.make_node("Range", ["zero", "Ds", "two"], ["even_i"]),
-        helper.make_node("Cast", ["even_i"], ["even"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["Ds"], ["Df"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["even", "Df"], ["expo"]),
-        helper.make_node("Neg", ["expo"], ["neg_expo"]),
-        helper.make_node("Pow", ["theta", "neg_expo"], ["inv_freq"]),  # (D/2,)
-        helper.make_node("Unsqueeze", ["pos", "ax1"], ["pos_col"]),
-        helper.make_node("Mul", ["pos_col", "inv_freq"], ["freqs"]),  # (M, D/2)
-        helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),  # (M, D)
-        helper.make_node("Cos", ["emb"], ["cos2"]),
-        helper.make_node("Sin", ["emb"], ["sin2"]),
-        helper.make_node("Unsqueeze", ["cos2", "ax1"], ["cos"]),  # (M, 1, D)
-        helper.make_node("Unsqueeze", ["sin2", "ax1"], ["sin"]),
-        helper.make_node("Slice", ["kp", "zero_1", "half", "ax2"], ["x1"]),
-        helper.make_node("Slice", ["kp", "half", "Dn", "ax2"], ["x2"]),
-        helper.make_node("Neg", ["x2"], ["neg_x2"]),
-        helper.make_node("Concat", ["neg_x2", "x1"], ["rot"], axis=2),
-        helper.make_node("Mul", ["kp", "cos"], ["k_cos"]),
-        helper.make_node("Mul", ["rot", "sin"], ["r_sin"]),
-        helper.make_node("Add", ["k_cos", "r_sin"], ["k_rope"]),
-        helper.make_node("CastLike", ["k_rope", "key"], ["mixed_key"]),
-        helper.make_node("CastLike", ["vp", "value"], ["mixed_value"]),
-    ]
-    nodes.insert(0, _const_i64("zero_1", [0]))
-    return helper.make_function(
-        ops.DOMAIN, c.name, c.input_names, c.output_names, nodes,
-        [helper.make_opsetid("", OPSET)], attributes=list(c.attributes),
-    )
+    return custom_functions()[ops.BILEVEL_KV_GATHER.name]
 
 
 # --- the four graphs (interface of videoxl.export.onnx_export; toy bodies) ------------------------
 def _model(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
-    opsets = [helper.make_opsetid("", OPSET)]
-    if functions:
-        opsets.append(helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))
+    opsets = custom_opset_imports() if functions else [helper.make_opsetid("", OPSET)]
     model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="videoxl-test-fixture")
     model.ir_version = 10
     onnx.checker.check_model(model)
@@ -220,7 +105,7 @@ def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["chunk_tokens"]),
         helper.make_tensor_value_info("visual_embeds", dtype, ["visual_tokens", h]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["chunk_tokens"]),
-        helper.make_tensor_value_info("query_is_timestamp", TensorProto.BOOL, ["chunk_tokens"]),
+        helper.make_tensor_value_info("timestamp_query_index", TensorProto.INT64, ["timestamp_queries"]),
         helper.make_tensor_value_info("prefix_len", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("window_start", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("past_timestamp_index", TensorProto.INT64, ["past_timestamps"]),
@@ -255,7 +140,7 @@ def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator
             helper.make_node("Concat", [f"past_value.{i}", f"present_value.{i}"], [f"value.{i}"], axis=0),
             helper.make_node(
                 ops.CHUNK_SPARSE_ATTENTION.name,
-                [f"q.{i}", f"key.{i}", f"value.{i}", "prefix_len", "window_start", "past_timestamp_index", "query_is_timestamp"],
+                [f"q.{i}", f"key.{i}", f"value.{i}", "prefix_len", "window_start", "past_timestamp_index", "timestamp_query_index"],
                 [f"attn.{i}"], domain=ops.DOMAIN, name=f"chunk_attention.{i}", scale=float(d) ** -0.5,
             ),
             helper.make_node("Reshape", [f"attn.{i}", "o_shape"], [f"attn2.{i}"]),

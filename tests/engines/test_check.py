@@ -34,6 +34,9 @@ def test_random_feeds_fit_profile_and_graph(graph: str, fp32_build: tuple[Path, 
     for name, spec in manifest["engines"][graph]["inputs"].items():
         shape = feed[name].shape
         assert all(lo <= n <= hi for lo, n, hi in zip(spec["min"], shape, spec["max"])), (name, shape, spec)
+        if "shape_input" in spec:  # a shape tensor's values must lie in its profile's value range too
+            low, _, high = spec["shape_input"]
+            assert all(lo <= v <= hi for lo, v, hi in zip(low, feed[name].tolist(), high)), (name, feed[name], spec)
     outputs = ort.InferenceSession(str(onnx_dir / f"{graph}.onnx")).run(None, feed)
     assert all(np.isfinite(o).all() for o in outputs)
 
@@ -45,6 +48,9 @@ def test_prefill_feeds_place_image_tokens(fp32_build: tuple[Path, Path]) -> None
     assert (feed["input_ids"] == 7).sum() == feed["visual_embeds"].shape[0] > 0
     prefix, window = int(feed["prefix_len"][0]), int(feed["window_start"][0])
     assert all(prefix <= i < window for i in feed["past_timestamp_index"])
+    ts_queries = feed["timestamp_query_index"]
+    assert ts_queries.dtype == np.int64 and len(ts_queries) > 0
+    assert np.all(np.diff(ts_queries) > 0) and 0 <= ts_queries.min() and ts_queries.max() < len(feed["input_ids"])
 
 
 @pytest.mark.gpu

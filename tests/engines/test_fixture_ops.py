@@ -1,10 +1,11 @@
-"""The test fixture's function bodies implement the op contract (ONNX Runtime vs plugins/reference.py)."""
+"""The function bodies the fixture (and the exporter) writes implement the op contract (ONNX Runtime vs plugins/reference.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper
 
 from engine_fixtures import OPSET, bilevel_kv_gather_function, chunk_sparse_attention_function
@@ -25,12 +26,13 @@ def _session(contract: ops.OpContract, function: onnx.FunctionProto, types: dict
     return ort.InferenceSession(model.SerializeToString())
 
 
-def test_chunk_sparse_attention_body() -> None:
+@pytest.mark.parametrize("timestamp_queries", [[1, 4], []], ids=["two_timestamp_queries", "no_timestamp_queries"])
+def test_chunk_sparse_attention_body(timestamp_queries: list[int]) -> None:
     rng = np.random.default_rng(0)
     q_len, past, hq, hkv, d = 7, 13, 4, 2, 16  # odd sizes on purpose
     types = {n: TensorProto.FLOAT for n in ("query", "key", "value")}
     types.update(prefix_len=TensorProto.INT64, window_start=TensorProto.INT64, past_timestamp_index=TensorProto.INT64,
-                 query_is_timestamp=TensorProto.BOOL)
+                 timestamp_query_index=TensorProto.INT64)
     session = _session(ops.CHUNK_SPARSE_ATTENTION, chunk_sparse_attention_function(), types, scale=d ** -0.5)
     feed = {
         "query": rng.standard_normal((q_len, hq, d)).astype(np.float32),
@@ -38,11 +40,11 @@ def test_chunk_sparse_attention_body() -> None:
         "value": rng.standard_normal((past + q_len, hkv, d)).astype(np.float32),
         "prefix_len": np.array([3]), "window_start": np.array([9]),
         "past_timestamp_index": np.array([4, 7]),
-        "query_is_timestamp": np.array([0, 1, 0, 0, 1, 0, 0], bool),
+        "timestamp_query_index": np.array(timestamp_queries, np.int64),  # Tq may be 0
     }
     (got,) = session.run(None, feed)
     want = reference.chunk_sparse_attention(
-        feed["query"], feed["key"], feed["value"], 3, 9, feed["past_timestamp_index"], feed["query_is_timestamp"], d ** -0.5
+        feed["query"], feed["key"], feed["value"], 3, 9, feed["past_timestamp_index"], feed["timestamp_query_index"], d ** -0.5
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -76,16 +76,19 @@ def test_formats_and_dtypes(registered) -> None:
     plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
     half, f32, i64, i32, b = trt.DataType.HALF, trt.DataType.FLOAT, trt.DataType.INT64, trt.DataType.INT32, trt.DataType.BOOL
     io = [_desc(trt, half, (5, 4, 16)), _desc(trt, half, (9, 2, 16)), _desc(trt, half, (9, 2, 16)),
-          _desc(trt, i64, (1,)), _desc(trt, i64, (1,)), _desc(trt, i64, (3,)), _desc(trt, b, (5,)), _desc(trt, half, (5, 4, 16))]
+          _desc(trt, i64, (1,)), _desc(trt, i64, (1,)), _desc(trt, i64, (3,)), _desc(trt, i64, (2,)), _desc(trt, half, (5, 4, 16))]
     assert all(plugin.supports_format_combination(pos, io, 7) for pos in range(8))
     io[1] = _desc(trt, f32, (9, 2, 16))  # one float dtype across the op
     assert not plugin.supports_format_combination(1, io, 7)
     io[5] = _desc(trt, i32, (3,))  # indices are int64 by contract
     assert not plugin.supports_format_combination(5, io, 7)
+    for dtype in (b, i32):  # timestamp queries are an int64 index list, not a mask
+        io[6] = _desc(trt, dtype, (5,) if dtype == b else (2,))
+        assert not plugin.supports_format_combination(6, io, 7)
     io[0] = _desc(trt, half, (5, 4, 16), trt.TensorFormat.HWC8)
     assert not plugin.supports_format_combination(0, io, 7)
     for dtype in (f32, half, trt.DataType.BF16):
-        assert plugin.get_output_data_types([dtype, dtype, dtype, i64, i64, i64, b]) == [dtype]
+        assert plugin.get_output_data_types([dtype, dtype, dtype, i64, i64, i64, i64]) == [dtype]
     assert plugin.get_workspace_size([], []) == 0
     assert plugin.get_valid_tactics() == []
 
@@ -93,11 +96,11 @@ def test_formats_and_dtypes(registered) -> None:
 def test_shape_checks(registered) -> None:
     trt = registered
     plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
-    plugin.check_shapes([(5, 4, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (5,)])
+    plugin.check_shapes([(5, 4, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (2,)])
     with pytest.raises(ValueError, match="not a multiple"):
-        plugin.check_shapes([(5, 3, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (5,)])
+        plugin.check_shapes([(5, 3, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (2,)])
     with pytest.raises(ValueError, match="keys < 5 queries"):
-        plugin.check_shapes([(5, 4, 16), (4, 2, 16), (4, 2, 16), (1,), (1,), (3,), (5,)])
+        plugin.check_shapes([(5, 4, 16), (4, 2, 16), (4, 2, 16), (1,), (1,), (3,), (2,)])
     gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e4), trt.TensorRTPhase.BUILD)
     with pytest.raises(ValueError, match="odd"):
         gather.check_shapes([(9, 2, 15), (9, 2, 15), (3, 4), (3, 4)])
@@ -158,14 +161,14 @@ def test_enqueue_hands_pointers_and_sizes_to_the_launchers(registered, monkeypat
     calls = []
     monkeypatch.setattr(kernels, "_call", lambda name, *args: calls.append((name, args)))
     trt = registered
-    half, i64, b = trt.DataType.HALF, trt.DataType.INT64, trt.DataType.BOOL
+    half, i64 = trt.DataType.HALF, trt.DataType.INT64
     attn = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.RUNTIME)
     inputs = [_tensor(trt, half, (5, 4, 16)), _tensor(trt, half, (9, 2, 16)), _tensor(trt, half, (9, 2, 16)),
-              _tensor(trt, i64, (1,)), _tensor(trt, i64, (1,)), _tensor(trt, i64, (3,)), _tensor(trt, b, (5,))]
+              _tensor(trt, i64, (1,)), _tensor(trt, i64, (1,)), _tensor(trt, i64, (3,)), _tensor(trt, i64, (2,))]
     attn.enqueue(inputs, [_tensor(trt, half, (5, 4, 16))], [101, 102, 103, 104, 105, 106, 107], [201], 0, 77)
     name, args = calls[-1]
     assert name == "videoxl_chunk_attention"
-    assert args == (101, 102, 103, 104, 105, 106, 3, 107, 201, 5, 9, 4, 2, 16, 0.25, kernels.DType.FLOAT16, 77)
+    assert args == (101, 102, 103, 104, 105, 106, 3, 107, 2, 201, 5, 9, 4, 2, 16, 0.25, kernels.DType.FLOAT16, 77)
 
     gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e6), trt.TensorRTPhase.RUNTIME)
     inputs = [_tensor(trt, trt.DataType.BF16, (23, 2, 16)), _tensor(trt, trt.DataType.BF16, (23, 2, 16)),
