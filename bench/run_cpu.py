@@ -1,6 +1,6 @@
 """CPU benchmarks: ONNX Runtime vs eager PyTorch, chunked vs dense prefill, bi-level vs dense decoding.
 
-    .venv/bin/python bench/run_cpu.py                      # full run, ~10-15 min on 2 cores
+    .venv/bin/python bench/run_cpu.py                      # full run, ~6-10 min on 2 shared cores
     .venv/bin/python bench/run_cpu.py --quick              # ~2 min smoke run, prints only
     .venv/bin/python bench/run_cpu.py --frames 64,128,256 --out bench/RESULTS.md
 
@@ -9,7 +9,8 @@ ONNX (fp32), so no download is needed. These are CPU numbers of tiny models: rea
 not the absolute times, and do not carry them over to GPUs or to the 8B model.
 
     1. backends   ONNX Runtime vs TorchBackend (eager PyTorch), same inputs, same runtime loop
-                  (Pipeline.answer_tokens): vision s, prefill s, decode ms/token; tiny and medium
+                  (Pipeline.prefill, Pipeline.answer_tokens): vision s, prefill s, decode ms/token;
+                  tiny and medium models
     2. prefill    chunked (C=4, P=3) vs dense as frames grow, ONNX Runtime; random visual
                   embeddings (the vision tower is identical in both modes and would dominate);
                   measured ratio next to the attention-work ratio counted from the layouts
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from tokenizers import Tokenizer
 
 from videoxl.config import VideoXLConfig
 from videoxl.export.onnx_export import export_onnx
@@ -140,8 +142,8 @@ class Model:
     name: str
     checkpoint: Path
     onnx: Path
-    tokenizer: object = None
-    config: object = None
+    tokenizer: Tokenizer
+    config: VideoXLConfig
 
     def layout(self, frames: int):
         groups = -(-frames // 4)

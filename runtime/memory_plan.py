@@ -372,10 +372,13 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
             advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): all {i.frames} frames fit")
         elif (n := max_frames_that_fit(cfg, i, dense_tier="host")) > best:
             advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): {n} frames fit")
-    if i.dense_blocks > 0:
-        fitting = [k for k in range(i.dense_blocks - 1, -1, -1) if _fits(cfg, i, dense_blocks=k)]
-        if fitting:
-            advice.append(f"lower --dense-blocks to {fitting[0]}: all {i.frames} frames fit")
+    top = min(i.dense_blocks, plan.num_blocks)  # more than every block changes nothing
+    if top > 0 and _fits(cfg, i, dense_blocks=0):
+        low, high = 0, top - 1  # the largest k that fits; plans grow with k
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if _fits(cfg, i, dense_blocks=mid) else (low, mid - 1)
+        advice.append(f"lower --dense-blocks to {low}: all {i.frames} frames fit")
     if i.dtype_bytes > 2:
         if _fits(cfg, i, dtype_bytes=2):
             advice.append(f"use fp16 KV (--kv-dtype fp16): all {i.frames} frames fit")

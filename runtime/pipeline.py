@@ -133,8 +133,9 @@ class Pipeline:
         cfg = self.config
         chunk_groups = options.chunk_groups or cfg.chunk_groups
         window = cfg.window_chunks if options.window_chunks is None else options.window_chunks
-        if options.prefill == "dense":  # plain causal: one chunk whose window covers everything
-            chunk_groups, window = max(layout.num_groups, 1), 0
+        if options.prefill == "dense":
+            # plain causal, still computed chunk by chunk (bounded memory): every earlier chunk is in the window
+            window = num_chunks(layout, chunk_groups)
         store = TwoTierKVStore(cfg, layout, block_groups=options.block_groups or cfg.block_groups, dtype=self.backend.float_dtype)
         pieces = [prefix_visibility(layout)] + [
             chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window)

@@ -149,7 +149,7 @@ def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, d
     token, not only the visible ones.
     """
     plan = plan_memory(
-        config, frames=frames, budget_bytes=1, chunk_groups=limits["chunk_groups"],
+        config, frames=frames, budget_bytes=1 << 62, chunk_groups=limits["chunk_groups"],
         window_chunks=limits["window_chunks"], dense_blocks=dense_blocks, prefill_past="full",
         timestamp_tokens_per_group=limits["timestamp_tokens"], prefix_tokens=limits["prefix_tokens"],
         suffix_tokens=limits["suffix_tokens"], max_new_tokens=limits["answer_tokens"],
