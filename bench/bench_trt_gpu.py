@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Tiny checkpoint -> ONNX -> engines for this GPU; returns (engines, tokenizer dir)."""
+def build(workdir: Path, args: argparse.Namespace) -> Path:
+    """Tiny checkpoint -> ONNX -> engines for this GPU (the manifest points at the ONNX tokenizer)."""
     from videoxl.engines.build import build_engines
     from videoxl.engines.trt_module import flavour_of, gpu_compute_capability, import_tensorrt, is_rtx, rtx_supported_targets
     from videoxl.export.onnx_export import export_onnx
@@ -64,14 +64,13 @@ def build(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         fail(f"TensorRT for RTX cannot build for this GPU ({gpu}); install standard TensorRT")
     checkpoint = write_tiny_checkpoint(workdir / "checkpoint")
     onnx_dir = export_onnx(checkpoint, workdir / "onnx", dtype=args.precision, max_frames=args.frames)
-    engines = build_engines(
+    return build_engines(
         onnx_dir, workdir / "engines", precision=args.precision, max_frames=args.frames,
         targets=[gpu] if is_rtx(trt) else None, flavour=flavour_of(trt), use_plugins=args.plugins,
     )
-    return engines, checkpoint
 
 
-def run(engines: Path, tokenizer_dir: Path, args: argparse.Namespace) -> list[str]:
+def run(engines: Path, args: argparse.Namespace) -> list[str]:
     from videoxl.engines.profiles import format_bytes
     from videoxl.runtime.cuda_memory import mem_get_info
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
@@ -88,7 +87,7 @@ def run(engines: Path, tokenizer_dir: Path, args: argparse.Namespace) -> list[st
     backend = TensorRTBackend(engines, gpu_memory_budget=args.budget)
     watch()
     cfg, rng = backend.config, np.random.default_rng(0)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(backend.artifact_dir)
     pipeline = Pipeline(backend, tokenizer)
     frames = args.frames - args.frames % cfg.frames_per_group
     groups = frames // cfg.frames_per_group
@@ -102,9 +101,12 @@ def run(engines: Path, tokenizer_dir: Path, args: argparse.Namespace) -> list[st
     watch()
     visual = np.concatenate(embeds)[:groups]
 
-    layout, _ = build_prompt(tokenizer, "What happens?", [4.0 * g for g in range(groups)], tokens_per_group=cfg.tokens_per_group)
+    def prompt(count: int):
+        return build_prompt(tokenizer, "What happens?", [4.0 * g for g in range(count)], tokens_per_group=cfg.tokens_per_group)[0]
+
     options = InferenceOptions(dense_blocks=2)
-    pipeline.prefill(layout, visual[: min(groups, 8)], options) if groups > 8 else None  # warm up the shapes
+    pipeline.prefill(prompt(min(groups, 8)), visual[: min(groups, 8)], options)  # warm up: first-use costs
+    layout = prompt(groups)
     started = time.perf_counter()
     store = pipeline.prefill(layout, visual, options)
     prefill_s = time.perf_counter() - started
@@ -180,19 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="videoxl-bench-trt-") as tmp:
         try:
-            if args.engines:
-                engines, tokenizer_dir = args.engines, args.engines
-            else:
-                engines, tokenizer_dir = build(Path(tmp), args)
+            engines = args.engines or build(Path(tmp), args)
         except TensorRTUnavailableError as err:
             fail(str(err))
-        from videoxl.runtime.trt_backend import _tokenizer_dir
-
-        if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-            import json
-
-            tokenizer_dir = _tokenizer_dir(Path(engines), json.loads((Path(engines) / "manifest.json").read_text()))
-        print("\n".join(run(Path(engines), Path(tokenizer_dir), args)))
+        print("\n".join(run(Path(engines), args)))
     return 0
 
 

@@ -269,9 +269,10 @@ MODE_CHUNKED, MODE_DENSE_CHUNKS, MODE_DENSE_ONE_PASS = "chunked", "dense_chunks"
 def prefill_options(mode: str, layout, cfg):
     if mode == MODE_CHUNKED:
         return InferenceOptions(prefill="chunked")
-    if mode == MODE_DENSE_CHUNKS:  # P covers every earlier chunk: plain causal visibility
-        return InferenceOptions(prefill="chunked", window_chunks=num_chunks(layout, cfg.chunk_groups))
-    return InferenceOptions(prefill="dense")
+    if mode == MODE_DENSE_CHUNKS:  # what prefill="dense" runs: P covers every earlier chunk
+        return InferenceOptions(prefill="dense")
+    # the whole video as one chunk with no window: plain causal visibility in a single pass
+    return InferenceOptions(prefill="chunked", chunk_groups=max(layout.num_groups, 1), window_chunks=0)
 
 
 def pieces(layout, options, cfg) -> list:
@@ -509,10 +510,10 @@ def render(args, clock: Clock, load_before, models, backend_rows, prefill_rows, 
             "is skipped: it does the same work in both modes and would dominate the time. Three ways to prefill:",
             "",
             f"- **chunked**: `InferenceOptions(prefill=\"chunked\")`, C={c} groups per chunk, P={p} previous chunks visible;",
-            "- **dense, one pass**: `InferenceOptions(prefill=\"dense\")`, the whole video as one chunk with plain causal "
+            "- **dense, one pass**: `InferenceOptions(prefill=\"chunked\", chunk_groups=G, window_chunks=0)`, the whole video as one chunk with plain causal "
             "visibility. The ONNX attention body materialises (heads, L, L) float32 scores, so its memory grows as L²; "
             f"it is skipped where the estimate exceeds {args.dense_memory_gib:g} GiB or half the free memory;",
-            "- **dense, chunk by chunk**: `prefill=\"chunked\"` with P covering every earlier chunk: the same causal "
+            "- **dense, chunk by chunk**: `InferenceOptions(prefill=\"dense\")`, which runs chunked with P covering every earlier chunk: the same causal "
             "visibility as dense, computed C groups at a time (memory linear in L). "
             f"Check: its KV cache equals the one-pass dense cache at 64 frames to {equivalence:.1e} (max abs).",
             "",
