@@ -408,7 +408,8 @@ class _Engine:
     def inputs(self) -> list[_Tensor]:
         return [t for t in self.tensors.values() if t.is_input]
 
-    def set_shapes(self, context, shapes: dict[str, tuple[int, ...]]) -> None:
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """ValueError naming the input, its shape and the profile range, before anything is staged."""
         for name, shape in shapes.items():
             tensor = self.tensors[name]
             if len(shape) != len(tensor.max) or any(s < lo or s > hi for s, lo, hi in zip(shape, tensor.min, tensor.max)):
@@ -416,6 +417,10 @@ class _Engine:
                     f"{self.graph} engine: input {name!r} of shape {tuple(shape)} is outside its profile "
                     f"{tensor.min}..{tensor.max} ({self.limits_hint})"
                 )
+
+    def set_shapes(self, context, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.check_shapes(shapes)
+        for name, shape in shapes.items():
             if not context.set_input_shape(name, tuple(int(s) for s in shape)):
                 raise RuntimeError(f"{self.graph} engine refused shape {tuple(shape)} for {name!r}: {'; '.join(self.logger.errors)}")
 
@@ -673,8 +678,11 @@ class TensorRTBackend(Backend):
         for start in range(0, pixels.shape[0], batch_frames):
             batch = pixels[start : start + batch_frames]
             groups = batch.shape[0] // per_group
-            engine.set_shapes(engine.context, {"pixel_values": batch.shape})
-            address = {"pixel_values": self._put("vision", "pixel_values", batch, self.compute), "visual_embeds": self._io[("vision", "visual_embeds")].ptr}
+            engine.set_shapes(engine.context, {"pixel_values": batch.shape})  # validates before staging
+            address = {
+                "pixel_values": self._put("vision", "pixel_values", batch, self.compute),
+                "visual_embeds": self._io[("vision", "visual_embeds")].ptr,
+            }
             engine.enqueue(engine.context, address, self.compute)
             shape = (groups, cfg.tokens_per_group, cfg.hidden_size)
             embeds = self._fetch("vision", "visual_embeds", int(np.prod(shape)), self.compute)
@@ -703,6 +711,7 @@ class TensorRTBackend(Backend):
         if unknown:
             raise ValueError(f"prefill_chunk engine wants inputs {unknown} this runtime does not feed; rebuild from a current export")
         shapes = {name: value.shape for name, value in feeds.items()}
+        engine.check_shapes(shapes)
         address = {name: self._put("prefill_chunk", name, value, self.compute) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
         for layer in range(self.config.num_hidden_layers):
@@ -723,6 +732,7 @@ class TensorRTBackend(Backend):
 
     def decode(self, input_ids, past_keys, past_values) -> DecodeOutput:
         slabs, t, past = self._kv["mixed"], len(input_ids), past_keys[0].shape[0]
+        self.engines["decode"].check_shapes({"input_ids": (t,), "past_key.0": (past, *past_keys[0].shape[1:])})
         self._require_rows("mixed", past + t, f"a decode cache of {past + t} tokens")
         self._gather_next = 0
         self._sync_mirror(self._mixed_mirror, slabs, past_keys, past_values)
@@ -803,6 +813,7 @@ class TensorRTBackend(Backend):
         pool = engine.tensors["gather_index"]
         index, weight = fit_gather_width(gather_index, gather_weight, pool.min[1], pool.max[1])
         n, m = keys[0].shape[0], index.shape[0]
+        engine.check_shapes({"key": keys[0].shape, "gather_index": index.shape})
         self._require_rows("kv_source", n, f"a gather source of {n} rows (sparse tier + reloaded dense blocks)")
         self._require_rows("mixed", m, f"a mixed cache of {m} rows")
         if layers[0] == 0:

@@ -229,7 +229,7 @@ def case(make_layout, tiny_model):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dense_blocks", [1, "all"])
+@pytest.mark.parametrize("dense_blocks", [1, (3,)])
 def test_tokens_equal_onnxruntime(trt_backend, tiny_onnx, tiny_tokenizer, case, dense_blocks):
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
