@@ -12,8 +12,10 @@ ONNX and builds engines for the GPU present (`--engines DIR` reuses a built dire
     decode     Pipeline.decode, one token a step, --new-tokens steps (plain execution: every
                step has a new past length), and the same single step repeated, which replays a
                CUDA graph after its second use (see DecodeGraphCache)
-    memory     the arena budget and its regions, pinned host bytes, and the peak device bytes in
-               use (cudaMemGetInfo: free before the backend minus the lowest free seen)
+    memory     the peak device bytes in use (cudaMemGetInfo: free before the backend minus the
+               lowest free seen; the arena takes the whole budget up front, so this is about the
+               budget plus what TensorRT and CUDA hold outside it), the bytes of the arena's
+               regions actually carved, and the pinned host bytes
 
 Prefill times are scaled to seconds per 1,000 frames. Tiny-model numbers measure the runtime's
 overheads (launches, copies, synchronisation), not the 8B model. Prints a markdown table. Needs
@@ -104,7 +106,8 @@ def run(engines: Path, args: argparse.Namespace) -> list[str]:
     def prompt(count: int):
         return build_prompt(tokenizer, "What happens?", [4.0 * g for g in range(count)], tokens_per_group=cfg.tokens_per_group)[0]
 
-    options = InferenceOptions(dense_blocks=2)
+    limits = backend.limits  # the chunk geometry the engines were built for
+    options = InferenceOptions(dense_blocks=2, chunk_groups=limits["chunk_groups"], window_chunks=limits["window_chunks"])
     pipeline.prefill(prompt(min(groups, 8)), visual[: min(groups, 8)], options)  # warm up: first-use costs
     layout = prompt(groups)
     started = time.perf_counter()
@@ -162,6 +165,7 @@ def run(engines: Path, args: argparse.Namespace) -> list[str]:
         f"| decode, ms/step (same step, CUDA graph replay, median of {args.repeats}) | {statistics.median(replay_ms[2:]):.2f} |",
         f"| peak device bytes (cudaMemGetInfo) | {peak:,} ({format_bytes(peak)}) |",
         f"| pinned host bytes | {report.pop('pinned_host'):,} |",
+        f"| arena bytes in use (sum of the regions below) | {sum(report.values()):,} ({format_bytes(sum(report.values()))}) |",
         "",
         "| arena region | bytes |",
         "|---|---|",

@@ -244,6 +244,43 @@ class DeviceBuffer:
         return self.ptr + offset
 
 
+@dataclass(frozen=True)
+class KVSlabs:
+    """Per-layer K and V buffers of ``capacity`` rows inside one region.
+
+    Layout ``K0 V0 K1 V1 ...``, each slab aligned, so row r of every layer's K is ``pitch``
+    bytes from the previous layer's: one 2-D copy moves a row range of all layers.
+    """
+
+    ptr: int
+    layers: int
+    capacity: int  # rows (tokens)
+    row_bytes: int  # kv_heads x head_dim x itemsize
+
+    @staticmethod
+    def slab_bytes(capacity: int, row_bytes: int) -> int:
+        return align_up(capacity * row_bytes, ALIGNMENT)
+
+    @classmethod
+    def nbytes(cls, layers: int, capacity: int, row_bytes: int) -> int:
+        return 2 * layers * cls.slab_bytes(capacity, row_bytes)
+
+    @property
+    def pitch(self) -> int:
+        return 2 * self.slab_bytes(self.capacity, self.row_bytes)
+
+    def key(self, layer: int, row: int = 0) -> int:
+        return self._at(2 * layer, layer, row)
+
+    def value(self, layer: int, row: int = 0) -> int:
+        return self._at(2 * layer + 1, layer, row)
+
+    def _at(self, slab: int, layer: int, row: int) -> int:
+        if not (0 <= layer < self.layers and 0 <= row <= self.capacity):
+            raise IndexError(f"layer {layer}, row {row} outside {self.layers} layers x {self.capacity} rows")
+        return self.ptr + slab * self.slab_bytes(self.capacity, self.row_bytes) + row * self.row_bytes
+
+
 class DeviceRegion:
     """One region of a DeviceArena; buffers are carved from it in order."""
 

@@ -26,6 +26,9 @@ Where they live::
     host     dense tier (pinned), unless --dense-tier device
     unified memory (Jetson): host and device are the same memory and share one budget.
 
+The TensorRT backend sizes its device KV regions with the same arithmetic (``kv_rows_for``,
+``fit_kv_rows``: the most frames whose regions fit what the arena has left).
+
 Activation estimates assume fused attention in SigLIP and in the prefill chunk (the videoxl
 attention plugin is flash-style); the decode graph materialises its probabilities (they feed
 the attention mass used to score blocks), so the suffix decode counts Q x heads x keys x 4 B.
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines.profiles import format_bytes, parse_bytes
+from videoxl.runtime.cuda_memory import ArenaOverflowError, KVSlabs
 
 DENSE_TIERS = ("host", "device")
 PREFILL_PAST_MODES = ("visible", "full")
@@ -392,6 +396,80 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
                 advice.append(f"{bits}-bit weights (--weight-bits {bits}) fit all {i.frames} frames")
                 break
     return advice, (best if best > 0 else None)
+
+
+# --- KV regions of the TensorRT backend -----------------------------------------------------------
+@dataclass(frozen=True)
+class KVRows:
+    """Row capacities of the three KV regions."""
+
+    prefill: int  # past + one chunk
+    source: int  # sparse tier + reloaded dense rows
+    mixed: int  # mixed cache + suffix + answer
+
+    def nbytes(self, layers: int, row_bytes: int) -> int:
+        return sum(KVSlabs.nbytes(layers, rows, row_bytes) for rows in (self.prefill, self.source, self.mixed))
+
+
+def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, dense_blocks: int) -> KVRows:
+    """KV rows one request of ``frames`` frames needs, from the memory planner's token arithmetic.
+
+    ``limits`` are the engines' build limits (manifest): timestamp, prefix, suffix and answer
+    tokens are the upper bounds the engines were built for. The prefill past is "full": the
+    exported prefill graph rotates its past keys at positions 0..P-1, so it takes every earlier
+    token, not only the visible ones.
+    """
+    plan = plan_memory(
+        config, frames=frames, budget_bytes=1 << 62, chunk_groups=limits["chunk_groups"],
+        window_chunks=limits["window_chunks"], dense_blocks=dense_blocks, prefill_past="full",
+        timestamp_tokens_per_group=limits["timestamp_tokens"], prefix_tokens=limits["prefix_tokens"],
+        suffix_tokens=limits["suffix_tokens"], max_new_tokens=limits["answer_tokens"],
+    )
+    chunk = max(limits["chunk_groups"] * (config.tokens_per_group + limits["timestamp_tokens"]), limits["prefix_tokens"])
+    return KVRows(
+        prefill=plan.item("prefill past").tokens + chunk,
+        source=plan.item("sparse KV tier").tokens + plan.item("dense reload area").tokens,
+        mixed=plan.item("mixed decode cache").tokens,
+    )
+
+
+def fit_kv_rows(
+    config: VideoXLConfig, limits: dict[str, int], *, available_bytes: int, row_bytes: int, dense_blocks: int
+) -> tuple[int, KVRows]:
+    """The most frames (<= the engines' limit) whose KV regions fit, and the rows to allocate.
+
+    Bytes left beyond that request go to the source and mixed regions in equal rows (more dense
+    blocks fit), up to what an all-dense request at the frame limit would use.
+    """
+    layers, per_group = config.num_hidden_layers, config.frames_per_group
+
+    def need(frames: int) -> int:
+        return kv_rows_for(config, limits, frames, dense_blocks=dense_blocks).nbytes(layers, row_bytes)
+
+    low, high = 0, math.ceil(limits["max_frames"] / per_group)
+    while low < high:  # in groups; the rows grow with the group count
+        mid = (low + high + 1) // 2
+        if need(mid * per_group) <= available_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    frames = min(low * per_group, limits["max_frames"])
+    if frames == 0:
+        missing = need(per_group) - available_bytes
+        raise ArenaOverflowError(
+            f"the KV regions for even one group of {per_group} frames need {format_bytes(need(per_group))} but the arena "
+            f"has {format_bytes(available_bytes)} left after weights, activations and I/O: {missing} bytes "
+            f"({format_bytes(missing)}) missing; raise --gpu-memory-budget"
+        )
+    rows = kv_rows_for(config, limits, frames, dense_blocks=dense_blocks)
+    ceiling = kv_rows_for(config, limits, limits["max_frames"], dense_blocks=10**9)
+    spare = available_bytes - rows.nbytes(layers, row_bytes)
+    extra = max(0, spare // (2 * 2 * layers * row_bytes) - 2)  # rows added to both regions, minus alignment
+    return frames, KVRows(
+        prefill=rows.prefill,
+        source=min(rows.source + extra, max(ceiling.source, rows.source)),
+        mixed=min(rows.mixed + extra, max(ceiling.mixed, rows.mixed)),
+    )
 
 
 # --- CLI -----------------------------------------------------------------------------------------

@@ -18,13 +18,17 @@ All device memory is ONE arena (cuda_memory.DeviceArena, ``gpu_memory_budget`` b
 
 The three KV regions are sized by the memory planner for the engines' frame limit (the largest
 frame count that fits when the budget is smaller, see ``max_frames``); what is left goes to
-kv_source and mixed, so more dense blocks fit. Nothing is allocated after start-up.
+kv_source and mixed, so more dense blocks fit. Nothing is allocated after start-up. The prefill
+past is the *whole* past, not only the visible part (DESIGN §2): the exported prefill graph
+rotates its past keys at positions 0..P-1, so it cannot take a gathered past.
 
 The runtime loop hands numpy arrays across the Backend interface. Behind them the backend keeps
 device mirrors: past rows it produced itself are not uploaded again (``_Mirror``), so a chunk
 or a decode step moves only its new rows to the host. Streams: ``compute`` runs the engines;
-``upload`` / ``download`` copy KV while the gather of another layer runs (``gather_kv_layers``
-pipelines upload(l+1) | gather(l) | download(l-1) through double-buffered pinned memory).
+``upload`` / ``download`` move gather sources and results. Given every layer at once
+(``gather_kv_layers``), upload(l+1) | gather(l) | download(l-1) overlap through double-buffered
+pinned memory; ``gather_kv`` (one layer per call, what the KV store calls today) runs the same
+path with nothing to overlap.
 
 Decode steps can replay CUDA graphs, see ``DecodeGraphCache`` for the bucketing.
 """
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from videoxl.runtime.cuda_memory import (
     DeviceArena,
     Event,
     FirstFitAllocator,
+    KVSlabs,
     PinnedHostPool,
     Stream,
     align_up,
@@ -65,13 +69,13 @@ from videoxl.runtime.cuda_memory import (
     host_pointer,
     mem_get_info,
 )
-from videoxl.runtime.memory_plan import plan_memory
+from videoxl.runtime.memory_plan import fit_kv_rows
 
 log = logging.getLogger(__name__)
 
 GRAPHS = ("vision", "prefill_chunk", "decode", "kv_gather")
 DEFAULT_BUDGET_FRACTION = 0.9  # of the free device memory, when no budget is given
-WEIGHTS_SLACK_BYTES = 64 << 20  # kept after the weights for allocations TensorRT makes later
+WEIGHTS_SLACK_BYTES = 64 << 20  # at most this much is kept after the weights for allocations TensorRT makes later
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_, "UINT8": np.uint8}
 _KV_NAME = re.compile(r"^(past|present)_(key|value)\.(\d+)$")
 
@@ -91,116 +95,6 @@ def unavailable(reason: str) -> BackendUnavailable:
 
 
 # --- pure bookkeeping (tested on the CPU) ---------------------------------------------------------
-@dataclass(frozen=True)
-class KVSlabs:
-    """Per-layer K and V buffers of ``capacity`` rows inside one region.
-
-    Layout ``K0 V0 K1 V1 ...``, each slab aligned, so row r of every layer's K is ``pitch``
-    bytes from the previous layer's: one 2-D copy moves a row range of all layers.
-    """
-
-    ptr: int
-    layers: int
-    capacity: int  # rows (tokens)
-    row_bytes: int  # kv_heads x head_dim x itemsize
-
-    @staticmethod
-    def slab_bytes(capacity: int, row_bytes: int) -> int:
-        return align_up(capacity * row_bytes, ALIGNMENT)
-
-    @classmethod
-    def nbytes(cls, layers: int, capacity: int, row_bytes: int) -> int:
-        return 2 * layers * cls.slab_bytes(capacity, row_bytes)
-
-    @property
-    def pitch(self) -> int:
-        return 2 * self.slab_bytes(self.capacity, self.row_bytes)
-
-    def key(self, layer: int, row: int = 0) -> int:
-        return self._at(2 * layer, layer, row)
-
-    def value(self, layer: int, row: int = 0) -> int:
-        return self._at(2 * layer + 1, layer, row)
-
-    def _at(self, slab: int, layer: int, row: int) -> int:
-        if not (0 <= layer < self.layers and 0 <= row <= self.capacity):
-            raise IndexError(f"layer {layer}, row {row} outside {self.layers} layers x {self.capacity} rows")
-        return self.ptr + slab * self.slab_bytes(self.capacity, self.row_bytes) + row * self.row_bytes
-
-
-@dataclass(frozen=True)
-class KVRows:
-    """Row capacities of the three KV regions."""
-
-    prefill: int  # past + one chunk
-    source: int  # sparse tier + reloaded dense rows
-    mixed: int  # mixed cache + suffix + answer
-
-    def nbytes(self, layers: int, row_bytes: int) -> int:
-        return sum(KVSlabs.nbytes(layers, rows, row_bytes) for rows in (self.prefill, self.source, self.mixed))
-
-
-def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, dense_blocks: int) -> KVRows:
-    """KV rows one request of ``frames`` frames needs, from the memory planner's token arithmetic.
-
-    ``limits`` are the engines' build limits (manifest): timestamp, prefix, suffix and answer
-    tokens are the upper bounds the engines were built for. The prefill past is "full": the
-    exported prefill graph rotates its past keys at positions 0..P-1, so it takes every earlier
-    token, not only the visible ones.
-    """
-    plan = plan_memory(
-        config, frames=frames, budget_bytes=1 << 62, chunk_groups=limits["chunk_groups"],
-        window_chunks=limits["window_chunks"], dense_blocks=dense_blocks, prefill_past="full",
-        timestamp_tokens_per_group=limits["timestamp_tokens"], prefix_tokens=limits["prefix_tokens"],
-        suffix_tokens=limits["suffix_tokens"], max_new_tokens=limits["answer_tokens"],
-    )
-    chunk = max(limits["chunk_groups"] * (config.tokens_per_group + limits["timestamp_tokens"]), limits["prefix_tokens"])
-    return KVRows(
-        prefill=plan.item("prefill past").tokens + chunk,
-        source=plan.item("sparse KV tier").tokens + plan.item("dense reload area").tokens,
-        mixed=plan.item("mixed decode cache").tokens,
-    )
-
-
-def fit_kv_rows(
-    config: VideoXLConfig, limits: dict[str, int], *, available_bytes: int, row_bytes: int, dense_blocks: int
-) -> tuple[int, KVRows]:
-    """The most frames (<= the engines' limit) whose KV regions fit, and the rows to allocate.
-
-    Bytes left beyond that request go to the source and mixed regions in equal rows (more dense
-    blocks fit), up to what an all-dense request at the frame limit would use.
-    """
-    layers, per_group = config.num_hidden_layers, config.frames_per_group
-
-    def need(frames: int) -> int:
-        return kv_rows_for(config, limits, frames, dense_blocks=dense_blocks).nbytes(layers, row_bytes)
-
-    low, high = 0, math.ceil(limits["max_frames"] / per_group)
-    while low < high:  # in groups; the rows grow with the group count
-        mid = (low + high + 1) // 2
-        if need(mid * per_group) <= available_bytes:
-            low = mid
-        else:
-            high = mid - 1
-    frames = min(low * per_group, limits["max_frames"])
-    if frames == 0:
-        missing = need(per_group) - available_bytes
-        raise ArenaOverflowError(
-            f"the KV regions for even one group of {per_group} frames need {format_bytes(need(per_group))} but the arena "
-            f"has {format_bytes(available_bytes)} left after weights, activations and I/O: {missing} bytes "
-            f"({format_bytes(missing)}) missing; raise --gpu-memory-budget"
-        )
-    rows = kv_rows_for(config, limits, frames, dense_blocks=dense_blocks)
-    ceiling = kv_rows_for(config, limits, limits["max_frames"], dense_blocks=10**9)
-    spare = available_bytes - rows.nbytes(layers, row_bytes)
-    extra = max(0, spare // (2 * 2 * layers * row_bytes) - 2)  # rows added to both regions, minus alignment
-    return frames, KVRows(
-        prefill=rows.prefill,
-        source=min(rows.source + extra, max(ceiling.source, rows.source)),
-        mixed=min(rows.mixed + extra, max(ceiling.mixed, rows.mixed)),
-    )
-
-
 def fit_gather_width(
     gather_index: np.ndarray, gather_weight: np.ndarray, low: int, high: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -369,6 +263,7 @@ class _Engine:
         if self.engine is None:
             raise unavailable(f"{path}: TensorRT could not deserialize the engine ({'; '.join(logger.errors) or 'no error text'})")
         self.logger = logger
+        self._runtime_configs: list = []
         self.tensors: dict[str, _Tensor] = {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -384,7 +279,22 @@ class _Engine:
         self._infer_output_maxima()
 
     def new_context(self):
-        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        """A context whose device memory we supply (USER_MANAGED).
+
+        TensorRT for RTX compiles shape-specialised kernels in the background by default (LAZY);
+        we ask for NONE, so that device memory stays flat while the past grows and a replayed
+        CUDA graph runs the same kernels as the plain step it was captured from.
+        """
+        user_managed = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        specialization = getattr(self.trt, "DynamicShapesKernelSpecializationStrategy", None)
+        if specialization is not None and hasattr(self.engine, "create_runtime_config"):
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(user_managed)
+            config.dynamic_shapes_kernel_specialization_strategy = specialization.NONE
+            context = self.engine.create_execution_context(config)
+            self._runtime_configs.append(config)  # kept alive as long as the engine
+        else:
+            context = self.engine.create_execution_context(user_managed)
         if context is None:
             raise unavailable(f"{self.graph}: TensorRT could not create an execution context ({'; '.join(self.logger.errors)})")
         return context
@@ -518,7 +428,8 @@ class TensorRTBackend(Backend):
                     ) from None
                 raise
         if weights_in_arena:
-            self.arena.shrink_last("weights", min(weights.nbytes, align_up(self._weights.high_water) + WEIGHTS_SLACK_BYTES))
+            slack = min(WEIGHTS_SLACK_BYTES, self._weights.high_water // 8)
+            self.arena.shrink_last("weights", min(weights.nbytes, align_up(self._weights.high_water + slack)))
             self._weights.shrink(self.arena.regions["weights"].nbytes)
         log.info("weights: %s in the arena", format_bytes(self._weights.high_water))
 
@@ -816,7 +727,7 @@ class TensorRTBackend(Backend):
         engine.check_shapes({"key": keys[0].shape, "gather_index": index.shape})
         self._require_rows("kv_source", n, f"a gather source of {n} rows (sparse tier + reloaded dense blocks)")
         self._require_rows("mixed", m, f"a mixed cache of {m} rows")
-        if layers[0] == 0:
+        if layers[0] == 0 or self._mixed_mirror.signature is None:  # a new series of gathers
             self._mixed_mirror.adopt(None, 0)
             self._mixed_mirror.signature = [() for _ in range(self.config.num_hidden_layers)]
         address = {

@@ -10,6 +10,7 @@ from videoxl.runtime.cuda_memory import (
     ArenaOverflowError,
     CudaError,
     FirstFitAllocator,
+    KVSlabs,
     align_up,
     check,
 )
@@ -101,6 +102,21 @@ def test_first_fit_shrinks_to_its_high_water_mark():
     assert alloc.capacity == 1024 and alloc.allocate(1) is None
     with pytest.raises(ValueError, match="cannot shrink"):
         alloc.shrink(512)
+
+
+def test_kv_slabs_interleave_layers_on_aligned_slabs():
+    slabs = KVSlabs(ptr=1 << 20, layers=3, capacity=10, row_bytes=100)  # 1000 B per slab -> 1024
+    assert KVSlabs.nbytes(3, 10, 100) == 6 * 1024
+    assert slabs.pitch == 2048
+    assert slabs.key(0) == 1 << 20 and slabs.value(0) == (1 << 20) + 1024
+    assert slabs.key(2, 3) == (1 << 20) + 4 * 1024 + 300
+    assert slabs.key(1, 0) - slabs.key(0, 0) == slabs.pitch  # one 2-D copy walks the layers
+    assert all(slabs.key(layer) % ALIGNMENT == 0 for layer in range(3))
+    assert slabs.value(2, 10) == (1 << 20) + 6 * 1024 - 24  # one past the last row
+    with pytest.raises(IndexError):
+        slabs.key(3)
+    with pytest.raises(IndexError):
+        slabs.value(0, 11)
 
 
 def test_check_unpacks_results_and_names_errors():

@@ -7,10 +7,21 @@ import re
 import pytest
 
 from videoxl.config import VideoXLConfig
-from videoxl.runtime.memory_plan import estimate_params, kv_bytes_per_token, max_frames_that_fit, plan_memory
+from videoxl.runtime.cuda_memory import ArenaOverflowError
+from videoxl.runtime.memory_plan import (
+    KVRows,
+    estimate_params,
+    fit_kv_rows,
+    kv_bytes_per_token,
+    kv_rows_for,
+    max_frames_that_fit,
+    plan_memory,
+)
 
 GiB = 2**30
 REAL = VideoXLConfig()
+LIMITS = {"max_frames": 64, "chunk_groups": 2, "window_chunks": 1, "timestamp_tokens": 16, "prefix_tokens": 64,
+          "suffix_tokens": 256, "answer_tokens": 256, "vision_batch_frames": 32}  # an engine manifest's limits
 
 
 def test_kv_bytes_per_token_is_56_kib_for_the_real_model():
@@ -131,6 +142,40 @@ def test_max_frames_that_fit_is_monotone_and_bounded():
     weights_only = plan_memory(REAL, frames=100, budget_bytes=10 * GiB)
     assert not weights_only.fits and weights_only.max_frames_that_fit is None
     assert any("weights alone" in line for line in weights_only.advice)
+
+
+# --- the TensorRT backend's KV regions ----------------------------------------------------------
+def test_kv_rows_follow_the_planner():
+    cfg = VideoXLConfig()
+    rows = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4)
+    group = 144 + 16
+    # 16 groups, chunks of 2: the last chunk has 14 groups of past; 4 blocks of 4 groups, all dense (2 + top-4 >= 4)
+    assert rows.prefill == 64 + 14 * group + 2 * group
+    assert rows.source == 16 * (16 + 36) + 64 + 16 * group
+    assert rows.mixed == 64 + 16 * group + 256 + 256
+
+
+def test_fit_kv_rows_uses_the_budget_and_never_exceeds_it():
+    cfg = VideoXLConfig()
+    row = 4 * 128 * 2
+    need = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4).nbytes(28, row)
+    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=need * 3, row_bytes=row, dense_blocks=4)
+    assert frames == 64
+    ceiling = kv_rows_for(cfg, LIMITS, 64, dense_blocks=10**9)
+    assert rows.source == ceiling.source and rows.mixed == ceiling.mixed  # spare bytes, capped at all-dense
+    assert rows.nbytes(28, row) <= need * 3
+
+    small_need = kv_rows_for(cfg, LIMITS, 32, dense_blocks=4).nbytes(28, row)
+    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=small_need + 1000, row_bytes=row, dense_blocks=4)
+    assert frames == 32 and rows.nbytes(28, row) <= small_need + 1000
+    assert kv_rows_for(cfg, LIMITS, 36, dense_blocks=4).nbytes(28, row) > small_need + 1000
+
+    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=small_need + (64 << 20), row_bytes=row, dense_blocks=4)
+    assert rows.nbytes(28, row) <= small_need + (64 << 20) and rows.mixed > kv_rows_for(cfg, LIMITS, frames, dense_blocks=4).mixed
+
+    with pytest.raises(ArenaOverflowError, match=r"bytes \(.*\) missing; raise --gpu-memory-budget"):
+        fit_kv_rows(cfg, LIMITS, available_bytes=1 << 20, row_bytes=row, dense_blocks=4)
+    assert isinstance(KVRows(1, 2, 3).nbytes(2, 128), int)
 
 
 @pytest.mark.parametrize(

@@ -1,37 +1,39 @@
-"""TensorRT backend: one-line failures without a GPU, its pure bookkeeping, and (GPU) parity with ONNX Runtime.
+"""TensorRT backend: one-line failures without a GPU, its bookkeeping, a simulated device, and (GPU) the real thing.
 
-The GPU tests build the tiny model's engines for the GPU present and skip, with the reason, when
-there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs on RTX-class GPUs).
+CPU: the BackendUnavailable line (and the CLI printing exactly it), the manifest check folded
+into one line, gather widening, the decode-graph policy, and
+the whole backend driven by the runtime loop on a simulated device (fake cuda runtime on host
+memory, fake engines running the exported graphs in ONNX Runtime): same tokens as ONNX Runtime,
+no past re-uploaded, graph replay equal to the plain step.
+
+GPU (marker ``gpu``): the tiny model's engines built for the GPU present; skipped, with the reason,
+when there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs on RTX-class GPUs).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import types
 
 import numpy as np
 import pytest
 
 from videoxl.config import VideoXLConfig
-from videoxl.runtime.cuda_memory import ALIGNMENT, ArenaOverflowError
+from videoxl.runtime.cuda_memory import ALIGNMENT
 from videoxl.runtime.device import gpu_problem, gpu_usable
 from videoxl.runtime.trt_backend import (
     BackendUnavailable,
     DecodeGraphCache,
-    KVRows,
-    KVSlabs,
     TensorRTBackend,
     _checked_manifest,
     _Mirror,
     fit_gather_width,
-    fit_kv_rows,
-    kv_rows_for,
     one_line,
 )
 
 no_gpu = pytest.mark.skipif(gpu_usable(), reason="checks the behaviour on a machine without a usable GPU")
 needs_gpu = pytest.mark.skipif(not gpu_usable(), reason=f"needs an NVIDIA GPU: {gpu_problem()}")
-LIMITS = {"max_frames": 64, "chunk_groups": 2, "window_chunks": 1, "timestamp_tokens": 16, "prefix_tokens": 64,
-          "suffix_tokens": 256, "answer_tokens": 256, "vision_batch_frames": 32}
 
 
 # --- without a GPU: one line, and the CLI prints exactly it --------------------------------------------
@@ -92,54 +94,6 @@ def test_one_line_folds_bullets():
 
 
 # --- pure bookkeeping -----------------------------------------------------------------------------------
-def test_kv_slabs_interleave_layers_on_aligned_slabs():
-    slabs = KVSlabs(ptr=1 << 20, layers=3, capacity=10, row_bytes=100)  # 1000 B per slab -> 1024
-    assert KVSlabs.nbytes(3, 10, 100) == 6 * 1024
-    assert slabs.pitch == 2048
-    assert slabs.key(0) == 1 << 20 and slabs.value(0) == (1 << 20) + 1024
-    assert slabs.key(2, 3) == (1 << 20) + 4 * 1024 + 300
-    assert slabs.key(1, 0) - slabs.key(0, 0) == slabs.pitch  # one 2-D copy walks the layers
-    assert all(slabs.key(layer) % ALIGNMENT == 0 for layer in range(3))
-    assert slabs.value(2, 10) == (1 << 20) + 6 * 1024 - 24  # one past the last row
-    with pytest.raises(IndexError):
-        slabs.key(3)
-    with pytest.raises(IndexError):
-        slabs.value(0, 11)
-
-
-def test_kv_rows_follow_the_planner():
-    cfg = VideoXLConfig()
-    rows = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4)
-    group = 144 + 16
-    # 16 groups, chunks of 2: the last chunk has 14 groups of past; 4 blocks of 4 groups, all dense (2 + top-4 >= 4)
-    assert rows.prefill == 64 + 14 * group + 2 * group
-    assert rows.source == 16 * (16 + 36) + 64 + 16 * group
-    assert rows.mixed == 64 + 16 * group + 256 + 256
-
-
-def test_fit_kv_rows_uses_the_budget_and_never_exceeds_it():
-    cfg = VideoXLConfig()
-    row = 4 * 128 * 2
-    need = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4).nbytes(28, row)
-    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=need * 3, row_bytes=row, dense_blocks=4)
-    assert frames == 64
-    ceiling = kv_rows_for(cfg, LIMITS, 64, dense_blocks=10**9)
-    assert rows.source == ceiling.source and rows.mixed == ceiling.mixed  # spare bytes, capped at all-dense
-    assert rows.nbytes(28, row) <= need * 3
-
-    small_need = kv_rows_for(cfg, LIMITS, 32, dense_blocks=4).nbytes(28, row)
-    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=small_need + 1000, row_bytes=row, dense_blocks=4)
-    assert frames == 32 and rows.nbytes(28, row) <= small_need + 1000
-    assert kv_rows_for(cfg, LIMITS, 36, dense_blocks=4).nbytes(28, row) > small_need + 1000
-
-    frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=small_need + (64 << 20), row_bytes=row, dense_blocks=4)
-    assert rows.nbytes(28, row) <= small_need + (64 << 20) and rows.mixed > kv_rows_for(cfg, LIMITS, frames, dense_blocks=4).mixed
-
-    with pytest.raises(ArenaOverflowError, match=r"bytes \(.*\) missing; raise --gpu-memory-budget"):
-        fit_kv_rows(cfg, LIMITS, available_bytes=1 << 20, row_bytes=row, dense_blocks=4)
-    assert isinstance(KVRows(1, 2, 3).nbytes(2, 128), int)
-
-
 def _gather(source, index, weight):
     return np.einsum("ms,msd->md", weight, source[index])
 
@@ -314,3 +268,322 @@ def test_gather_layers_equals_layer_by_layer(trt_backend):
     for layer in range(layers):
         np.testing.assert_array_equal(together[0][layer], one_by_one[layer][0])
         np.testing.assert_array_equal(together[1][layer], one_by_one[layer][1])
+
+
+# --- the backend's orchestration on a simulated device (CPU) ----------------------------------------------
+# A fake cuda runtime whose "device" memory is host memory (copies are memmoves, streams run in
+# program order, graphs record and replay), and a fake TensorRT whose engines run the exported
+# ONNX graphs with ONNX Runtime. Everything between them is the real backend: arena, regions,
+# pinned staging, 2-D copies, mirrors, the pipelined gather and the decode graph cache.
+FAKE_LIMITS = dict(max_frames=64, chunk_groups=2, window_chunks=1)
+ONNX_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 9: "BOOL"}
+
+
+def _view(ptr: int, shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.empty(shape, dtype)
+    raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class FakeCudart:
+    """The cuda.bindings.runtime calls the backend makes, on host memory."""
+
+    cudaStreamNonBlocking, cudaEventDefault, cudaEventDisableTiming = 1, 0, 2
+    cudaMemcpyKind = types.SimpleNamespace(
+        cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
+    )
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, np.ndarray] = {}
+        self.capturing: dict[int, list] = {}
+        self.bytes_to_device = 0
+        self._handles = 100
+
+    def _handle(self) -> tuple[int, int]:
+        self._handles += 1
+        return 0, self._handles
+
+    def _submit(self, stream: int, op) -> tuple[int]:
+        if stream in self.capturing:
+            self.capturing[stream].append(op)
+        else:
+            op()
+        return (0,)
+
+    def cudaSetDevice(self, device): return (0,)  # noqa: E301, E704
+    def cudaMemGetInfo(self): return 0, 1 << 30, 2 << 30  # noqa: E301, E704
+
+    def cudaMalloc(self, nbytes):
+        buffer = np.zeros(nbytes, np.uint8)
+        self.buffers[buffer.ctypes.data] = buffer
+        return 0, buffer.ctypes.data
+
+    cudaMallocHost = cudaMalloc
+
+    def cudaFree(self, ptr):
+        self.buffers.pop(ptr)
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaStreamCreateWithFlags(self, flags): return self._handle()  # noqa: E301, E704
+    def cudaEventCreateWithFlags(self, flags): return self._handle()  # noqa: E301, E704
+    def cudaStreamDestroy(self, stream): return (0,)  # noqa: E301, E704
+    def cudaEventDestroy(self, event): return (0,)  # noqa: E301, E704
+    def cudaStreamSynchronize(self, stream): return (0,)  # noqa: E301, E704
+    def cudaEventSynchronize(self, event): return (0,)  # noqa: E301, E704
+    def cudaEventRecord(self, event, stream): return (0,)  # noqa: E301, E704
+    def cudaStreamWaitEvent(self, stream, event, flags): return (0,)  # noqa: E301, E704
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        def op():
+            self.bytes_to_device += nbytes if kind == 1 else 0
+            ctypes.memmove(dst, src, nbytes)
+        return self._submit(stream, op)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        def op():
+            for row in range(height):
+                ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return self._submit(stream, op)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.capturing[stream] = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream): return 0, self.capturing.pop(stream)  # noqa: E301, E704
+    def cudaGraphInstantiate(self, graph, flags): return 0, list(graph)  # noqa: E301, E704
+    def cudaGraphDestroy(self, graph): return (0,)  # noqa: E301, E704
+    def cudaGraphExecDestroy(self, graph): return (0,)  # noqa: E301, E704
+
+    def cudaGraphLaunch(self, graph, stream):
+        for op in graph:
+            op()
+        return (0,)
+
+
+class FakeContext:
+    def __init__(self, engine) -> None:
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_device_memory(self, ptr, nbytes): pass  # noqa: E301, E704
+    def is_stream_capturable(self, stream): return True  # noqa: E301, E704
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.engine.output_shape(name, self.shapes)
+
+    def execute_async_v3(self, stream):
+        shapes, addresses = dict(self.shapes), dict(self.addresses)  # what a capture bakes in
+        self.engine.cudart._submit(stream, lambda: self.engine.run(shapes, addresses))
+        return True
+
+
+class FakeEngine:
+    """A 'deserialized engine' that runs one exported ONNX graph with ONNX Runtime."""
+
+    def __init__(self, spec: dict, cudart: FakeCudart) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from videoxl.engines.profiles import BuildLimits, dimension_ranges, input_profile
+
+        self.graph, self.cudart, self.cfg = spec["graph"], cudart, VideoXLConfig.load(spec["config"])
+        model = onnx.load(spec["onnx"], load_external_data=False)
+        initializers = {t.name for t in model.graph.initializer}
+        dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+                for vi in model.graph.input if vi.name not in initializers}
+        ranges = dimension_ranges(self.cfg, BuildLimits(**FAKE_LIMITS))[self.graph]
+        self.profile = input_profile(self.graph, dims, ranges)
+        self.types = {vi.name: ONNX_TYPES[vi.type.tensor_type.elem_type] for vi in (*model.graph.input, *model.graph.output)}
+        self.inputs = list(dims)
+        self.outputs = [vi.name for vi in model.graph.output]
+        self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+
+    num_io_tensors = property(lambda self: len(self.inputs) + len(self.outputs))
+
+    def get_tensor_name(self, i): return (self.inputs + self.outputs)[i]  # noqa: E301, E704
+    def get_tensor_mode(self, name): return "in" if name in self.inputs else "out"  # noqa: E301, E704
+    def get_tensor_dtype(self, name): return types.SimpleNamespace(name=self.types[name])  # noqa: E301, E704
+    def get_tensor_profile_shape(self, name, profile): return self.profile[name]  # noqa: E301, E704
+    def get_device_memory_size_for_profile_v2(self, profile): return 1 << 20  # noqa: E301, E704
+    def create_execution_context(self, strategy): return FakeContext(self)  # noqa: E301, E704
+
+    def output_shape(self, name, shapes):
+        cfg = self.cfg
+        if self.graph == "vision":
+            return (shapes["pixel_values"][0] // 4, cfg.tokens_per_group, cfg.hidden_size)
+        if name == "logits":
+            return (1, cfg.vocab_size)
+        if self.graph == "kv_gather":
+            return (shapes["gather_index"][0], cfg.num_key_value_heads, cfg.head_dim)
+        new = shapes["input_ids"][0]
+        if name == "attention_mass":
+            return (shapes["past_key.0"][0] + new,)
+        return (new, cfg.num_key_value_heads, cfg.head_dim)
+
+    def run(self, shapes, addresses):
+        dtypes = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "BOOL": np.bool_}
+        feed = {n: _view(addresses[n], shapes[n], dtypes[self.types[n]]).copy() for n in self.inputs}
+        for name, value in zip(self.outputs, self.session.run(None, feed)):
+            expected = self.output_shape(name, shapes)
+            assert value.shape == expected, (self.graph, name, value.shape, expected)
+            _view(addresses[name], value.shape, value.dtype)[...] = value
+
+
+def fake_trt(cudart: FakeCudart):
+    class ILogger:
+        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+        def __init__(self) -> None:
+            pass
+
+    class IGpuAllocator:
+        def __init__(self) -> None:
+            pass
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            self.gpu_allocator = None
+
+        def deserialize_cuda_engine(self, data: bytes):
+            engine = FakeEngine(json.loads(data), cudart)
+            if self.gpu_allocator is not None:  # the weights, from the arena
+                assert self.gpu_allocator.allocate_async(300_000, 256, 0, 0) is not None
+            return engine
+
+    return types.SimpleNamespace(
+        __name__="tensorrt", ILogger=ILogger, IGpuAllocator=IGpuAllocator, Runtime=Runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED=2),
+    )
+
+
+@pytest.fixture
+def simulated(tiny_onnx, tmp_path, monkeypatch):
+    """TensorRTBackend over fake engines (ONNX Runtime inside) on a fake device (host memory)."""
+    import shutil
+
+    from videoxl.engines.profiles import BuildLimits
+    from videoxl.runtime import cuda_memory, device, trt_backend
+
+    cudart = FakeCudart()
+    trt = fake_trt(cudart)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    shutil.copy(tiny_onnx / "config.json", engines / "config.json")
+    for graph in ("vision", "prefill_chunk", "decode", "kv_gather"):
+        spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json")}
+        (engines / f"{graph}.engine").write_text(json.dumps(spec))
+    manifest = {
+        "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
+        "engines": {g: {"file": f"{g}.engine"} for g in ("vision", "prefill_chunk", "decode", "kv_gather")},
+        "model": {"onnx_dir": str(tiny_onnx)},
+    }
+    monkeypatch.setattr(device, "gpu_problem", lambda: None)
+    monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
+    monkeypatch.setattr(cuda_memory, "cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "cudart", lambda: cudart)
+    backend = TensorRTBackend(engines, gpu_memory_budget=256 << 20)
+    yield backend, cudart
+    backend.close()
+    assert not cudart.buffers  # the arena and the pinned pool were freed
+
+
+GEOMETRY_SIM = dict(chunk_groups=2, window_chunks=1, block_groups=2)
+
+
+def test_simulated_backend_places_everything_in_one_arena(simulated, tiny_onnx):
+    backend, cudart = simulated
+    regions = backend.arena.layout.regions
+    assert list(regions) == ["weights", "activations", "io", "prefill_past", "kv_source", "mixed"]
+    assert all(r.offset % ALIGNMENT == 0 for r in regions.values())
+    assert regions["weights"].nbytes >= 4 * 300_000  # four engines' weights, then trimmed
+    assert regions["weights"].nbytes < 8 * 300_000
+    assert backend.max_frames == 64 and backend.artifact_dir == tiny_onnx
+    assert len(cudart.buffers) == 2  # one device arena, one pinned pool
+
+
+def test_simulated_backend_gives_the_onnxruntime_tokens_without_reuploading_the_past(simulated, tiny_onnx, tiny_tokenizer, make_layout, caplog):
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    backend, cudart = simulated
+    layout = make_layout(10, "Which colour comes last?")
+    rng = np.random.default_rng(11)
+    visual = rng.standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    gen = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    reference = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
+    ours = Pipeline(backend, tiny_tokenizer)
+    for dense_blocks in (1, (3,)):
+        options = InferenceOptions(dense_blocks=dense_blocks, **GEOMETRY_SIM)
+        with caplog.at_level("DEBUG", logger="videoxl.runtime.trt_backend"):
+            answer = ours.answer_tokens(layout, visual, options=options, gen=gen)
+        expected = reference.answer_tokens(layout, visual, options=options, gen=gen)
+        assert answer.token_ids == expected.token_ids
+        assert answer.report.dense_blocks == expected.report.dense_blocks
+        assert not [r for r in caplog.records if "uploading" in r.getMessage()]  # mirrors always matched
+
+    pixels = rng.uniform(-1, 1, (12, 3, 384, 384)).astype(np.float32)  # 12 frames: batches of the engine's max
+    np.testing.assert_allclose(backend.encode_frames(pixels), reference.backend.encode_frames(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_simulated_decode_graph_replays_the_plain_step(simulated, tiny_tokenizer, make_layout):
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+
+    backend, cudart = simulated
+    layout = make_layout(6)
+    visual = np.random.default_rng(2).standard_normal((6, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    pipeline = Pipeline(backend, tiny_tokenizer)
+    options = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM)
+    store = pipeline.prefill(layout, visual, options)
+    mixed = store.build_mixed(backend, {0, 1}, extra_capacity=8)
+    keys, values = mixed.views()
+    suffix = layout.input_ids[layout.suffix_start :]
+    plain = backend.decode(suffix, keys, values)
+    backend.decode(suffix, keys, values)  # captured
+    assert (len(suffix), len(keys[0])) in backend._graphs.graphs
+    uploaded = cudart.bytes_to_device
+    replayed = backend.decode(suffix, keys, values)
+    assert cudart.bytes_to_device - uploaded == 2 * len(suffix) * 8  # only ids and positions cross the bus
+    np.testing.assert_array_equal(replayed.logits, plain.logits)
+    np.testing.assert_array_equal(replayed.attention_mass, plain.attention_mass)
+    for a, b in zip(replayed.keys + replayed.values, plain.keys + plain.values):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_simulated_gather_layers_equals_layer_by_layer(simulated):
+    backend, _ = simulated
+    cfg, rng = backend.config, np.random.default_rng(5)
+    shape = (40, cfg.num_key_value_heads, cfg.head_dim)
+    keys = [rng.standard_normal(shape).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
+    values = [rng.standard_normal(shape).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
+    index, weight = rng.integers(0, 40, size=(30, 1)), np.ones((30, 1), np.float32)
+    together = backend.gather_kv_layers(keys, values, index, weight)
+    for layer in range(cfg.num_hidden_layers):
+        k, v = backend.gather_kv(keys[layer], values[layer], index, weight)
+        np.testing.assert_array_equal(together[0][layer], k)
+        np.testing.assert_array_equal(together[1][layer], v)
+
+
+def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simulated):
+    backend, _ = simulated
+    cfg = backend.config
+    rows = backend._kv["mixed"].capacity + 1
+    past = [np.zeros((rows, cfg.num_key_value_heads, cfg.head_dim), np.float32)] * cfg.num_hidden_layers
+    with pytest.raises(ValueError, match="outside its profile|'mixed' arena region"):
+        backend.decode(np.array([1], np.int64), past, past)
+    with pytest.raises(Exception, match="built for at most 64"):
+        backend.check_frames(68)
