@@ -122,7 +122,8 @@ def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[
             "past_tokens": DimRange(1, t.total_tokens, t.total_tokens),
         },
         "kv_gather": {
-            "source_tokens": DimRange(1, t.context_tokens, t.context_tokens),
+            # the runtime's source is the sparse tier (< context) plus the reloaded dense rows (<= context)
+            "source_tokens": DimRange(1, t.context_tokens, 2 * t.context_tokens),
             "mixed_tokens": DimRange(1, t.context_tokens, t.context_tokens),
             # 1: the runtime gathers from the already-pooled sparse tier; `pool`: straight from dense KV
             "pool": DimRange(1, pool, pool),

@@ -64,3 +64,10 @@ class Backend(ABC):
         self, keys: np.ndarray, values: np.ndarray, gather_index: np.ndarray, gather_weight: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """BilevelKVGather for one layer: pooled/gathered rows, keys rotated at 0..M-1."""
+
+    def gather_kv_layers(
+        self, keys: list[np.ndarray], values: list[np.ndarray], gather_index: np.ndarray, gather_weight: np.ndarray
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every layer's mixed cache; device backends overlap the layers' copies with compute."""
+        pairs = [self.gather_kv(k, v, gather_index, gather_weight) for k, v in zip(keys, values)]
+        return [k for k, _ in pairs], [v for _, v in pairs]

@@ -145,11 +145,8 @@ class TwoTierKVStore:
             mixed_rows += len(rows)
         gather_index = np.concatenate(index_parts).astype(np.int64)[:, None]
         gather_weight = np.ones_like(gather_index, dtype=np.float32)
-        keys, values = [], []
-        for layer in range(self.config.num_hidden_layers):
-            source_k = np.concatenate([self.sparse_keys[layer]] + [self.dense_keys[layer][s:e] for _, (s, e) in reload])
-            source_v = np.concatenate([self.sparse_values[layer]] + [self.dense_values[layer][s:e] for _, (s, e) in reload])
-            k, v = backend.gather_kv(source_k, source_v, gather_index, gather_weight)
-            keys.append(k)
-            values.append(v)
+        layers = range(self.config.num_hidden_layers)
+        source_k = [np.concatenate([self.sparse_keys[i]] + [self.dense_keys[i][s:e] for _, (s, e) in reload]) for i in layers]
+        source_v = [np.concatenate([self.sparse_values[i]] + [self.dense_values[i][s:e] for _, (s, e) in reload]) for i in layers]
+        keys, values = backend.gather_kv_layers(source_k, source_v, gather_index, gather_weight)
         return MixedKV(keys, values, mixed_rows + extra_capacity, bounds, dense_blocks)

@@ -52,6 +52,7 @@ def add_run_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export/torch dtype")
+    p.add_argument("--gpu-memory-budget", default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -87,7 +88,10 @@ def open_backend(args, *, checkpoint: Path | None):
 
         if not args.engines:
             raise SystemExit("--backend tensorrt needs --engines DIR (build them with `videoxl build`)")
-        return TensorRTBackend(args.engines)
+        from videoxl.engines.profiles import parse_bytes
+
+        budget = parse_bytes(args.gpu_memory_budget) if getattr(args, "gpu_memory_budget", None) else None
+        return TensorRTBackend(args.engines, gpu_memory_budget=budget)
     if backend == "torch":
         from videoxl.export.torch_backend import TorchBackend
 
@@ -125,9 +129,12 @@ def cmd_run(args) -> int:
     max_frames = args.max_frames or getattr(backend, "max_frames", cfg.max_frames)
     video = open_video(args.video, image_size=cfg.image_size, fps=args.fps or cfg.fps, max_fps=cfg.max_fps, max_frames=max_frames)
     backend.check_frames(video.num_frames)
+    limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
     options = InferenceOptions(
         prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
-        chunk_groups=args.chunk_groups, window_chunks=args.window, block_groups=args.block_groups,
+        chunk_groups=args.chunk_groups or limits.get("chunk_groups"),
+        window_chunks=args.window if args.window is not None else limits.get("window_chunks"),
+        block_groups=args.block_groups,
     )
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
@@ -171,7 +178,7 @@ def cmd_demo(args) -> int:
         checkpoint=checkpoint, onnx=onnx_dir, engines=None, video=str(video), question=args.question,
         backend="onnxruntime", max_frames=None, fps=None, prefill="chunked", decode="bilevel", dense_blocks=1,
         chunk_groups=2, window=1, block_groups=2, max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0,
-        dtype="fp32", no_progress=False,
+        dtype="fp32", gpu_memory_budget=None, no_progress=False,
     )
     return cmd_run(run_args)
 
