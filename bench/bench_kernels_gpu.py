@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 
 from videoxl.layout import build_layout, chunk_visibility, num_chunks
 from videoxl.plugins.reference import chunk_visibility_mask

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 
 from videoxl.config import VideoXLConfig
@@ -201,9 +200,7 @@ class LLMGraphWriter:
         cfg, b = self.cfg, GraphBuilder()
         key, value, index, weight = BILEVEL_KV_GATHER.input_names
         mixed_key, mixed_value = BILEVEL_KV_GATHER.output_names
-        outs = bilevel_kv_gather(b, key, value, index, weight, rope_theta=cfg.rope_theta)
-        b.op("Identity", outs[0], outputs=[mixed_key])
-        b.op("Identity", outs[1], outputs=[mixed_value])
+        bilevel_kv_gather(b, key, value, index, weight, rope_theta=cfg.rope_theta, outputs=[mixed_key, mixed_value])
         kv = [cfg.num_key_value_heads, cfg.head_dim]
         inputs = [
             value_info(key, self.elem, ["source_tokens", *kv]),
@@ -220,6 +217,3 @@ def export_config_check(cfg: VideoXLConfig) -> None:
     if cfg.head_dim % 2:
         raise ValueError(f"head_dim {cfg.head_dim} must be even for RoPE")
 
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

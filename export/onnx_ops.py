@@ -136,8 +136,8 @@ def chunk_sparse_attention(b: GraphBuilder, *inputs: str, scale: float) -> str:
     return b.op(CHUNK_SPARSE_ATTENTION.name, *inputs, domain=DOMAIN, scale=float(scale))
 
 
-def bilevel_kv_gather(b: GraphBuilder, *inputs: str, rope_theta: float) -> list[str]:
-    return b.op(BILEVEL_KV_GATHER.name, *inputs, domain=DOMAIN, outputs=2, rope_theta=float(rope_theta))
+def bilevel_kv_gather(b: GraphBuilder, *inputs: str, rope_theta: float, outputs: int | list[str] = 2) -> list[str]:
+    return b.op(BILEVEL_KV_GATHER.name, *inputs, domain=DOMAIN, outputs=outputs, rope_theta=float(rope_theta))
 
 
 def function_protos() -> list[onnx.FunctionProto]:

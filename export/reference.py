@@ -164,15 +164,6 @@ class MixedCacheAttention:
         return out
 
 
-@dataclass
-class Answer:
-    token_ids: list[int]
-    text: str
-    dense_blocks: list[int]
-    block_scores: list[float] | None
-    stats: dict[str, float]
-
-
 class ReferenceInference:
     """Drives a VideoXLModel through the three modes of the paper."""
 

@@ -10,7 +10,6 @@ import pytest
 
 from videoxl.config import VideoXLConfig
 from videoxl.engines.build import build_engines
-from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import GRAPH_FILES, GRAPHS, BuildLimits, dimension_ranges, input_profile
 
 pytest.importorskip("torch", reason="the exporter needs torch (pip install videoxl[export])")
