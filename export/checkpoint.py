@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from videoxl.config import VideoXLConfig
@@ -60,20 +60,38 @@ def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy `state` into `model`, reporting missing, unexpected and mis-shaped keys clearly."""
+def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """key -> (shape, shard) from the safetensors headers, without reading any tensor data."""
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for path in checkpoint_files(Path(checkpoint_dir)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = (tuple(f.get_slice(key).get_shape()), path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+    return shapes
+
+
+def load_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Copy the checkpoint into `model` tensor by tensor (peak memory: the model plus one tensor).
+
+    Missing, unexpected and mis-shaped keys are all reported, with their names, before any copy.
+    """
+    source = str(checkpoint_dir)
+    found = checkpoint_shapes(checkpoint_dir)
     expected = model.state_dict()
-    unused = {k for k in state if k.startswith(UNUSED_KEY_PREFIXES)}
+    unused = {k for k in found if k.startswith(UNUSED_KEY_PREFIXES)}
     vision_prefix = "model.vision_tower.vision_tower.vision_model.encoder.layers."
-    for key in state:  # SigLIP layers past the selected one are present and unused
+    for key in found:  # SigLIP layers past the selected one are present and unused
         if key.startswith(vision_prefix) and key not in expected:
             unused.add(key)
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected and k not in unused)
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected and k not in unused)
     wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {found[k][0]} vs model {tuple(expected[k].shape)}"
         for k in expected
-        if k in state and state[k].shape != expected[k].shape
+        if k in found and found[k][0] != tuple(expected[k].shape)
     )
     problems = []
     if missing:
@@ -86,9 +104,17 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
         raise CheckpointError(f"{source}: checkpoint does not match the Video-XL-2 model: " + "; ".join(problems))
     if unused:
         log.info("%s: %d unused keys ignored (e.g. %s)", source, len(unused), sorted(unused)[0])
+    by_shard: dict[Path, list[str]] = {}
+    for key in expected:
+        by_shard.setdefault(found[key][1], []).append(key)
     with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(state[key].to(param.dtype))
+        for path, keys in by_shard.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in keys:
+                        expected[key].copy_(f.get_tensor(key).to(expected[key].dtype))
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
 
 
 def _preview(items: list[str], limit: int = 5) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from videoxl.config import VideoXLConfig
-from videoxl.export.checkpoint import load_into, load_state_dict
+from videoxl.export.checkpoint import load_into
 from videoxl.export.llm import Attention, Qwen2Model
 from videoxl.export.vision import (
     Projector,
@@ -45,9 +45,18 @@ class VideoXLModel(nn.Module):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
         cfg = VideoXLConfig.from_checkpoint(checkpoint_dir)
-        model = cls(cfg)
-        load_into(model, load_state_dict(checkpoint_dir), source=str(checkpoint_dir))
-        return model.to(DTYPES[dtype]).eval()
+        # Build on the meta device in the target dtype, then allocate once: an 8B model never
+        # exists in fp32 on the way to bf16.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[dtype])
+        try:
+            with torch.device("meta"):
+                model = cls(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        model = model.to_empty(device="cpu")
+        load_into(model, checkpoint_dir)
+        return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:

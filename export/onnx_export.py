@@ -29,7 +29,7 @@ import videoxl
 from videoxl.config import VideoXLConfig
 from videoxl.files import file_sha256
 from videoxl.export.model import DTYPES, VideoXLModel
-from videoxl.export.onnx_graph import OPSET
+from videoxl.export.onnx_graph import OPSET, ExternalData
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
 from videoxl.ops import DOMAIN, OPSET_VERSION
 from videoxl.text import SpecialTokens, load_tokenizer
@@ -43,6 +43,7 @@ GRAPH_FILES = {
     "kv_gather": "kv_gather.onnx",
 }
 MANIFEST = "export_manifest.json"
+LLM_WEIGHTS = "llm_weights.onnx.data"  # shared by prefill_chunk.onnx and decode.onnx
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 TWO_GIB = 2**31
 
@@ -90,6 +91,13 @@ def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> No
         onnx.save_model(model, str(path))
 
 
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """The .data files a graph's initializers live in (relative to the graph)."""
+    return sorted(
+        {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    )
+
+
 def describe_io(model: onnx.ModelProto) -> dict:
     def dims(vi):
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -126,33 +134,35 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        writer = LLMGraphWriter(model, dtype)
-        llm_graphs = {
-            "prefill_chunk": writer.prefill_chunk(special.vision_pad),
-            "decode": writer.decode(),
-            "kv_gather": writer.kv_gather(),
-        }
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         use_external = external_data if external_data is not None else weight_bytes >= TWO_GIB
         log.info("exporting vision graph")
         export_vision(model, staging / GRAPH_FILES["vision"], opset)
         if use_external:
             save_model(onnx.load(str(staging / GRAPH_FILES["vision"])), staging / GRAPH_FILES["vision"], external_data=True)
-        for name, graph in llm_graphs.items():
+        shared = ExternalData(staging / LLM_WEIGHTS) if use_external else None
+        writer = LLMGraphWriter(model, dtype, external=shared)
+        for name, build in (
+            ("prefill_chunk", lambda: writer.prefill_chunk(special.vision_pad)),
+            ("decode", writer.decode),
+            ("kv_gather", writer.kv_gather),
+        ):
             log.info("writing %s graph", name)
-            save_model(graph, staging / GRAPH_FILES[name], external_data=use_external)
+            onnx.save_model(build(), str(staging / GRAPH_FILES[name]))  # built one at a time
+        if shared is not None:
+            shared.close()
         cfg.save(staging / "config.json")
         for name in TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copy2(checkpoint_dir / name, staging / name)
         graphs = {}
         for name, file in GRAPH_FILES.items():
-            path = staging / file
+            graph = onnx.load(str(staging / file), load_external_data=False)
             graphs[name] = {
                 "file": file,
-                "sha256": file_sha256(path),
-                "external_data": (path.name + ".data") if (staging / (path.name + ".data")).exists() else None,
-                **describe_io(onnx.load(str(path), load_external_data=False)),
+                "sha256": file_sha256(staging / file),
+                "external_data": external_files(graph),
+                **describe_io(graph),
             }
         manifest = {
             "videoxl_version": videoxl.__version__,

@@ -7,6 +7,7 @@ math it implements.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,12 +18,42 @@ OPSET = 18
 ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
+class ExternalData:
+    """Initializers written straight into one shared `.data` file as graphs are built.
+
+    The prefill and decode graphs hold the same LLM weights: they share one file, and an 8B
+    model's weights never sit in a ModelProto (or in memory twice).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")
+        self._written: dict[str, tuple[int, int]] = {}
+
+    def tensor(self, name: str, payload: bytes, dims: tuple[int, ...], elem_type: int) -> onnx.TensorProto:
+        if name not in self._written:
+            offset = -(-self._file.tell() // 4096) * 4096  # page-aligned, so readers may mmap
+            self._file.seek(offset)
+            self._file.write(payload)
+            self._written[name] = (offset, len(payload))
+        offset, length = self._written[name]
+        tensor = onnx.TensorProto(name=name, data_type=elem_type, dims=list(dims), data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class GraphBuilder:
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", external: ExternalData | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._ids = itertools.count()
         self.prefix = prefix
+        self.external = external
 
     def name(self, hint: str) -> str:
         return f"{self.prefix}{hint}_{next(self._ids)}"
@@ -40,9 +71,13 @@ class GraphBuilder:
 
     def initializer(self, name: str, array: np.ndarray, onnx_dtype: int | None = None) -> str:
         if onnx_dtype == TensorProto.BFLOAT16:
-            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, _bf16_bits(array).tobytes(), raw=True)
+            payload, elem_type = _bf16_bits(array).tobytes(), TensorProto.BFLOAT16
         else:
-            tensor = numpy_helper.from_array(array, name)
+            payload, elem_type = np.ascontiguousarray(array).tobytes(), helper.np_dtype_to_tensor_dtype(array.dtype)
+        if self.external is not None and len(payload) >= 1024:
+            tensor = self.external.tensor(name, payload, array.shape, elem_type)
+        else:
+            tensor = helper.make_tensor(name, elem_type, array.shape, payload, raw=True)
         self.initializers.append(tensor)
         return name
 

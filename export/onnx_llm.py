@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from videoxl.config import VideoXLConfig
 from videoxl.export.llm import rope_inv_freq
 from videoxl.export.model import VideoXLModel
-from videoxl.export.onnx_graph import ONNX_FLOAT, GraphBuilder, value_info
+from videoxl.export.onnx_graph import ONNX_FLOAT, ExternalData, GraphBuilder, value_info
 from videoxl.export.onnx_ops import (
     bilevel_kv_gather,
     chunk_sparse_attention,
@@ -43,15 +43,15 @@ def present_names(layer: int) -> tuple[str, str]:
 
 
 class LLMGraphWriter:
-    def __init__(self, model: VideoXLModel, dtype: str) -> None:
-        self.model, self.cfg, self.dtype = model, model.cfg, dtype
+    def __init__(self, model: VideoXLModel, dtype: str, external: ExternalData | None = None) -> None:
+        self.model, self.cfg, self.dtype, self.external = model, model.cfg, dtype, external
         self.elem = ONNX_FLOAT[dtype]
-        self.state = {k: v.detach().float().numpy() for k, v in model.state_dict().items() if not k.startswith(("model.vision_tower", "model.sae", "model.mm_projector"))}
+        self.state = model.state_dict()  # tensors are converted one at a time, when a graph uses them
 
     # --- building blocks ------------------------------------------------------------------
     def _weight(self, b: GraphBuilder, name: str) -> str:
         if name not in {t.name for t in b.initializers}:
-            b.initializer(name, self._cast(self.state[name]), self.elem)
+            b.initializer(name, self._cast(self.state[name].detach().float().numpy()), self.elem)
         return name
 
     def _cast(self, array: np.ndarray) -> np.ndarray:
@@ -124,7 +124,7 @@ class LLMGraphWriter:
 
     # --- graphs ---------------------------------------------------------------------------
     def prefill_chunk(self, image_token_id: int) -> onnx.ModelProto:
-        cfg, b = self.cfg, GraphBuilder()
+        cfg, b = self.cfg, GraphBuilder(external=self.external)
         ids = "input_ids"
         embeds = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), ids, axis=0)
         x = self._splice_visual(b, embeds, ids, image_token_id)
@@ -160,7 +160,7 @@ class LLMGraphWriter:
         return self._model(b, "videoxl_prefill_chunk", inputs, outputs)
 
     def decode(self) -> onnx.ModelProto:
-        cfg, b = self.cfg, GraphBuilder()
+        cfg, b = self.cfg, GraphBuilder(external=self.external)
         x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
         cos, sin = rope_tables(b, "position_ids", self._inv_freq(b))
         num_new, num_past = b.dim("input_ids", 0), b.dim("past_key.0", 0)

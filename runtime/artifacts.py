@@ -62,9 +62,9 @@ def load_onnx_artifacts(root: str | Path) -> OnnxArtifacts:
         if name not in manifest.get("graphs", {}) or not (root / manifest["graphs"][name]["file"]).is_file()
     ]
     for name in GRAPHS:
-        data = manifest.get("graphs", {}).get(name, {}).get("external_data")
-        if data and not (root / data).is_file():
-            missing.append(data)
+        for data in manifest.get("graphs", {}).get(name, {}).get("external_data") or []:
+            if not (root / data).is_file() and data not in missing:
+                missing.append(data)
     if missing:
         raise ArtifactError(f"{root}: missing graph files {', '.join(missing)}; re-export the directory")
     if not (root / "tokenizer.json").is_file():

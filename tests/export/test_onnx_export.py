@@ -96,17 +96,32 @@ def test_prefill_decode_gather_match_pytorch(tiny_model, backend, make_layout):
 def test_external_data_round_trip(tiny_checkpoint, tiny_onnx, tmp_path, backend):
     out = export_onnx(tiny_checkpoint, tmp_path / "external", external_data=True)
     manifest = json.loads((out / "export_manifest.json").read_text())
-    for name, file in GRAPH_FILES.items():
-        if name == "kv_gather":  # no weights
-            continue
-        assert manifest["graphs"][name]["external_data"] == file + ".data"
-        assert (out / (file + ".data")).stat().st_size > 0
+    graphs = manifest["graphs"]
+    assert graphs["vision"]["external_data"] == ["vision.onnx.data"]
+    # the LLM weights are written once and shared by the two LLM graphs
+    assert graphs["prefill_chunk"]["external_data"] == graphs["decode"]["external_data"] == ["llm_weights.onnx.data"]
+    assert graphs["kv_gather"]["external_data"] == []  # no weights
+    llm_bytes = sum(p.numel() * 4 for n, p in backend_model_params(tiny_checkpoint))
+    assert 0.9 * llm_bytes <= (out / "llm_weights.onnx.data").stat().st_size < 1.5 * llm_bytes  # once, not twice
+    for file in GRAPH_FILES.values():
+        onnx.checker.check_model(str(out / file), full_check=True)
     external = OnnxRuntimeBackend(out)
     pixels = np.random.default_rng(0).standard_normal((4, 3, 384, 384)).astype(np.float32)
     assert np.abs(external.encode_frames(pixels) - backend.encode_frames(pixels)).max() <= 1e-6
-    (out / "decode.onnx.data").unlink()
-    with pytest.raises(ArtifactError, match="decode.onnx.data"):
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    empty = [np.zeros((0, backend.config.num_key_value_heads, backend.config.head_dim), np.float32)] * backend.config.num_hidden_layers
+    assert np.abs(external.decode(ids, empty, empty).logits - backend.decode(ids, empty, empty).logits).max() <= 1e-6
+    (out / "llm_weights.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="llm_weights.onnx.data"):
         load_onnx_artifacts(out)
+
+
+def backend_model_params(checkpoint):
+    """(name, parameter) of the LLM part of the tiny model (what the shared weights file holds)."""
+    from videoxl.export.model import VideoXLModel
+
+    model = VideoXLModel.from_pretrained(checkpoint)
+    return [(n, p) for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.sae", "model.mm_projector"))]
 
 
 def test_fp16_export_is_valid(tiny_checkpoint, tmp_path):
