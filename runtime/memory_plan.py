@@ -183,7 +183,7 @@ def plan_memory(
     weights_bytes: int | None = None,
     weight_dtype_bytes: float | None = None,
     dense_tier: str = "host",
-    prefill_past: str = "visible",
+    prefill_past: str = "full",
     host_budget_bytes: int | None = None,
     max_new_tokens: int = 256,
     timestamp_tokens_per_group: int = 6,
@@ -512,8 +512,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="fp16")
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=None, help="default: the KV dtype's width")
     p.add_argument("--weights-bytes", type=parse_bytes, metavar="BYTES", help="measured weight size (overrides the estimate)")
-    p.add_argument("--prefill-past", choices=PREFILL_PAST_MODES, default="visible",
-                   help="visible: prefix + timestamps + window (DESIGN §2); full: every earlier token")
+    p.add_argument("--prefill-past", choices=PREFILL_PAST_MODES, default="full",
+                   help="full (what the prefill graph takes today: timestamp queries see every earlier token); visible: prefix + timestamps + window only")
     p.add_argument("--chunk-groups", type=int, metavar="C")
     p.add_argument("--window", type=int, dest="window_chunks", metavar="P")
     p.add_argument("--block-groups", type=int, metavar="S")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -15,8 +16,12 @@ from videoxl.runtime.memory_plan import (
     kv_bytes_per_token,
     kv_rows_for,
     max_frames_that_fit,
-    plan_memory,
 )
+from videoxl.runtime.memory_plan import plan_memory as plan_default
+
+# Most cases below check the arithmetic of a prefill that keeps only the visible past on the
+# device (DESIGN §2); the default ("full", what today's prefill graph takes) is tested last.
+plan_memory = functools.partial(plan_default, prefill_past="visible")
 
 GiB = 2**30
 REAL = VideoXLConfig()
@@ -215,3 +220,15 @@ def test_cli_plan_rejects_a_missing_config(capsys, tmp_path):
 
     assert main(["plan", "--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_default_plans_the_full_past_the_prefill_graph_takes_today():
+    full = plan_default(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
+    visible = plan_memory(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
+    assert full.fits  # 10,000 frames still fit on 80 GB
+    assert full.item("prefill past").nbytes > 20 * visible.item("prefill past").nbytes
+    tight = plan_default(REAL, frames=10_000, budget_bytes=24 * GiB)
+    assert not tight.fits
+    (frames,) = [int(m.group(1)) for line in tight.advice if (m := re.search(r"--max-frames to (\d+)", line))]
+    assert plan_default(REAL, frames=frames, budget_bytes=24 * GiB).fits
+    assert not plan_default(REAL, frames=frames + 4, budget_bytes=24 * GiB).fits
