@@ -58,6 +58,7 @@ from videoxl.engines.trt_module import (
     normalize_target,
     rtx_compute_capability,
     target_version,
+    trt_logger,
 )
 from videoxl.ops import ALL_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -124,7 +125,7 @@ def build_engines(
     _prepare_plugins(trt, use_plugins)
     _check_out_dir(out_dir)
 
-    logger = _trt_logger(trt)
+    logger = trt_logger(trt)
     if timing_cache is not None and is_rtx(trt):
         log.warning("%s makes timing-cache calls no-ops: ignoring --timing-cache %s", describe(trt), timing_cache)
         timing_cache = None
@@ -423,36 +424,6 @@ def _parser_error_text(error) -> str:
 
 
 # --- TensorRT callbacks ----------------------------------------------------------------------------
-_loggers: dict[str, Any] = {}
-_NO_GPU_NOISE = "cudaError 35"  # TensorRT for RTX probes the CUDA runtime even when it needs no GPU
-
-
-def _trt_logger(trt: ModuleType):
-    """One logger per TensorRT module (TensorRT keeps the first one it sees), forwarding to logging."""
-    if trt.__name__ in _loggers:
-        return _loggers[trt.__name__]
-    severity = trt.ILogger.Severity
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, level, message) -> None:
-            if level in (severity.INTERNAL_ERROR, severity.ERROR) and _NO_GPU_NOISE in message:
-                log.debug("TensorRT (no GPU here, expected when building for a named target): %s", message)
-            elif level in (severity.INTERNAL_ERROR, severity.ERROR):
-                self.errors.append(message)  # raised in EngineBuildError; logged for the record
-                log.debug("TensorRT error: %s", message)
-            elif level == severity.WARNING:
-                log.info("TensorRT: %s", message)
-            elif level == severity.INFO:
-                log.debug("TensorRT: %s", message)
-
-    _loggers[trt.__name__] = _Logger()
-    return _loggers[trt.__name__]
-
-
 def _progress_monitor(trt: ModuleType, label: str, show_bars: bool):
     """tqdm bars per builder phase when asked (a terminal), else log lines per top-level phase."""
 

@@ -136,3 +136,37 @@ def gpu_compute_capability(device: int = 0) -> str | None:
     if err != driver.CUresult.CUDA_SUCCESS or err2 != driver.CUresult.CUDA_SUCCESS:
         return None
     return f"sm_{major}{minor}"
+
+
+_loggers: dict[str, object] = {}
+_NO_GPU_NOISE = "cudaError 35"  # TensorRT for RTX probes the CUDA runtime even when it needs no GPU
+
+
+def trt_logger(trt: ModuleType):
+    """One ILogger per TensorRT module (TensorRT keeps the first one it sees), forwarding to logging.
+
+    Errors are also collected in `.errors`, so the caller can put TensorRT's own words into the
+    exception it raises (the builder and the runtime both do).
+    """
+    if trt.__name__ in _loggers:
+        return _loggers[trt.__name__]
+    severity = trt.ILogger.Severity
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level, message) -> None:
+            if level in (severity.INTERNAL_ERROR, severity.ERROR) and _NO_GPU_NOISE in message:
+                log.debug("TensorRT (no GPU here, expected when building for a named target): %s", message)
+            elif level in (severity.INTERNAL_ERROR, severity.ERROR):
+                self.errors.append(message)
+                log.debug("TensorRT error: %s", message)
+            elif level == severity.WARNING:
+                log.info("TensorRT: %s", message)
+            else:
+                log.debug("TensorRT: %s", message)
+
+    _loggers[trt.__name__] = _Logger()
+    return _loggers[trt.__name__]

@@ -48,6 +48,7 @@ import numpy as np
 
 from videoxl.config import VideoXLConfig
 from videoxl.engines.profiles import format_bytes
+from videoxl.engines.trt_module import trt_logger
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError
 from videoxl.runtime.backend import Backend, DecodeOutput, PrefillOutput
@@ -201,26 +202,6 @@ class _Tensor:
     dtype: np.dtype
     min: tuple[int, ...]
     max: tuple[int, ...]
-
-
-def _trt_logger(trt: ModuleType):
-    severity = trt.ILogger.Severity
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, level, message) -> None:
-            if level in (severity.INTERNAL_ERROR, severity.ERROR):
-                self.errors.append(message)
-                log.warning("TensorRT: %s", message)
-            elif level == severity.WARNING:
-                log.info("TensorRT: %s", message)
-            else:
-                log.debug("TensorRT: %s", message)
-
-    return _Logger()
 
 
 def _arena_allocator(trt: ModuleType, base: int, allocator: FirstFitAllocator):
@@ -407,7 +388,7 @@ class TensorRTBackend(Backend):
         self.arena = DeviceArena(budget)
 
         # weights: the whole arena is offered, then trimmed to what TensorRT took
-        self._logger = _trt_logger(trt)
+        self._logger = trt_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         weights = self.arena.add("weights", self.arena.layout.free if weights_in_arena else 0)
         self._weights = FirstFitAllocator(weights.nbytes, label="weights region")
