@@ -54,3 +54,19 @@ def test_missing_onnx_dir(tmp_path, synthetic_video, capsys):
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_export_then_torch_and_onnxruntime_agree(tiny_checkpoint, synthetic_video, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--max-frames", "64"]) == 0
+    assert (out / "export_manifest.json").is_file()
+    common = ["--video", str(synthetic_video), "--max-frames", "16", "--chunk-groups", "1", "--window", "1",
+              "--block-groups", "1", "--dense-blocks", "1", "--max-new-tokens", "6", "--no-progress"]
+    capsys.readouterr()
+    assert main(["run", "--backend", "torch", "--checkpoint", str(tiny_checkpoint), *common]) == 0
+    torch_out = capsys.readouterr().out
+    assert main(["run", "--onnx", str(out), *common]) == 0
+    ort_out = capsys.readouterr().out
+    answer = lambda text: text.split("\n\n")[0]  # noqa: E731  "Q: ...\nA: ..." before the report
+    assert "backend           torch" in torch_out and "backend           onnxruntime" in ort_out
+    assert answer(torch_out) == answer(ort_out)
