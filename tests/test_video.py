@@ -80,11 +80,12 @@ def test_odd_frame_rates(num_frames, video_fps, step):
     np.testing.assert_allclose(plan.timestamps, np.arange(0, num_frames, step) / video_fps)
 
 
-def test_odd_frame_rate_with_a_rounded_step_is_truncated_to_the_budget():
-    # 1000 s at 12.5 fps: f = 1.024 -> step round(12.2) = 12 -> 1042 frames > 1024: the
-    # tail is cut at the budget (the rule as specified, not a uniform respread).
+def test_odd_frame_rate_whose_rounded_step_overshoots_goes_uniform():
+    # 1000 s at 12.5 fps: f = 1.024 -> step round(12.2) = 12 -> 1042 frames > 1024: rather
+    # than cutting the last ~18 s, the budget is spread over the whole video.
     plan = plan_sampling(num_frames=12500, video_fps=12.5, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 12500, 12)[:1024])
+    np.testing.assert_array_equal(plan.frame_indices, np.round(np.linspace(0, 12499, 1024)).astype(np.int64))
+    assert plan.frame_indices[-1] == 12499 and len(plan) == 1024
 
 
 def test_video_exactly_at_the_budget():

@@ -65,7 +65,8 @@ def plan_sampling(
     - otherwise sample at ``f = max(fps, min(max_fps, max_frames / duration))``, i.e. as fast
       as ``max_fps`` while the budget allows and never slower than ``fps``, taking every
       ``step = max(1, round(video_fps / f))``-th frame from frame 0 (Python's round: halves
-      go to even), truncated to ``max_frames``.
+      go to even); if the rounded step still yields more than ``max_frames`` frames, sample
+      uniformly as above, so the end of the video is never dropped.
 
     Because ``step`` is rounded, the effective rate is ``video_fps / step``, not exactly ``f``
     (a 30 fps clip at f = 4 uses step 8, i.e. 3.75 fps). Timestamps are
@@ -81,14 +82,16 @@ def plan_sampling(
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
 
     duration_s = num_frames / video_fps
-    if duration_s * fps > max_frames:
-        # np.unique guards against repeats when the source has fewer frames than the budget
-        # (only possible when fps > video_fps).
-        indices = np.unique(np.round(np.linspace(0, num_frames - 1, max_frames)).astype(np.int64))
-    else:
+    indices = None
+    if duration_s * fps <= max_frames:
         rate = max(fps, min(max_fps, max_frames / duration_s))
         step = max(1, round(video_fps / rate))
-        indices = np.arange(0, num_frames, step, dtype=np.int64)[:max_frames]
+        indices = np.arange(0, num_frames, step, dtype=np.int64)
+    if indices is None or len(indices) > max_frames:
+        # Over the budget (also when a rounded-down step overshoots it): spread the budget over
+        # the whole video rather than drop its end. np.unique guards against repeats when the
+        # source has fewer frames than the budget (only possible when fps > video_fps).
+        indices = np.unique(np.round(np.linspace(0, num_frames - 1, max_frames)).astype(np.int64))
     return SamplingPlan(frame_indices=indices, timestamps=indices / float(video_fps))
 
 
