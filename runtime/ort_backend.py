@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+import videoxl
 from videoxl.layout import ChunkVisibility
-from videoxl.runtime.artifacts import GRAPHS, OnnxArtifacts, load_onnx_artifacts
+from videoxl.runtime.artifacts import GRAPHS, ArtifactError, OnnxArtifacts, load_onnx_artifacts
 from videoxl.runtime.backend import Backend, DecodeOutput, PrefillOutput
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,27 @@ class OnnxRuntimeBackend(Backend):
             for name in GRAPHS
         }
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+        self._check_inputs()
         log.info("ONNX Runtime backend on %s", self.providers)
+
+    def _check_inputs(self) -> None:
+        """Graphs exported by another videoxl version fail here, naming the difference."""
+        kv = [f"past_{kind}.{i}" for i in range(self.config.num_hidden_layers) for kind in ("key", "value")]
+        expected = {
+            "vision": ["pixel_values"],
+            "prefill_chunk": ["input_ids", "visual_embeds", "position_ids", "timestamp_query_index", "prefix_len",
+                              "window_start", "past_timestamp_index", *kv],
+            "decode": ["input_ids", "position_ids", *kv],
+            "kv_gather": ["key", "value", "gather_index", "gather_weight"],
+        }
+        for graph, names in expected.items():
+            found = {i.name for i in self.sessions[graph].get_inputs()}
+            if found != set(names):
+                raise ArtifactError(
+                    f"{self.artifacts.graph_path(graph)}: inputs differ from what this videoxl {videoxl.__version__} "
+                    f"feeds (missing {sorted(set(names) - found)}, unexpected {sorted(found - set(names))}); "
+                    "re-export with `videoxl export`"
+                )
 
     def check_frames(self, frames: int) -> None:
         self.artifacts.check_frames(frames)

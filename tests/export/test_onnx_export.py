@@ -160,3 +160,14 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
     with pytest.raises(Exception, match="unreadable safetensors"):
         export_onnx(broken, target)
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
+
+
+def test_graphs_from_another_version_are_refused(tiny_onnx, tmp_path):
+    old = shutil.copytree(tiny_onnx, tmp_path / "old")
+    model = onnx.load(str(old / "decode.onnx"))
+    model.graph.input[1].name = "positions"  # as if an older exporter had named it so
+    for node in model.graph.node:
+        node.input[:] = ["positions" if name == "position_ids" else name for name in node.input]
+    onnx.save(model, str(old / "decode.onnx"))
+    with pytest.raises(ArtifactError, match=r"decode.onnx: inputs differ .*missing \['position_ids'\], unexpected \['positions'\]"):
+        OnnxRuntimeBackend(old)
