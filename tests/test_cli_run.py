@@ -70,3 +70,29 @@ def test_export_then_torch_and_onnxruntime_agree(tiny_checkpoint, synthetic_vide
     answer = lambda text: text.split("\n\n")[0]  # noqa: E731  "Q: ...\nA: ..." before the report
     assert "backend           torch" in torch_out and "backend           onnxruntime" in ort_out
     assert answer(torch_out) == answer(ort_out)
+
+
+def test_cached_export_follows_the_weights(tiny_checkpoint, tmp_path):
+    import os
+    import shutil
+
+    from videoxl.cli import checkpoint_fingerprint
+
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    before = checkpoint_fingerprint(copy)
+    assert checkpoint_fingerprint(copy) == before
+    shard = next(copy.glob("*.safetensors"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))  # retrained in place
+    assert checkpoint_fingerprint(copy) != before
+
+
+def test_run_from_checkpoint_exports_once_into_the_cache(tiny_checkpoint, synthetic_video, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    argv = ["run", "--checkpoint", str(tiny_checkpoint), "--video", str(synthetic_video), "--max-frames", "8",
+            "--max-new-tokens", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert "exporting" in capsys.readouterr().err
+    (cached,) = (tmp_path / "videoxl" / "onnx").iterdir()
+    assert (cached / "export_manifest.json").is_file()
+    assert main(argv) == 0
+    assert "exporting" not in capsys.readouterr().err  # reused

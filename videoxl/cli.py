@@ -7,6 +7,7 @@ The CLI prints; the library logs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -27,6 +28,21 @@ def _dense_blocks(value: str) -> int | tuple[int, ...] | str:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "videoxl"
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """Names the cached export: the config plus each weight and tokenizer file's name, size and mtime.
+
+    Retrained weights under the same config get a fresh export instead of stale graphs.
+    """
+    from videoxl.config import VideoXLConfig
+
+    parts = [VideoXLConfig.from_checkpoint(checkpoint).model_hash()]
+    for path in sorted(Path(checkpoint).glob("*")):
+        if path.suffix in (".safetensors", ".json"):
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def add_run_parser(sub) -> None:
@@ -104,9 +120,7 @@ def open_backend(args, *, checkpoint: Path | None):
     if onnx_dir is None:
         if not checkpoint:
             raise SystemExit("--backend onnxruntime needs --onnx DIR or --checkpoint DIR")
-        from videoxl.config import VideoXLConfig
-
-        onnx_dir = _cache_dir() / "onnx" / f"{VideoXLConfig.from_checkpoint(checkpoint).model_hash()}-{args.dtype}"
+        onnx_dir = _cache_dir() / "onnx" / f"{checkpoint_fingerprint(checkpoint)}-{args.dtype}"
         if not (onnx_dir / "export_manifest.json").is_file():
             from videoxl.export.onnx_export import export_onnx
 
