@@ -351,6 +351,8 @@ def _build_one(
             config.set_flag(trt.BuilderFlag.FP16)
         elif precision == "bf16":
             config.set_flag(trt.BuilderFlag.BF16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 engines are the parity baseline: no TF32 matmuls
     monitor = _progress_monitor(trt, graph.name, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
