@@ -12,9 +12,12 @@ Pure numpy plus a Backend; the same loop drives ONNX Runtime and TensorRT.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -36,9 +39,53 @@ from videoxl.text import SpecialTokens, StreamDetokenizer, build_prompt, group_s
 from videoxl.video import VideoSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFILL_MODES = ("chunked", "dense")
 DECODE_MODES = ("bilevel", "dense")
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Produce `items` on a background thread, `depth` ahead (PyAV and ONNX Runtime release the GIL).
+
+    An exception from the producer is re-raised here, in order; leaving the loop early stops it.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            slots.put((done, err))
+
+    worker = threading.Thread(target=produce, name="videoxl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +159,7 @@ class Pipeline:
         """-> visual embeddings (G, 144, H) and the sampled frames' timestamps (N,)."""
         embeds, times = [], []
         bar = tqdm(total=video.num_frames, unit="frame", desc="vision", disable=not self.progress)
-        for batch in video.iter_batches(frame_batch):
+        for batch in prefetch(video.iter_batches(frame_batch)):  # decode batch k+1 while encoding batch k
             pixels = batch.pixels
             missing = (-len(pixels)) % self.config.frames_per_group
             if missing:  # repeat the last frame, as the model pads its last group
