@@ -31,6 +31,7 @@ from videoxl.layout import (
     block_ranges,
     chunk_visibility,
     explicit_dense_blocks,
+    groups_in,
     num_chunks,
     prefix_visibility,
     select_dense_blocks,
@@ -214,27 +215,28 @@ class ReferenceInference:
     ) -> MixedCache:
         """Dense blocks copied; other blocks keep timestamp KV and x4-pool visual KV (before RoPE)."""
         stride = self.cfg.kv_pool_stride
-        keys, values, bounds = [], [], []
+        # The block structure is the same in every layer: (token slice, pooled?) pieces, once.
+        pieces: list[tuple[slice, bool]] = []
+        bounds, cursor = [], 0
+        for block, (start, end) in enumerate(block_ranges(layout, block_groups)):
+            begin = cursor
+            if block in dense_blocks:
+                pieces.append((slice(start, end), False))
+                cursor += end - start
+            else:
+                for ts_start, visual_start, group_end in groups_in(layout, start, end):
+                    pieces += [(slice(ts_start, visual_start), False), (slice(visual_start, group_end), True)]
+                    cursor += (visual_start - ts_start) + (group_end - visual_start) // stride
+            bounds.append((begin, cursor))
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([_pool(tensor[s], stride) if pooled else tensor[s] for s, pooled in pieces])
+
+        keys, values = [], []
         for layer in range(self.cfg.num_hidden_layers):
-            k_parts, v_parts, cursor, layer_bounds = [], [], 0, []
-            for block, (start, end) in enumerate(block_ranges(layout, block_groups)):
-                begin = cursor
-                if block in dense_blocks:
-                    k_parts.append(dense.keys[layer][start:end])
-                    v_parts.append(dense.values[layer][start:end])
-                    cursor += end - start
-                else:
-                    for g in np.flatnonzero((layout.group_starts >= start) & (layout.group_starts < end)):
-                        ts = slice(int(layout.group_starts[g]), int(layout.group_visual_starts[g]))
-                        vis = slice(int(layout.group_visual_starts[g]), int(layout.group_ends[g]))
-                        k_parts += [dense.keys[layer][ts], _pool(dense.keys[layer][vis], stride)]
-                        v_parts += [dense.values[layer][ts], _pool(dense.values[layer][vis], stride)]
-                        cursor += (ts.stop - ts.start) + (vis.stop - vis.start) // stride
-                layer_bounds.append((begin, cursor))
-            k = torch.cat(k_parts)
+            k = gather(dense.keys[layer])
             keys.append(apply_rope(k, torch.arange(k.shape[0]), self.cfg.rope_theta))
-            values.append(torch.cat(v_parts))
-            bounds = layer_bounds
+            values.append(gather(dense.values[layer]))
         return MixedCache(keys, values, bounds, frozenset(dense_blocks))
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from videoxl.config import VideoXLConfig
-from videoxl.layout import TokenLayout, block_ranges
+from videoxl.layout import TokenLayout, block_ranges, groups_in
 from videoxl.runtime.backend import Backend
 
 
@@ -84,8 +84,7 @@ class TwoTierKVStore:
         layout, plans, cursor = self.layout, [], 0
         for start, end in self.blocks[1:]:
             block_start, copies, pools = cursor, [], []
-            for g in np.flatnonzero((layout.group_starts >= start) & (layout.group_starts < end)):
-                ts_start, vis_start, g_end = (int(x) for x in (layout.group_starts[g], layout.group_visual_starts[g], layout.group_ends[g]))
+            for ts_start, vis_start, g_end in groups_in(layout, start, end):
                 copies.append((ts_start, vis_start, cursor))
                 cursor += vis_start - ts_start
                 pools.append((vis_start, g_end, cursor))

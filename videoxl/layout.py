@@ -178,6 +178,14 @@ def block_ranges(layout: TokenLayout, block_groups: int) -> list[tuple[int, int]
     return blocks
 
 
+def groups_in(layout: TokenLayout, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(timestamp_start, visual_start, end) of each group that begins in tokens [start, end)."""
+    inside = np.flatnonzero((layout.group_starts >= start) & (layout.group_starts < end))
+    return [
+        (int(layout.group_starts[g]), int(layout.group_visual_starts[g]), int(layout.group_ends[g])) for g in inside
+    ]
+
+
 def always_dense_blocks(num_blocks: int) -> set[int]:
     """Block 0 (prefix), the first and the last video block always keep dense KV."""
     return {0, 1, num_blocks - 1} if num_blocks > 1 else {0}
@@ -222,9 +230,9 @@ def bilevel_plan(
         if block in dense_blocks:
             copy(positions)
         else:
-            for g in np.flatnonzero((layout.group_starts >= start) & (layout.group_starts < end)):
-                copy(np.arange(layout.group_starts[g], layout.group_visual_starts[g], dtype=np.int64))
-                visual = np.arange(layout.group_visual_starts[g], layout.group_ends[g], dtype=np.int64)
+            for ts_start, visual_start, group_end in groups_in(layout, start, end):
+                copy(np.arange(ts_start, visual_start, dtype=np.int64))
+                visual = np.arange(visual_start, group_end, dtype=np.int64)
                 rows.append(visual.reshape(-1, pool_stride))
                 weights.append(np.full((len(visual) // pool_stride, pool_stride), 1.0 / pool_stride, np.float32))
         cursor = sum(len(r) for r in rows)
