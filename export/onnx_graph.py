@@ -54,6 +54,7 @@ class GraphBuilder:
         self._ids = itertools.count()
         self.prefix = prefix
         self.external = external
+        self._initializer_names: set[str] = set()
 
     def name(self, hint: str) -> str:
         return f"{self.prefix}{hint}_{next(self._ids)}"
@@ -69,7 +70,11 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, dtype=dtype))))
         return name
 
+    def has_initializer(self, name: str) -> bool:
+        return name in self._initializer_names
+
     def initializer(self, name: str, array: np.ndarray, onnx_dtype: int | None = None) -> str:
+        self._initializer_names.add(name)
         if onnx_dtype == TensorProto.BFLOAT16:
             payload, elem_type = _bf16_bits(array).tobytes(), TensorProto.BFLOAT16
         else:

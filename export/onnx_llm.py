@@ -50,7 +50,7 @@ class LLMGraphWriter:
 
     # --- building blocks ------------------------------------------------------------------
     def _weight(self, b: GraphBuilder, name: str) -> str:
-        if name not in {t.name for t in b.initializers}:
+        if not b.has_initializer(name):
             b.initializer(name, self._cast(self.state[name].detach().float().numpy()), self.elem)
         return name
 
