@@ -50,35 +50,39 @@ def add_run_parser(sub) -> None:
     p.add_argument("--checkpoint", type=Path, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
     p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
     p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
-    p.add_argument("--video", required=True, help="video file, folder of images")
-    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 1; short videos up to 4)")
-    p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked")
-    p.add_argument("--decode", choices=("bilevel", "dense"), default="bilevel")
+    p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked",
+                   help="chunked: sparse across chunks (the model's); dense: full causal (default: %(default)s)")
+    p.add_argument("--decode", choices=("bilevel", "dense"), default="bilevel",
+                   help="bilevel: dense KV only for the chosen blocks; dense: the whole KV (default: %(default)s)")
     p.add_argument("--dense-blocks", type=_dense_blocks, default=4,
-                   help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all'")
-    p.add_argument("--chunk-groups", type=int, default=None, help="groups per prefill chunk (C)")
-    p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P)")
-    p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export/torch dtype")
+                   help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all' (default: %(default)s)")
+    p.add_argument("--chunk-groups", type=int, default=None, help="groups per prefill chunk (C; default: the config's)")
+    p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P; default: the config's)")
+    p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S; default: the config's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the first-use export and of --backend torch (default: %(default)s)")
     p.add_argument("--gpu-memory-budget", default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
 
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX graphs with videoxl custom ops")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--checkpoint", type=Path, required=True, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
+    p.add_argument("--out", type=Path, required=True, help="ONNX directory to write (replaced only on success)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="graph dtype; ONNX Runtime on the CPU runs fp32 (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
     p.add_argument("--max-frames", type=int, default=None, help="longest video the graphs are meant for")
     p.add_argument("--external-data", action="store_true", default=None, help="force weights into .data files (auto above 2 GB)")
     p.set_defaults(func=cmd_export)
@@ -86,9 +90,9 @@ def add_export_parser(sub) -> None:
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="tiny end to end run: checkpoint + video written, exported, answered on ONNX Runtime")
-    p.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
-    p.add_argument("--seconds", type=float, default=24.0)
-    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--workdir", type=Path, default=Path("artifacts/demo"), help="default: %(default)s")
+    p.add_argument("--seconds", type=float, default=24.0, help="length of the synthetic video (default: %(default)s)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
     p.set_defaults(func=cmd_demo)
 
 
