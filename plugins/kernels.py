@@ -7,7 +7,9 @@ Two layers:
   stream). They mirror the C declarations in ``*/*.h`` argument for argument and raise
   `KernelError` on a non-zero status. No torch.
 * torch wrappers (`*_torch`): take CUDA tensors, check shapes, allocate outputs and launch on
-  the current torch stream. torch is imported inside them only.
+  the current torch stream. torch is imported inside them only. After
+  `use_library(..., host_memory=True)` (a host build of the kernels, as the tests make) they
+  take CPU tensors instead.
 
 Nothing is loaded at import: the library is opened (and built, if missing or stale, for the
 GPU in use) on the first launch, so this module imports on machines without a GPU.
@@ -109,6 +111,7 @@ LAUNCHERS = tuple(SIGNATURES)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_host_memory = False  # the loaded library is a host build: launchers take host pointers
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -158,7 +161,6 @@ def _needs_build(path: Path, arch: str | None) -> str | None:
 
 def load_library(*, build_if_needed: bool = True) -> ctypes.CDLL:
     """Open the kernel library once, building it first when missing or stale."""
-    global _library
     with _lock:
         if _library is not None:
             return _library
@@ -171,24 +173,42 @@ def load_library(*, build_if_needed: bool = True) -> ctypes.CDLL:
                 archs = sorted(set(info.archs if info else []) | ({arch} if arch else set())) or None
                 log.info("building %s (%s) for %s", path, reason, archs or "every supported GPU")
                 path = build.build_library(archs=archs, out_dir=path.parent)
-        if not path.is_file():
-            raise build.BuildError(f"kernel library {path} not found; build it with `python -m videoxl.plugins.build`")
-        library = ctypes.CDLL(str(path))
-        for name, argtypes in SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes = argtypes
-            function.restype = ctypes.c_int
-        library.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
-        library.videoxl_kernels_status_string.restype = ctypes.c_char_p
-        library.videoxl_kernels_version.restype = ctypes.c_int
-        if library.videoxl_kernels_version() != KERNELS_VERSION:
-            raise build.BuildError(
-                f"{path} implements kernels version {library.videoxl_kernels_version()}, these bindings expect "
-                f"{KERNELS_VERSION}; rebuild it with `python -m videoxl.plugins.build --force`"
-            )
-        _library = library
-        log.debug("loaded %s (kernels version %d)", path, library.videoxl_kernels_version())
-        return library
+        return _open(path, host_memory=False)
+
+
+def use_library(path: Path | str | None, *, host_memory: bool = False) -> ctypes.CDLL | None:
+    """Launch through the library at `path` from now on (None: back to `load_library`'s default).
+
+    host_memory=True is for a host build of the kernels (the CPU emulation of CUDA in the
+    tests): its launchers take host pointers, so the torch wrappers take CPU tensors.
+    """
+    global _library
+    with _lock:
+        _library = None
+        return None if path is None else _open(Path(path), host_memory=host_memory)
+
+
+def _open(path: Path, *, host_memory: bool) -> ctypes.CDLL:
+    """dlopen `path`, type every launcher, check the kernels version (caller holds _lock)."""
+    global _library, _host_memory
+    if not path.is_file():
+        raise build.BuildError(f"kernel library {path} not found; build it with `python -m videoxl.plugins.build`")
+    library = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int
+    library.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
+    library.videoxl_kernels_status_string.restype = ctypes.c_char_p
+    library.videoxl_kernels_version.restype = ctypes.c_int
+    if library.videoxl_kernels_version() != KERNELS_VERSION:
+        raise build.BuildError(
+            f"{path} implements kernels version {library.videoxl_kernels_version()}, these bindings expect "
+            f"{KERNELS_VERSION}; rebuild it with `python -m videoxl.plugins.build --force`"
+        )
+    _library, _host_memory = library, host_memory
+    log.debug("loaded %s (kernels version %d)", path, library.videoxl_kernels_version())
+    return library
 
 
 def _call(name: str, *args: Any) -> None:
@@ -272,7 +292,7 @@ def _torch_dtype(tensor: torch.Tensor) -> DType:
 def _stream() -> int:
     import torch
 
-    return torch.cuda.current_stream().cuda_stream
+    return 0 if _host_memory else torch.cuda.current_stream().cuda_stream
 
 
 def _device_tensor(value: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -281,10 +301,13 @@ def _device_tensor(value: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.as_tensor(value, dtype=dtype, device=like.device).contiguous()
 
 
-def _check_cuda(**tensors: torch.Tensor) -> None:
+def _check_device(**tensors: torch.Tensor) -> None:
+    """Contiguous CUDA tensors (CPU tensors for a host build of the kernels)."""
+    load_library()
+    where = "CPU" if _host_memory else "CUDA"
     for name, tensor in tensors.items():
-        if not tensor.is_cuda or not tensor.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CUDA tensor (got device {tensor.device})")
+        if tensor.is_cuda == _host_memory or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {where} tensor (got device {tensor.device})")
 
 
 def chunk_attention_torch(
@@ -295,7 +318,7 @@ def chunk_attention_torch(
     """query (Q, Hq, D), key/value (K, Hkv, D) -> (Q, Hq, D), per ops.CHUNK_SPARSE_ATTENTION."""
     import torch
 
-    _check_cuda(query=query, key=key, value=value)
+    _check_device(query=query, key=key, value=value)
     num_queries, num_q_heads, head_dim = query.shape
     num_keys, num_kv_heads, _ = key.shape
     prefix = _device_tensor(prefix_len, query, torch.int64).reshape(1)
@@ -303,7 +326,7 @@ def chunk_attention_torch(
     timestamps = _device_tensor(past_timestamp_index, query, torch.int64).reshape(-1)
     ts_queries = _device_tensor(timestamp_query_index, query, torch.int64).reshape(-1)
     out = torch.empty_like(query) if out is None else out
-    _check_cuda(out=out)
+    _check_device(out=out)
     chunk_attention(
         query=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(), prefix_len=prefix.data_ptr(),
         window_start=window.data_ptr(), past_timestamp_index=timestamps.data_ptr() if timestamps.numel() else 0,
@@ -324,14 +347,14 @@ def bilevel_kv_gather_torch(
     """key/value (N, Hkv, D) before RoPE -> mixed_key, mixed_value (M, Hkv, D)."""
     import torch
 
-    _check_cuda(key=key, value=value)
+    _check_device(key=key, value=value)
     index = _device_tensor(gather_index, key, torch.int64)
     weight = _device_tensor(gather_weight, key, torch.float32)
     num_mixed, width = index.shape
     if out is None:
         out = (key.new_empty((num_mixed, *key.shape[1:])), value.new_empty((num_mixed, *value.shape[1:])))
     mixed_key, mixed_value = out
-    _check_cuda(mixed_key=mixed_key, mixed_value=mixed_value)
+    _check_device(mixed_key=mixed_key, mixed_value=mixed_value)
     bilevel_kv_gather(
         key=key.data_ptr(), value=value.data_ptr(), gather_index=index.data_ptr(), gather_weight=weight.data_ptr(),
         mixed_key=mixed_key.data_ptr(), mixed_value=mixed_value.data_ptr(), num_source=key.shape[0],
@@ -343,12 +366,12 @@ def bilevel_kv_gather_torch(
 
 def pool_kv_torch(kv: torch.Tensor, stride: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n * stride, H, D) -> (n, H, D) average over each run of `stride` tokens."""
-    _check_cuda(kv=kv)
+    _check_device(kv=kv)
     if kv.shape[0] % stride:
         raise ValueError(f"{kv.shape[0]} tokens are not a multiple of stride {stride}")
     num_output = kv.shape[0] // stride
     out = kv.new_empty((num_output, *kv.shape[1:])) if out is None else out
-    _check_cuda(out=out)
+    _check_device(out=out)
     pool_kv(
         input=kv.data_ptr(), output=out.data_ptr(), num_output=num_output, stride=stride, num_heads=kv.shape[1],
         head_dim=kv.shape[2], dtype=_torch_dtype(kv), stream=_stream(),
@@ -363,11 +386,11 @@ def block_scores_torch(
     """Adds one layer's block mass into `scores` ((num_blocks,) float32, zeros if None)."""
     import torch
 
-    _check_cuda(query=query, key=key)
+    _check_device(query=query, key=key)
     bounds = _device_tensor(block_bounds, query, torch.int64).reshape(-1, 2)
     num_blocks = bounds.shape[0]
     scores = torch.zeros(num_blocks, dtype=torch.float32, device=query.device) if scores is None else scores
-    _check_cuda(scores=scores)
+    _check_device(scores=scores)
     block_scores(
         query=query.data_ptr(), key=key.data_ptr(), block_bounds=bounds.data_ptr(), scores=scores.data_ptr(),
         num_queries=query.shape[0], num_keys=key.shape[0], num_blocks=num_blocks, num_q_heads=query.shape[1],
@@ -381,7 +404,7 @@ def top_k_blocks_torch(scores: torch.Tensor, k: int, always_dense: Any) -> torch
     """(k,) int64 best blocks outside `always_dense` (indices or a bool mask), -1 padded."""
     import torch
 
-    _check_cuda(scores=scores)
+    _check_device(scores=scores)
     num_blocks = scores.shape[0]
     mask = torch.zeros(num_blocks, dtype=torch.bool, device=scores.device)
     dense = torch.as_tensor(always_dense, device=scores.device)

@@ -1,5 +1,5 @@
 // Host emulation of the few CUDA features the videoxl kernels use, for checking the kernels'
-// logic on a machine without a GPU (tests/plugins/test_kernels_emulated.py).
+// logic on a machine without a GPU (tests/plugins/conftest.py, tests/plugins/test_kernels.py).
 //
 // A launch runs the grid's blocks one after another; a block's threads are real POSIX threads,
 // so __syncthreads, warp shuffles and ballots are real barriers and data exchanges, and a
