@@ -123,13 +123,15 @@ def export_onnx(
         raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPES)}")
     if opset < OPSET:
         raise ValueError(f"--opset {opset} too old: the graphs need opset >= {OPSET}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     started = time.perf_counter()
     cfg = VideoXLConfig.from_checkpoint(checkpoint_dir)
     export_config_check(cfg)
     tokenizer = load_tokenizer(checkpoint_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
     model = VideoXLModel.from_pretrained(checkpoint_dir, dtype=dtype)
-    max_frames = max_frames or cfg.max_frames
+    max_frames = cfg.max_frames if max_frames is None else max_frames
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -105,6 +105,12 @@ class InferenceOptions:
             raise ValueError(f"decode mode {self.decode!r} not in {DECODE_MODES}")
         if self.frame_batch < 4 or self.frame_batch % 4:
             raise ValueError(f"frame_batch must be a positive multiple of 4, got {self.frame_batch}")
+        for name, least in (("chunk_groups", 1), ("window_chunks", 0), ("block_groups", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        if isinstance(self.dense_blocks, int) and self.dense_blocks < 0:
+            raise ValueError(f"dense_blocks (top-k) must be >= 0, got {self.dense_blocks}")
 
 
 @dataclass

@@ -50,6 +50,25 @@ def test_missing_onnx_dir(tmp_path, synthetic_video, capsys):
     assert "no export_manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-frames", "0", "max_frames must be >= 1, got 0"),
+        ("--fps", "0", "fps and max_fps must be positive"),
+        ("--chunk-groups", "0", "chunk_groups must be >= 1, got 0"),
+        ("--window", "-1", "window_chunks must be >= 0, got -1"),
+        ("--block-groups", "0", "block_groups must be >= 1, got 0"),
+        ("--dense-blocks", "-2", "dense_blocks (top-k) must be >= 0, got -2"),
+        ("--max-new-tokens", "0", "max_new_tokens must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_flags_are_refused_not_defaulted(tiny_onnx, synthetic_video, capsys, flag, value, message):
+    """A 0 is a value the user gave: refused with its name, never read as "use the default"."""
+    assert main(["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), flag, value, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Q:" not in captured.out
+
+
 @pytest.mark.parametrize("argv", [["run"], ["export", "--checkpoint", "x"]])
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):

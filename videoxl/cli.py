@@ -26,6 +26,11 @@ def _dense_blocks(value: str) -> int | tuple[int, ...] | str:
     return int(value)
 
 
+def _given(value, default):
+    """The flag's value when given (0 included: it is then refused, not replaced), else the default."""
+    return default if value is None else value
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "videoxl"
 
@@ -144,17 +149,17 @@ def cmd_run(args) -> int:
     tokenizer_dir = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
     if tokenizer_dir is None:
         raise SystemExit("need --checkpoint or --onnx for the tokenizer")
-    max_frames = args.max_frames or getattr(backend, "max_frames", cfg.max_frames)
-    video = open_video(args.video, image_size=cfg.image_size, fps=args.fps or cfg.fps, max_fps=cfg.max_fps, max_frames=max_frames)
-    backend.check_frames(video.num_frames)
     limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
     options = InferenceOptions(
         prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
-        chunk_groups=args.chunk_groups or limits.get("chunk_groups"),
-        window_chunks=args.window if args.window is not None else limits.get("window_chunks"),
+        chunk_groups=_given(args.chunk_groups, limits.get("chunk_groups")),
+        window_chunks=_given(args.window, limits.get("window_chunks")),
         block_groups=args.block_groups,
     )
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    max_frames = _given(args.max_frames, getattr(backend, "max_frames", cfg.max_frames))
+    video = open_video(args.video, image_size=cfg.image_size, fps=_given(args.fps, cfg.fps), max_fps=cfg.max_fps, max_frames=max_frames)
+    backend.check_frames(video.num_frames)
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
     print(f"Q: {args.question}", flush=True)
     started = []

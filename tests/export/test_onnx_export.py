@@ -155,6 +155,8 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
     target = tmp_path / "out"
     with pytest.raises(ValueError, match="--dtype"):
         export_onnx(tiny_checkpoint, target, dtype="int8")
+    with pytest.raises(ValueError, match="max_frames must be >= 1, got 0"):
+        export_onnx(tiny_checkpoint, target, max_frames=0)
     broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken_ckpt")
     next(broken.glob("model-00002-*.safetensors")).write_bytes(b"junk")
     with pytest.raises(Exception, match="unreadable safetensors"):
