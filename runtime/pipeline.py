@@ -11,6 +11,7 @@ Pure numpy plus a Backend; the same loop drives ONNX Runtime and TensorRT.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -129,6 +130,7 @@ class RunReport:
     num_blocks: int = 0
     dense_blocks: list[int] = field(default_factory=list)
     block_scores: list[float] | None = None
+    reused_prefill: bool = False  # a follow-up question: vision and prefill were done for an earlier one
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -139,8 +141,10 @@ class RunReport:
         return [
             f"frames            {self.frames} ({self.groups} groups of 4)",
             f"prompt tokens     {self.prompt_tokens} ({self.chunks} prefill chunks)",
-            f"vision            {self.vision_s:.2f} s",
-            f"prefill           {self.prefill_s:.2f} s",
+            *(["vision, prefill   reused (done once for this video)"] if self.reused_prefill else [
+                f"vision            {self.vision_s:.2f} s",
+                f"prefill           {self.prefill_s:.2f} s",
+            ]),
             f"block selection   {self.select_s:.2f} s: dense blocks {self.dense_blocks} of {self.num_blocks}",
             f"decode            {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tokens/s",
             f"KV cache          dense {self.dense_kv_bytes * mib:.2f} MiB, bi-level {self.mixed_kv_bytes * mib:.2f} MiB",
@@ -152,6 +156,22 @@ class Answer:
     text: str
     token_ids: list[int]
     report: RunReport
+
+
+@dataclass
+class PreparedVideo:
+    """A video encoded and pre-filled once, ready for any number of questions.
+
+    The question sits in the prompt's suffix, after the video, and the suffix runs through
+    decode: the prefill (the expensive part on a long video) never sees the question.
+    """
+
+    frame_times: np.ndarray  # (N,) seconds of the sampled frames
+    layout: TokenLayout  # prefix | groups, with an empty question
+    store: TwoTierKVStore  # dense and sparse tiers; questions read it, never change it
+    options: InferenceOptions
+    report: RunReport  # frames, groups, prompt tokens, vision and prefill times
+    questions_answered: int = 0
 
 
 class Pipeline:
@@ -248,6 +268,36 @@ class Pipeline:
         return tokens
 
     # --- everything -------------------------------------------------------------------------
+    def prepare(self, video: VideoSource, *, options: InferenceOptions = InferenceOptions()) -> PreparedVideo:
+        """Vision and prefill of `video`: the question-independent work, done once."""
+        report = RunReport()
+        started = time.perf_counter()
+        visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
+        report.vision_s = time.perf_counter() - started
+        report.frames = len(frame_times)
+        layout = self.layout("", frame_times)
+        store = self._prefill_timed(layout, visual_embeds, options, report)
+        return PreparedVideo(frame_times, layout, store, options, report)
+
+    def ask(
+        self,
+        prepared: PreparedVideo,
+        question: str,
+        *,
+        gen: GenerationConfig = GenerationConfig(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        """Answer `question` from a prepared video: block choice and decoding only."""
+        layout = self.layout(question, prepared.frame_times)
+        shared = prepared.layout.suffix_start
+        if layout.suffix_start != shared or not np.array_equal(layout.input_ids[:shared], prepared.layout.input_ids[:shared]):
+            raise RuntimeError("the prompt before the question changed; prepare the video again")
+        report = dataclasses.replace(
+            prepared.report, prompt_tokens=layout.num_tokens, reused_prefill=prepared.questions_answered > 0
+        )
+        prepared.questions_answered += 1
+        return self._respond(layout, prepared.store, prepared.options, gen, on_text, report)
+
     def answer(
         self,
         video: VideoSource,
@@ -257,13 +307,8 @@ class Pipeline:
         gen: GenerationConfig = GenerationConfig(),
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
-        report = RunReport()
-        started = time.perf_counter()
-        visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
-        report.vision_s = time.perf_counter() - started
-        report.frames, report.groups = len(frame_times), len(visual_embeds)
-        layout = self.layout(question, frame_times)
-        return self.answer_tokens(layout, visual_embeds, options=options, gen=gen, on_text=on_text, report=report)
+        """One question about one video (`prepare` then `ask`)."""
+        return self.ask(self.prepare(video, options=options), question, gen=gen, on_text=on_text)
 
     def answer_tokens(
         self,
@@ -273,18 +318,27 @@ class Pipeline:
         options: InferenceOptions = InferenceOptions(),
         gen: GenerationConfig = GenerationConfig(),
         on_text: Callable[[str], None] | None = None,
-        report: RunReport | None = None,
     ) -> Answer:
         """From a prompt layout and visual embeddings to the streamed answer."""
-        report = report or RunReport(groups=len(visual_embeds))
-        cfg, itemsize = self.config, self.backend.float_dtype.itemsize
+        report = RunReport()
+        store = self._prefill_timed(layout, visual_embeds, options, report)
         report.prompt_tokens = layout.num_tokens
-        report.chunks = num_chunks(layout, options.chunk_groups or cfg.chunk_groups)
+        return self._respond(layout, store, options, gen, on_text, report)
 
+    def _prefill_timed(self, layout: TokenLayout, visual_embeds: np.ndarray, options: InferenceOptions, report: RunReport) -> TwoTierKVStore:
         started = time.perf_counter()
         store = self.prefill(layout, visual_embeds, options)
         report.prefill_s = time.perf_counter() - started
+        report.groups, report.prompt_tokens = len(visual_embeds), layout.num_tokens
+        report.chunks = num_chunks(layout, options.chunk_groups or self.config.chunk_groups)
+        report.dense_kv_bytes = kv_bytes(self.config, store.filled, self.backend.float_dtype.itemsize)
+        return store
 
+    def _respond(
+        self, layout: TokenLayout, store: TwoTierKVStore, options: InferenceOptions, gen: GenerationConfig,
+        on_text: Callable[[str], None] | None, report: RunReport,
+    ) -> Answer:
+        """Block choice, the mixed cache, then the streamed decode of one question."""
         started = time.perf_counter()
         dense_blocks, scores = self.choose_dense_blocks(store, layout, options)
         suffix = layout.input_ids[layout.suffix_start :]
@@ -293,8 +347,7 @@ class Pipeline:
         report.num_blocks = len(store.blocks)
         report.dense_blocks = sorted(dense_blocks)
         report.block_scores = None if scores is None else [float(s) for s in scores]
-        report.dense_kv_bytes = kv_bytes(cfg, store.filled, itemsize)
-        report.mixed_kv_bytes = kv_bytes(cfg, mixed.length, itemsize)
+        report.mixed_kv_bytes = kv_bytes(self.config, mixed.length, self.backend.float_dtype.itemsize)
 
         detok = StreamDetokenizer(self.tokenizer)
 
@@ -311,4 +364,3 @@ class Pipeline:
         if tail and on_text:
             on_text(tail)
         return Answer(detok.text, tokens, report)
-

@@ -21,6 +21,18 @@ def test_run_onnxruntime_prints_answer_and_report(tiny_onnx, synthetic_video, ca
         assert field in out
 
 
+def test_follow_up_questions_print_one_answer_each(tiny_onnx, synthetic_video, capsys):
+    code = main([
+        "run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--max-frames", "24",
+        "--question", "What colour?", "--question", "What moves?", "--max-new-tokens", "4", "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    first, second = out.split("\n\nQ: What moves?\nA: ")
+    assert first.startswith("Q: What colour?\nA: ") and "vision            " in first and "reused" not in first
+    assert "vision, prefill   reused (done once for this video)" in second and "prefill           " not in second
+
+
 def test_explicit_block_list(tiny_onnx, synthetic_video, capsys):
     code = main([
         "run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--max-frames", "32",

@@ -56,7 +56,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
     p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
     p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
+    p.add_argument("--question", action="append", default=None,
+                   help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
     p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
@@ -161,7 +162,19 @@ def cmd_run(args) -> int:
     video = open_video(args.video, image_size=cfg.image_size, fps=_given(args.fps, cfg.fps), max_fps=cfg.max_fps, max_frames=max_frames)
     backend.check_frames(video.num_frames)
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
-    print(f"Q: {args.question}", flush=True)
+    prepared = pipeline.prepare(video, options=options)
+    for number, question in enumerate(args.question or [DEFAULT_QUESTION]):
+        if number:
+            print()
+        report = _ask_and_stream(pipeline, prepared, question, gen)
+        print(f"backend           {backend.name}")
+        print("\n".join(report.lines()))
+    return 0
+
+
+def _ask_and_stream(pipeline, prepared, question: str, gen):
+    """Print the question, then the answer as it is decoded; returns the run report."""
+    print(f"Q: {question}", flush=True)
     started = []
 
     def stream(text: str) -> None:
@@ -170,11 +183,9 @@ def cmd_run(args) -> int:
             print("A: ", end="")
         print(text, end="", flush=True)
 
-    answer = pipeline.answer(video, args.question, options=options, gen=gen, on_text=stream)
+    answer = pipeline.ask(prepared, question, gen=gen, on_text=stream)
     print("" if started else "A: (empty answer)", end="\n\n")
-    print(f"backend           {backend.name}")
-    print("\n".join(answer.report.lines()))
-    return 0
+    return answer.report
 
 
 def cmd_export(args) -> int:
@@ -198,7 +209,7 @@ def cmd_demo(args) -> int:
     onnx_dir = export_onnx(checkpoint, work / "onnx")
     print(f"ONNX graphs      {onnx_dir}")
     run_args = argparse.Namespace(
-        checkpoint=checkpoint, onnx=onnx_dir, engines=None, video=str(video), question=args.question,
+        checkpoint=checkpoint, onnx=onnx_dir, engines=None, video=str(video), question=[args.question],
         backend="onnxruntime", max_frames=None, fps=None, prefill="chunked", decode="bilevel", dense_blocks=1,
         chunk_groups=2, window=1, block_groups=2, max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0,
         dtype="fp32", gpu_memory_budget=None, no_progress=False,

@@ -33,7 +33,7 @@ _KNOWN_IGNORED_KEYS = frozenset(
         "tokenizer_padding_side", "use_mm_proj", "vision_tower_pretrained", "mm_resampler_type",
         "mm_vision_tower_lr", "mm_projector_lr", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
         "pos_skipping_range", "add_faster_video", "faster_token_stride", "force_sample",
-        "mm_newline_position", "mm_pooling_position", "frame_aspect_ratio", "frame_grid_pinpoints",
+        "mm_pooling_position", "frame_aspect_ratio", "frame_grid_pinpoints",
         "text_mlp", "layer_types",
     }
 )

@@ -111,3 +111,33 @@ def test_sampling_is_seeded(ort_pipeline, case):
     ).token_ids
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
+
+
+def test_follow_up_questions_reuse_the_prefill(tiny_onnx, tiny_tokenizer, synthetic_video, monkeypatch):
+    """prepare once, ask many: no vision or prefill per question, answers as from a fresh run."""
+    backend = OnnxRuntimeBackend(tiny_onnx)
+    pipeline = Pipeline(backend, tiny_tokenizer)
+    video = open_video(synthetic_video, image_size=backend.config.image_size, max_frames=40)
+    options = InferenceOptions(dense_blocks=1, **GEOMETRY)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    questions = ["What moves?", "Which colour comes last?"]
+    fresh = {q: pipeline.answer(video, q, options=options, gen=gen) for q in questions}
+    assert fresh[questions[0]].report.block_scores != fresh[questions[1]].report.block_scores  # the question matters
+
+    calls: dict[str, int] = {}
+    for name in ("encode_frames", "prefill_chunk"):
+        def counted(*args, _name=name, _original=getattr(backend, name)):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args)
+        monkeypatch.setattr(backend, name, counted)
+    prepared = pipeline.prepare(video, options=options)
+    after_prepare = dict(calls)
+    answers = [pipeline.ask(prepared, q, gen=gen) for q in (*questions, questions[0])]
+
+    assert after_prepare["encode_frames"] > 0 and after_prepare["prefill_chunk"] > 0
+    assert calls == after_prepare, "a question re-ran vision or prefill"
+    for answer, question in zip(answers, (*questions, questions[0])):
+        assert answer.token_ids == fresh[question].token_ids
+        assert answer.report.dense_blocks == fresh[question].report.dense_blocks
+        np.testing.assert_allclose(answer.report.block_scores, fresh[question].report.block_scores, rtol=1e-6)
+    assert [a.report.reused_prefill for a in answers] == [False, True, True]
