@@ -15,4 +15,5 @@ def test_readme_python_example_runs(tiny_onnx, synthetic_video, capsys) -> None:
     assert str(tiny_onnx) in code and str(synthetic_video) in code
     exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
-    assert re.search(r"^frames +\d+ \(\d+ groups of 4\)$", out, flags=re.M) and "tokens/s" in out
+    assert len(re.findall(r"^frames +\d+ \(\d+ groups of 4\)$", out, flags=re.M)) == 2 and "tokens/s" in out
+    assert out.count("reused (done once for this video)") == 1  # the second question
