@@ -540,6 +540,25 @@ def test_simulated_backend_gives_the_onnxruntime_tokens_without_reuploading_the_
     np.testing.assert_allclose(backend.encode_frames(pixels), reference.backend.encode_frames(pixels), rtol=1e-5, atol=1e-5)
 
 
+def test_simulated_backend_answers_follow_up_questions(simulated, tiny_onnx, tiny_tokenizer, synthetic_video):
+    """prepare once, ask three times: each answer equals ONNX Runtime's (device mixed cache rebuilt per question)."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+    from videoxl.video import open_video
+
+    backend, _ = simulated
+    video = open_video(synthetic_video, image_size=backend.config.image_size, max_frames=40)
+    options = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    ours, reference = Pipeline(backend, tiny_tokenizer), Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
+    prepared, reference_prepared = ours.prepare(video, options=options), reference.prepare(video, options=options)
+    for question in ("What moves?", "Which colour comes last?", "What moves?"):
+        answer, expected = ours.ask(prepared, question, gen=gen), reference.ask(reference_prepared, question, gen=gen)
+        assert answer.token_ids == expected.token_ids
+        assert answer.report.dense_blocks == expected.report.dense_blocks
+
+
 def test_simulated_decode_graph_replays_the_plain_step(simulated, tiny_tokenizer, make_layout):
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 
