@@ -127,3 +127,12 @@ def test_run_from_checkpoint_exports_once_into_the_cache(tiny_checkpoint, synthe
     assert (cached / "export_manifest.json").is_file()
     assert main(argv) == 0
     assert "exporting" not in capsys.readouterr().err  # reused
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """`make demo`'s command: tiny checkpoint and video written, exported, answered."""
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--seconds", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic video" in out and "ONNX graphs" in out
+    assert "Q: What happens in this video?\nA: " in out and "backend           onnxruntime" in out
+    assert (tmp_path / "demo" / "onnx" / "export_manifest.json").is_file()
