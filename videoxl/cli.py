@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from videoxl import logger
@@ -58,6 +59,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
     p.add_argument("--question", action="append", default=None,
                    help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
+    p.add_argument("--interactive", action="store_true",
+                   help="after the --question ones, read questions from stdin, one per line, until end of input")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
     p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
@@ -163,13 +166,28 @@ def cmd_run(args) -> int:
     backend.check_frames(video.num_frames)
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
     prepared = pipeline.prepare(video, options=options)
-    for number, question in enumerate(args.question or [DEFAULT_QUESTION]):
+    for number, question in enumerate(_questions(args)):
         if number:
             print()
         report = _ask_and_stream(pipeline, prepared, question, gen)
         print(f"backend           {backend.name}")
         print("\n".join(report.lines()))
     return 0
+
+
+def _questions(args) -> Iterator[str]:
+    """The --question flags (the default one if none and not interactive), then stdin lines with --interactive."""
+    yield from args.question or ([] if args.interactive else [DEFAULT_QUESTION])
+    if not args.interactive:
+        return
+    while True:
+        if sys.stdin.isatty():
+            print("question (Ctrl-D to end)> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
 
 
 def _ask_and_stream(pipeline, prepared, question: str, gen):
@@ -208,12 +226,11 @@ def cmd_demo(args) -> int:
     print(f"tiny checkpoint  {checkpoint}\nsynthetic video  {video} ({args.seconds:.0f} s at 8 fps)")
     onnx_dir = export_onnx(checkpoint, work / "onnx")
     print(f"ONNX graphs      {onnx_dir}")
-    run_args = argparse.Namespace(
-        checkpoint=checkpoint, onnx=onnx_dir, engines=None, video=str(video), question=[args.question],
-        backend="onnxruntime", max_frames=None, fps=None, prefill="chunked", decode="bilevel", dense_blocks=1,
-        chunk_groups=2, window=1, block_groups=2, max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0,
-        dtype="fp32", gpu_memory_budget=None, no_progress=False,
-    )
+    run_args = build_parser().parse_args([  # the run command's own parser: its defaults, no copy of them
+        "run", "--checkpoint", str(checkpoint), "--onnx", str(onnx_dir), "--video", str(video),
+        "--question", args.question, "--backend", "onnxruntime", "--dense-blocks", "1",
+        "--chunk-groups", "2", "--window", "1", "--block-groups", "2", "--max-new-tokens", "24",
+    ])
     return cmd_run(run_args)
 
 
