@@ -13,10 +13,12 @@ preallocated capacity and never allocates per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from videoxl.config import VideoXLConfig
+from videoxl.engines.profiles import format_bytes
 from videoxl.layout import TokenLayout, block_ranges, groups_in
 from videoxl.runtime.backend import Backend
 
@@ -24,6 +26,68 @@ from videoxl.runtime.backend import Backend
 def kv_bytes(config: VideoXLConfig, tokens: int, itemsize: int) -> int:
     """Bytes of K and V for `tokens` tokens over all layers."""
     return tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize
+
+
+class HostMemoryError(MemoryError):
+    """A request's KV cache would not fit the host memory; raised before any work."""
+
+
+def available_host_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max" and available is not None:
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def sparse_tier_tokens(layout: TokenLayout, stride: int) -> int:
+    """Rows of the sparse tier: every group's timestamp rows plus its visual rows pooled by `stride`."""
+    stamp = layout.group_visual_starts - layout.group_starts
+    visual = layout.group_ends - layout.group_visual_starts
+    return int((stamp + visual // stride).sum())
+
+
+def check_host_memory(
+    config: VideoXLConfig, layout: TokenLayout, *, block_groups: int, dense_blocks: int | None, itemsize: int,
+    answer_tokens: int = 320, available_bytes: int | None = None,
+) -> int:
+    """Bytes the KV cache of this prompt will take on the host; HostMemoryError if that is over what is free.
+
+    dense tier + sparse tier + twice the decode cache (building it concatenates the source rows
+    first). The decode cache holds the sparse tier plus up to `dense_blocks` task-aware and the
+    three always-dense blocks in full (None: every block dense), plus `answer_tokens` rows for
+    the question and the answer.
+    """
+    groups = len(layout.group_starts)
+    group_rows = (layout.suffix_start - layout.prefix_len) / max(groups, 1)  # ~150: "Time t s:" + 144 visual
+    sparse_rows = sparse_tier_tokens(layout, config.kv_pool_stride) / max(groups, 1)
+
+    def need(g: int) -> tuple[int, int, int, int]:
+        """(bytes, dense, sparse, decode rows) for g groups of this layout's shape."""
+        dense, sparse = layout.prefix_len + round(g * group_rows), round(g * sparse_rows)
+        full_blocks = layout.prefix_len + min(g, (3 + dense_blocks) * block_groups) * group_rows if dense_blocks is not None else dense
+        mixed = min(dense, round(sparse + full_blocks)) + answer_tokens
+        return kv_bytes(config, dense + sparse + 2 * mixed, itemsize), dense, sparse, mixed
+
+    total, dense, sparse, mixed = need(groups)
+    available = available_host_bytes() if available_bytes is None else available_bytes
+    if available is not None and total > available:
+        fitting = max((g for g in range(groups) if need(g)[0] <= available), default=0)
+        raise HostMemoryError(
+            f"{groups * config.frames_per_group} frames need about {format_bytes(total)} of host memory for the KV "
+            f"cache ({dense:,} dense rows, {sparse:,} sparse rows, a decode cache of up to {mixed:,} rows); "
+            f"{format_bytes(available)} is free. Lower --max-frames to {fitting * config.frames_per_group}"
+            + ("" if dense_blocks is not None and dense_blocks <= 4 else " or use fewer --dense-blocks")
+        )
+    return total
 
 
 @dataclass

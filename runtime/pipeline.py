@@ -34,7 +34,7 @@ from videoxl.layout import (
     select_dense_blocks,
 )
 from videoxl.runtime.backend import Backend
-from videoxl.runtime.kv_store import MixedKV, TwoTierKVStore, kv_bytes
+from videoxl.runtime.kv_store import MixedKV, TwoTierKVStore, check_host_memory, kv_bytes
 from videoxl.sampling import GenerationConfig, next_token
 from videoxl.text import SpecialTokens, StreamDetokenizer, build_prompt, group_start_times
 from videoxl.video import VideoSource
@@ -269,15 +269,32 @@ class Pipeline:
 
     # --- everything -------------------------------------------------------------------------
     def prepare(self, video: VideoSource, *, options: InferenceOptions = InferenceOptions()) -> PreparedVideo:
-        """Vision and prefill of `video`: the question-independent work, done once."""
+        """Vision and prefill of `video`: the question-independent work, done once.
+
+        Raises HostMemoryError before any work when the KV cache would not fit the free memory.
+        """
+        layout = self.layout("", video.plan.timestamps)
+        self.check_host_memory(layout, options)
         report = RunReport()
         started = time.perf_counter()
         visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
         report.vision_s = time.perf_counter() - started
         report.frames = len(frame_times)
-        layout = self.layout("", frame_times)
         store = self._prefill_timed(layout, visual_embeds, options, report)
         return PreparedVideo(frame_times, layout, store, options, report)
+
+    def check_host_memory(self, layout: TokenLayout, options: InferenceOptions) -> int:
+        """Bytes of host memory the KV cache of `layout` will take (HostMemoryError when over what is free)."""
+        if options.decode == "dense" or options.dense_blocks == "all":
+            dense_blocks = None
+        elif isinstance(options.dense_blocks, (tuple, list, set)):
+            dense_blocks = len(options.dense_blocks)
+        else:
+            dense_blocks = int(options.dense_blocks)
+        return check_host_memory(
+            self.config, layout, block_groups=options.block_groups or self.config.block_groups,
+            dense_blocks=dense_blocks, itemsize=self.backend.float_dtype.itemsize,
+        )
 
     def ask(
         self,

@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     from videoxl.config import ConfigError
     from videoxl.runtime.artifacts import ArtifactError
+    from videoxl.runtime.kv_store import HostMemoryError
     from videoxl.runtime.trt_backend import BackendUnavailable
     from videoxl.video import VideoError
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as err:  # already one line naming the fix
         print(err, file=sys.stderr)
         return 1
-    except (ConfigError, ArtifactError, VideoError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ArtifactError, VideoError, HostMemoryError, ValueError, FileNotFoundError) as err:
         print(f"videoxl {args.command}: error: {err}", file=sys.stderr)
         return 2
 
