@@ -35,6 +35,14 @@ def test_follow_up_questions_print_one_answer_each(tiny_onnx, synthetic_video, c
     assert "vision, prefill   reused (done once for this video)" in second and "prefill           " not in second
 
 
+def test_ctrl_c_ends_without_a_traceback(tiny_onnx, synthetic_video, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("videoxl.runtime.pipeline.Pipeline.prepare", interrupted)
+    assert main(["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "\nvideoxl run: interrupted\n"
+
+
 def test_explicit_block_list(tiny_onnx, synthetic_video, capsys):
     code = main([
         "run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--max-frames", "32",

@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ArtifactError, VideoError, HostMemoryError, ValueError, FileNotFoundError) as err:
         print(f"videoxl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C ends a long run or an interactive session without a traceback
+        print(f"\nvideoxl {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
