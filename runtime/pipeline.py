@@ -124,6 +124,7 @@ class RunReport:
     prefill_s: float = 0.0
     select_s: float = 0.0
     decode_s: float = 0.0
+    first_token_s: float | None = None  # from the question to its first answer token (block choice, question pass)
     new_tokens: int = 0
     dense_kv_bytes: int = 0
     mixed_kv_bytes: int = 0
@@ -147,6 +148,7 @@ class RunReport:
             ]),
             f"block selection   {self.select_s:.2f} s: dense blocks {self.dense_blocks} of {self.num_blocks}",
             f"decode            {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tokens/s",
+            *([f"first token       {self.first_token_s:.3f} s after the question"] if self.first_token_s is not None else []),
             f"KV cache          dense {self.dense_kv_bytes * mib:.2f} MiB, bi-level {self.mixed_kv_bytes * mib:.2f} MiB",
         ]
 
@@ -356,7 +358,7 @@ class Pipeline:
         on_text: Callable[[str], None] | None, report: RunReport,
     ) -> Answer:
         """Block choice, the mixed cache, then the streamed decode of one question."""
-        started = time.perf_counter()
+        asked = started = time.perf_counter()
         dense_blocks, scores = self.choose_dense_blocks(store, layout, options)
         suffix = layout.input_ids[layout.suffix_start :]
         mixed = store.build_mixed(self.backend, dense_blocks, extra_capacity=len(suffix) + gen.max_new_tokens)
@@ -369,6 +371,8 @@ class Pipeline:
         detok = StreamDetokenizer(self.tokenizer)
 
         def on_token(token: int) -> None:
+            if report.first_token_s is None:
+                report.first_token_s = time.perf_counter() - asked
             text = detok.push(token)
             if text and on_text:
                 on_text(text)

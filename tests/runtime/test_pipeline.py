@@ -141,3 +141,6 @@ def test_follow_up_questions_reuse_the_prefill(tiny_onnx, tiny_tokenizer, synthe
         assert answer.report.dense_blocks == fresh[question].report.dense_blocks
         np.testing.assert_allclose(answer.report.block_scores, fresh[question].report.block_scores, rtol=1e-6)
     assert [a.report.reused_prefill for a in answers] == [False, True, True]
+    for answer in answers:  # latency from the question: block choice, then the question's decode pass
+        assert answer.report.select_s < answer.report.first_token_s <= answer.report.select_s + answer.report.decode_s
+        assert f"first token       {answer.report.first_token_s:.3f} s after the question" in answer.report.lines()
