@@ -85,7 +85,7 @@ def build_engines(
     onnx_dir: str | Path,
     out_dir: str | Path,
     *,
-    precision: str = "fp16",
+    precision: str | None = None,
     max_frames: int | None = None,
     chunk_groups: int | None = None,
     window_chunks: int | None = None,
@@ -98,14 +98,15 @@ def build_engines(
 ) -> Path:
     """Build the four engines of ``onnx_dir`` into ``out_dir`` and write their manifest.
 
-    ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
+    ``precision`` (fp16, bf16, fp32) defaults to the export's: the networks are strongly typed,
+    so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
     the dense KV cache of the largest profile. Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise EngineBuildError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     trt = import_tensorrt(flavour)
     cfg = _load_config(onnx_dir)
@@ -115,6 +116,8 @@ def build_engines(
         window_chunks=window_chunks if window_chunks is not None else cfg.window_chunks,
     )
     graphs = [_read_graph(onnx_dir, name) for name in GRAPHS]
+    if precision is None:
+        precision = _export_precision(graphs, onnx_dir)
     _check_precision(graphs, precision, onnx_dir)
     targets = _resolve_targets(trt, targets)
     _check_precision_targets(precision, targets)
@@ -215,6 +218,15 @@ def _graph_precision(model: onnx.ModelProto) -> str | None:
     if low:
         return low.pop()
     return "fp32" if onnx.TensorProto.FLOAT in types else None
+
+
+def _export_precision(graphs: list[_Graph], onnx_dir: Path) -> str:
+    """The one precision every graph was exported in (what a build without --fp16/--bf16/--fp32 uses)."""
+    found = {g.precision for g in graphs if g.precision is not None}
+    if len(found) != 1 or not found <= set(PRECISIONS):
+        listing = ", ".join(f"{g.path.name}: {g.precision}" for g in graphs)
+        raise EngineBuildError(f"{onnx_dir}: cannot tell the export's precision ({listing}); re-export with `videoxl export --dtype ...`")
+    return found.pop()
 
 
 def _check_precision(graphs: list[_Graph], precision: str, onnx_dir: Path) -> None:

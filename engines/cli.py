@@ -33,9 +33,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     for name in ("fp16", "bf16", "fp32"):
         precision.add_argument(
             f"--{name}", dest="precision", action="store_const", const=name,
-            help=f"{name} engines (must match the export dtype)" + (" [default]" if name == "fp16" else ""),
+            help=f"{name} engines (must match the export dtype; default: the export's)",
         )
-    parser.set_defaults(precision="fp16")
+    parser.set_defaults(precision=None)
     parser.add_argument("--max-frames", type=int, metavar="N", help="frames the engines must accept (default: the config's)")
     parser.add_argument("--chunk-groups", type=int, metavar="C", help="groups of 4 frames per prefill chunk (default: the config's)")
     parser.add_argument("--window", type=int, dest="window_chunks", metavar="P", help="previous chunks a visual token sees (default: the config's)")

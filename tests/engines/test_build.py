@@ -88,6 +88,14 @@ def test_precision_must_match_the_export(trt, onnx_dir: Path, tmp_path: Path) ->
     assert "build with --fp16" in str(err)
 
 
+def test_precision_defaults_to_the_export(trt, tmp_path: Path) -> None:
+    from engine_fixtures import write_artifacts
+
+    fp32 = write_artifacts(tmp_path / "fp32", precision="fp32")
+    out = build_engines(fp32, tmp_path / "out", use_plugins=False, **BUILD_LIMITS)
+    assert _manifest(out)["precision"] == "fp32"
+
+
 def test_bf16_cannot_target_sm75(trt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine_fixtures import write_artifacts
 

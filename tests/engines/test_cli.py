@@ -15,7 +15,7 @@ from videoxl.engines.trt_module import gpu_compute_capability
 def test_build_command(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "engines"
     code = main([
-        "build", "--onnx", str(onnx_dir), "--out", str(out), "--fp16", "--max-frames", "48", "--chunk-groups", "2",
+        "build", "--onnx", str(onnx_dir), "--out", str(out), "--max-frames", "48", "--chunk-groups", "2",
         "--window", "1", "--target", "sm_89", "--target", "sm_120", "--memory-budget", "1GiB", "--no-progress",
     ])
     assert code == 0
@@ -23,6 +23,7 @@ def test_build_command(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.Captu
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["compute_capabilities"] == ["sm_89", "sm_120"]
     assert manifest["limits"]["max_frames"] == 48 and manifest["memory"]["budget_bytes"] == 2**30
+    assert manifest["precision"] == "fp16"  # no --fp16/--bf16/--fp32: the export's precision
 
 
 def test_build_error_is_one_line(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
