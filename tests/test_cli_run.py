@@ -7,6 +7,7 @@ import io
 import pytest
 
 from videoxl.cli import main
+from videoxl.runtime.device import gpu_usable
 from videoxl.video import write_synthetic_video
 
 
@@ -41,6 +42,20 @@ def test_ctrl_c_ends_without_a_traceback(tiny_onnx, synthetic_video, capsys, mon
     monkeypatch.setattr("videoxl.runtime.pipeline.Pipeline.prepare", interrupted)
     assert main(["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--no-progress"]) == 130
     assert capsys.readouterr().err == "\nvideoxl run: interrupted\n"
+
+
+@pytest.mark.skipif(gpu_usable(), reason="checks the behaviour on a machine without a usable GPU")
+def test_engines_without_a_gpu_fall_back_to_onnxruntime_only_when_given_graphs(tiny_onnx, synthetic_video, tmp_path, capsys):
+    engines = tmp_path / "engines"  # never opened: no GPU, so the choice is made before
+    assert main(["run", "--engines", str(engines), "--video", str(synthetic_video)]) != 0
+    assert "TensorRT backend unavailable" in capsys.readouterr().err
+    code = main([
+        "run", "--engines", str(engines), "--onnx", str(tiny_onnx), "--video", str(synthetic_video),
+        "--max-frames", "8", "--max-new-tokens", "2", "--no-progress",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0 and "running on ONNX Runtime instead" in captured.err
+    assert "backend           onnxruntime" in captured.out
 
 
 def test_explicit_block_list(tiny_onnx, synthetic_video, capsys):

@@ -109,9 +109,13 @@ def open_backend(args, *, checkpoint: Path | None):
     """The backend the user asked for, with one-line errors for what is missing."""
     backend = args.backend
     if backend is None:
-        from videoxl.runtime.device import gpu_usable
+        from videoxl.runtime.device import gpu_problem
 
-        backend = "tensorrt" if args.engines and gpu_usable() else "onnxruntime"
+        cpu_artifacts = args.onnx or checkpoint
+        if args.engines and gpu_problem() is not None and cpu_artifacts:
+            print(f"--engines needs a GPU ({gpu_problem()}); running on ONNX Runtime instead", file=sys.stderr)
+        # engines with no CPU fallback go to TensorRT, whose error names what is missing
+        backend = "tensorrt" if args.engines and (gpu_problem() is None or not cpu_artifacts) else "onnxruntime"
     if backend == "tensorrt":
         from videoxl.runtime.trt_backend import TensorRTBackend
 
