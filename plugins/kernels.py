@@ -182,9 +182,9 @@ def use_library(path: Path | str | None, *, host_memory: bool = False) -> ctypes
     host_memory=True is for a host build of the kernels (the CPU emulation of CUDA in the
     tests): its launchers take host pointers, so the torch wrappers take CPU tensors.
     """
-    global _library
+    global _library, _host_memory
     with _lock:
-        _library = None
+        _library, _host_memory = None, False
         return None if path is None else _open(Path(path), host_memory=host_memory)
 
 
