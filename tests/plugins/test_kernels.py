@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,16 +270,13 @@ def test_top_k_blocks(target, case) -> None:
         np.testing.assert_array_equal(got.cpu().numpy(), padded, err_msg=f"k={k}")
 
 
-def test_wrappers_refuse_tensors_on_the_wrong_side(emulated_kernels_library: Path) -> None:
-    """A host build takes CPU tensors only; the GPU library CUDA tensors only."""
-    kernel_module.use_library(emulated_kernels_library, host_memory=True)
-    try:
-        x = torch.zeros(8, 4, 16)
-        kernel_module.pool_kv_torch(x, 4)  # CPU tensors are what a host build takes
-        if torch.cuda.is_available():
-            with pytest.raises(ValueError, match="contiguous CPU tensor"):
-                kernel_module.pool_kv_torch(x.cuda(), 4)
+@pytest.mark.parametrize("target", ["emulated"], indirect=True)
+def test_wrappers_refuse_tensors_on_the_wrong_side(target) -> None:
+    """A host build takes contiguous CPU tensors only (the GPU library: contiguous CUDA tensors)."""
+    x = torch.zeros(8, 4, 16)
+    kernel_module.pool_kv_torch(x, 4)  # CPU tensors are what a host build takes
+    if torch.cuda.is_available():
         with pytest.raises(ValueError, match="contiguous CPU tensor"):
-            kernel_module.pool_kv_torch(x.transpose(0, 1), 4)
-    finally:
-        kernel_module.use_library(None)
+            kernel_module.pool_kv_torch(x.cuda(), 4)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        kernel_module.pool_kv_torch(x.transpose(0, 1), 4)
