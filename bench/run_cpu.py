@@ -45,7 +45,7 @@ from videoxl.export.onnx_export import export_onnx
 from videoxl.export.torch_backend import TorchBackend
 from videoxl.layout import chunk_visibility, num_chunks, prefix_visibility
 from videoxl.runtime.backend import Backend, DecodeOutput
-from videoxl.runtime.kv_store import kv_bytes
+from videoxl.runtime.kv_store import available_host_bytes, kv_bytes
 from videoxl.runtime.ort_backend import OnnxRuntimeBackend
 from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 from videoxl.sampling import GenerationConfig
@@ -311,16 +311,6 @@ def dense_one_pass_bytes(layout, cfg) -> int:
     return DENSE_LIVE_SCORE_TENSORS * cfg.num_attention_heads * tokens * tokens * 4
 
 
-def available_memory_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @dataclass
 class PrefillRow:
     frames: int
@@ -344,7 +334,7 @@ def bench_prefill(model: Model, frame_counts: list[int], clock: Clock, *, repeat
         layout, embeds = model.layout(frames), model.visual_embeds(frames)
         options = {mode: prefill_options(mode, layout, cfg) for mode in (MODE_CHUNKED, MODE_DENSE_CHUNKS, MODE_DENSE_ONE_PASS)}
         needed = dense_one_pass_bytes(layout, cfg)
-        allowed = min(dense_memory_bytes, available_memory_bytes() // 2)
+        allowed = min(dense_memory_bytes, (available_host_bytes() or 0) // 2)
         skipped = None if needed <= allowed else f"needs ~{needed / 2**30:.0f} GiB"
 
         def run(pipe, opts) -> Callable[[], object]:

@@ -341,7 +341,6 @@ class Pipeline:
         """From a prompt layout and visual embeddings to the streamed answer."""
         report = RunReport()
         store = self._prefill_timed(layout, visual_embeds, options, report)
-        report.prompt_tokens = layout.num_tokens
         return self._respond(layout, store, options, gen, on_text, report)
 
     def _prefill_timed(self, layout: TokenLayout, visual_embeds: np.ndarray, options: InferenceOptions, report: RunReport) -> TwoTierKVStore:

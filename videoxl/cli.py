@@ -111,11 +111,11 @@ def open_backend(args, *, checkpoint: Path | None):
     if backend is None:
         from videoxl.runtime.device import gpu_problem
 
-        cpu_artifacts = args.onnx or checkpoint
-        if args.engines and gpu_problem() is not None and cpu_artifacts:
-            print(f"--engines needs a GPU ({gpu_problem()}); running on ONNX Runtime instead", file=sys.stderr)
+        cpu_artifacts, problem = args.onnx or checkpoint, gpu_problem() if args.engines else None
+        if args.engines and problem is not None and cpu_artifacts:
+            print(f"--engines needs a GPU ({problem}); running on ONNX Runtime instead", file=sys.stderr)
         # engines with no CPU fallback go to TensorRT, whose error names what is missing
-        backend = "tensorrt" if args.engines and (gpu_problem() is None or not cpu_artifacts) else "onnxruntime"
+        backend = "tensorrt" if args.engines and (problem is None or not cpu_artifacts) else "onnxruntime"
     if backend == "tensorrt":
         from videoxl.runtime.trt_backend import TensorRTBackend
 
