@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DOMAIN = "videoxl"
-OPSET_VERSION = 1
+OPSET_VERSION = 2  # v2: rotated past read in place, positions in the gather
 PLUGIN_NAMESPACE = "videoxl"
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,21 @@ class OpContract:
 CHUNK_SPARSE_ATTENTION = OpContract(
     name="ChunkSparseAttention",
     inputs=(
-        TensorSpec("query", ("Q", "Hq", "D"), "float", "chunk queries, RoPE applied"),
-        TensorSpec("key", ("K", "Hkv", "D"), "float", "past then chunk keys (K = past + Q), RoPE applied"),
-        TensorSpec("value", ("K", "Hkv", "D"), "float", "past then chunk values"),
-        TensorSpec("prefix_len", ("1",), "int64", "tokens before the video, always visible"),
-        TensorSpec("window_start", ("1",), "int64", "first past token of the P previous chunks"),
-        TensorSpec("past_timestamp_index", ("T",), "int64", "timestamp tokens in [prefix_len, window_start)"),
-        TensorSpec("timestamp_query_index", ("Tq",), "int64", "chunk queries that are timestamp tokens (ascending)"),
+        TensorSpec("query", ("Q", "Hq", "D"), "float", "chunk queries, rotated at past_len + i"),
+        TensorSpec("key", ("Q", "Hkv", "D"), "float", "the chunk's own keys, rotated at past_len + i"),
+        TensorSpec("value", ("Q", "Hkv", "D"), "float", "the chunk's own values"),
+        TensorSpec("past_key", ("P", "Hkv", "D"), "float", "past buffer: row j holds the key of position j, rotated; rows >= past_len unused"),
+        TensorSpec("past_value", ("P", "Hkv", "D"), "float", "past buffer of values, row j = position j"),
+        TensorSpec("past_len", ("1",), "int64", "valid past rows = absolute position of query 0 (a device tensor, not a shape)"),
+        TensorSpec("visible_past_index", ("V",), "int64", "past rows every query sees, ascending, all < past_len (prefix, earlier timestamps, window)"),
+        TensorSpec("timestamp_query_index", ("Tq",), "int64", "queries that see the whole past [0, past_len) instead (ascending; empty under the streaming rule)"),
     ),
     outputs=(TensorSpec("output", ("Q", "Hq", "D"), "float", "attention output"),),
     attributes={"scale": "float: softmax scale, head_dim ** -0.5"},
     doc=(
-        "Query i sits at absolute position p = (K - Q) + i. A timestamp query (i in "
-        "timestamp_query_index) sees keys [0, p]; "
-        "any other query sees [0, prefix_len) U past_timestamp_index U [window_start, p]. "
+        "Query i sits at absolute position past_len + i and sees past rows visible_past_index "
+        "(all rows [0, past_len) if i is in timestamp_query_index) plus chunk keys 0..i (causal). "
+        "The past is read in place through the index list: no chunk copies or rotates it. "
         "Query head h reads KV head h // (Hq / Hkv). Softmax and accumulation in float32."
     ),
 )
@@ -70,19 +71,24 @@ CHUNK_SPARSE_ATTENTION = OpContract(
 BILEVEL_KV_GATHER = OpContract(
     name="BilevelKVGather",
     inputs=(
-        TensorSpec("key", ("N", "Hkv", "D"), "float", "source keys, before RoPE"),
+        TensorSpec("key", ("N", "Hkv", "D"), "float", "source keys, source row n rotated at source_position[n]"),
         TensorSpec("value", ("N", "Hkv", "D"), "float", "source values"),
-        TensorSpec("gather_index", ("M", "S"), "int64", "source rows pooled into each mixed row"),
+        TensorSpec("gather_index", ("M", "S"), "int64", "source rows pooled into each output row"),
         TensorSpec("gather_weight", ("M", "S"), "float32", "pooling weights (1,0,..) copies, 1/S averages"),
+        TensorSpec("source_position", ("N",), "int64", "position each source key is rotated at (0: stored before RoPE)"),
+        TensorSpec("target_position", ("M",), "int64", "position each output key is rotated at (0: left unrotated)"),
     ),
     outputs=(
-        TensorSpec("mixed_key", ("M", "Hkv", "D"), "float", "pooled keys rotated at positions 0..M-1"),
+        TensorSpec("mixed_key", ("M", "Hkv", "D"), "float", "pooled keys, rotated at target_position"),
         TensorSpec("mixed_value", ("M", "Hkv", "D"), "float", "pooled values"),
     ),
     attributes={"rope_theta": "float: RoPE base (rotate-half convention)"},
     doc=(
-        "mixed[m] = sum_s gather_weight[m, s] * source[gather_index[m, s]] (float32 accumulation); "
-        "keys are then rotated at compacted position m, so the mixed cache is contiguous 0..M-1."
+        "mixed_key[m] = rope(sum_s gather_weight[m, s] * rope(key[i], -source_position[i]), target_position[m]) "
+        "with i = gather_index[m, s]; mixed_value[m] = sum_s gather_weight[m, s] * value[i] (float32 accumulation). "
+        "Un-rotating, pooling and re-rotating in one pass equals the official pool-then-rotate of pre-RoPE keys "
+        "up to rounding (RoPE is a rotation; position 0 is the identity). The sparse tier is filled with "
+        "target_position 0 (pooled keys kept before RoPE); the mixed decode cache with target_position 0..M-1."
     ),
 )
 
