@@ -3,8 +3,9 @@
     out/
       vision.onnx          frames (4G, 3, 384, 384) -> embeddings (G, 144, H); standard ops only
       prefill_chunk.onnx   one chunk against its visible past (videoxl::ChunkSparseAttention)
-      decode.onnx          a few tokens against the mixed cache; attention mass for scoring
-      kv_gather.onnx       builds the mixed cache of one layer (videoxl::BilevelKVGather)
+      decode.onnx          a few tokens against the decode cache (capacity buffer + valid length)
+      score.onnx           the question's attention mass on the sparse cache (block choice)
+      kv_gather.onnx       pools the sparse tier / builds the decode cache, one layer (videoxl::BilevelKVGather)
       config.json, tokenizer.json, tokenizer_config.json, export_manifest.json
 
 Everything is written into a temporary sibling directory and renamed into place at the end,
@@ -31,19 +32,14 @@ from videoxl.files import file_sha256
 from videoxl.export.model import DTYPES, VideoXLModel
 from videoxl.export.onnx_graph import OPSET, ExternalData
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
+from videoxl.graphs import GRAPHS, LLM_WEIGHTS, manifest_entry
 from videoxl.ops import DOMAIN, OPSET_VERSION
 from videoxl.text import SpecialTokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-GRAPH_FILES = {
-    "vision": "vision.onnx",
-    "prefill_chunk": "prefill_chunk.onnx",
-    "decode": "decode.onnx",
-    "kv_gather": "kv_gather.onnx",
-}
+GRAPH_FILES = {name: contract.file for name, contract in GRAPHS.items()}
 MANIFEST = "export_manifest.json"
-LLM_WEIGHTS = "llm_weights.onnx.data"  # shared by prefill_chunk.onnx and decode.onnx
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 TWO_GIB = 2**31
 
@@ -147,6 +143,7 @@ def export_onnx(
         for name, build in (
             ("prefill_chunk", lambda: writer.prefill_chunk(special.vision_pad)),
             ("decode", writer.decode),
+            ("score", writer.score),
             ("kv_gather", writer.kv_gather),
         ):
             log.info("writing %s graph", name)
@@ -172,6 +169,7 @@ def export_onnx(
             "dtype": dtype,
             "opset": opset,
             "custom_ops": {"domain": DOMAIN, "version": OPSET_VERSION},
+            "graph_contract": manifest_entry(cfg),
             "max_frames": max_frames,
             "special_tokens": dataclasses.asdict(special),
             "graphs": graphs,

@@ -1,14 +1,15 @@
-"""The LLM graphs written by hand: prefill-chunk and decode, plus the one-node kv-gather graph.
+"""The LLM graphs written by hand: prefill-chunk, decode, score, plus the one-node kv-gather graph.
 
-Layouts are token-major (tokens, heads, head_dim); every graph handles one sequence. Weight
-initializers keep the checkpoint's names.
+Their inputs and outputs are `videoxl.graphs` (the graph contract); layouts are token-major
+(tokens, heads, head_dim), one sequence. Keys are rotated once, when computed, and cached rotated:
+no graph rotates or concatenates a past. Linear layers are `MatMul` (+ `Add` for a bias) with the
+weight stored transposed, (in, out), under the checkpoint's name plus ".T": the form weight
+quantizers (ONNX Runtime's MatMulNBits, ModelOpt) and TensorRT's weight-only GEMMs take.
 
-prefill_chunk:  input_ids (Q) + visual_embeds (Nv, H) + position_ids (Q) + visibility ranges
-                + past_key.i / past_value.i (P, Hkv, D), keys before RoPE
-             -> logits (1, V) of the last position, present_key.i / present_value.i (Q, Hkv, D)
-decode:         input_ids (T) + position_ids (T) + past_key.i (P, Hkv, D) rotated + past_value.i
-             -> logits (1, V) of the last position, attention_mass (P + T), present (T, Hkv, D)
-kv_gather:      BilevelKVGather over one layer's source KV -> the mixed cache of that layer
+prefill_chunk:  the chunk at positions past_len + i, attention by videoxl::ChunkSparseAttention
+decode:         T tokens at positions past_len + t against a capacity buffer, standard Attention
+score:          the question against the sparse cache -> attention mass per past row
+kv_gather:      videoxl::BilevelKVGather over one layer's source KV
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from videoxl.export.llm import rope_inv_freq
 from videoxl.export.model import VideoXLModel
 from videoxl.export.onnx_graph import ONNX_FLOAT, ExternalData, GraphBuilder, value_info
 from videoxl.export.onnx_ops import (
+    attention,
     bilevel_kv_gather,
     chunk_sparse_attention,
     custom_opset_imports,
@@ -31,15 +33,9 @@ from videoxl.export.onnx_ops import (
     rope,
     rope_tables,
 )
-from videoxl.ops import BILEVEL_KV_GATHER
+from videoxl.graphs import DECODE, KV_GATHER, PREFILL_CHUNK, SCORE, GraphContract, kv_names
 
-
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key.{layer}", f"past_value.{layer}"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present_key.{layer}", f"present_value.{layer}"
+ONNX_ELEM = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
 
 class LLMGraphWriter:
@@ -58,8 +54,12 @@ class LLMGraphWriter:
         return array.astype(np.float16) if self.dtype == "fp16" else array.astype(np.float32)
 
     def _linear(self, b: GraphBuilder, x: str, prefix: str, bias: bool) -> str:
-        inputs = [x, self._weight(b, f"{prefix}.weight")] + ([self._weight(b, f"{prefix}.bias")] if bias else [])
-        return b.op("Gemm", *inputs, transB=1)
+        """x (n, in) @ W.T (in, out) [+ b]: MatMul with a constant (in, out) weight, quantizer-friendly."""
+        name = f"{prefix}.weight.T"
+        if not b.has_initializer(name):
+            b.initializer(name, self._cast(np.ascontiguousarray(self.state[f"{prefix}.weight"].detach().float().numpy().T)), self.elem)
+        y = b.op("MatMul", x, name)
+        return b.op("Add", y, self._weight(b, f"{prefix}.bias")) if bias else y
 
     def _rms_norm(self, b: GraphBuilder, x: str, weight: str) -> str:
         xf = b.op("Cast", x, to=TensorProto.FLOAT)
@@ -70,8 +70,8 @@ class LLMGraphWriter:
     def _inv_freq(self, b: GraphBuilder) -> str:
         return b.initializer("rope_inv_freq", rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).numpy())
 
-    def _layers(self, b: GraphBuilder, x: str, cos: str, sin: str, attention) -> str:
-        """Decoder layers; attention(layer, q_rot, k, k_rot, v) -> (n, Hq, D)."""
+    def _layers(self, b: GraphBuilder, x: str, cos: str, sin: str, attend) -> str:
+        """Decoder layers; attend(layer, q_rot, k_rot, v) -> (n, Hq, D)."""
         cfg = self.cfg
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
@@ -79,7 +79,7 @@ class LLMGraphWriter:
             q = b.op("Reshape", self._linear(b, h, f"{p}.self_attn.q_proj", True), b.const([-1, cfg.num_attention_heads, cfg.head_dim]))
             k = b.op("Reshape", self._linear(b, h, f"{p}.self_attn.k_proj", True), b.const([-1, cfg.num_key_value_heads, cfg.head_dim]))
             v = b.op("Reshape", self._linear(b, h, f"{p}.self_attn.v_proj", True), b.const([-1, cfg.num_key_value_heads, cfg.head_dim]))
-            out = attention(i, rope(b, q, cos, sin), k, rope(b, k, cos, sin), v)
+            out = attend(i, rope(b, q, cos, sin), rope(b, k, cos, sin), v)
             x = b.op("Add", x, self._linear(b, b.op("Reshape", out, b.const([-1, cfg.hidden_size])), f"{p}.self_attn.o_proj", False))
             h = self._rms_norm(b, x, f"{p}.post_attention_layernorm.weight")
             gate = self._linear(b, h, f"{p}.mlp.gate_proj", False)
@@ -92,20 +92,43 @@ class LLMGraphWriter:
         logits = self._linear(b, self._rms_norm(b, last, "model.norm.weight"), "lm_head", False)
         b.op("Cast", logits, to=TensorProto.FLOAT, outputs=["logits"])
 
-    def _kv_io(self, past_dim: str, new_dim: str) -> tuple[list, list]:
-        cfg, inputs, outputs = self.cfg, [], []
-        for i in range(cfg.num_hidden_layers):
-            for name in past_names(i):
-                inputs.append(value_info(name, self.elem, [past_dim, cfg.num_key_value_heads, cfg.head_dim]))
-            for name in present_names(i):
-                outputs.append(value_info(name, self.elem, [new_dim, cfg.num_key_value_heads, cfg.head_dim]))
-        return inputs, outputs
+    def _io(self, contract: GraphContract) -> tuple[list, list]:
+        """value_infos of a graph's inputs and outputs, straight from the contract."""
+        layers = self.cfg.num_hidden_layers
 
-    def _model(self, b: GraphBuilder, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
-        graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.initializers)
+        def infos(specs) -> list:
+            out = []
+            for spec in specs:
+                elem = self.elem if spec.dtype == "float" else ONNX_ELEM[spec.dtype]
+                out += [value_info(name, elem, spec.shape(self.cfg)) for name in spec.names(layers)]
+            return out
+
+        return infos(contract.inputs), infos(contract.outputs)
+
+    def _model(self, b: GraphBuilder, contract: GraphContract) -> onnx.ModelProto:
+        inputs, outputs = self._io(contract)
+        graph = helper.make_graph(b.nodes, f"videoxl_{contract.name}", inputs, outputs, initializer=b.initializers)
         model = helper.make_model(graph, opset_imports=custom_opset_imports(), functions=function_protos())
         model.producer_name = "videoxl"
         return model
+
+    def _positions(self, b: GraphBuilder, ids: str) -> str:
+        """past_len + arange(len(ids)): the new tokens' absolute positions."""
+        return b.op("Add", b.arange(b.const(0), b.dim(ids, 0)), b.scalar("past_len"))
+
+    def _store_present(self, b: GraphBuilder, layer: int, k_rot: str, v: str) -> None:
+        present_key, present_value = kv_names("present", layer)
+        b.op("Identity", k_rot, outputs=[present_key])
+        b.op("Identity", v, outputs=[present_value])
+
+    def _cache_visible(self, b: GraphBuilder, ids: str) -> tuple[str, str]:
+        """(T, P + T) bool over [past buffer ++ new keys]: past rows < past_len, new keys causally."""
+        past_pos = b.arange(b.const(0), b.dim(kv_names("past", 0)[0], 0))
+        query_pos = self._positions(b, ids)
+        key_pos = b.op("Concat", past_pos, query_pos, axis=0)
+        causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
+        valid = b.op("Concat", b.op("Less", past_pos, "past_len"), b.op("Expand", b.const([True], np.bool_), b.op("Shape", ids)), axis=0)
+        return b.op("And", causal, b.op("Unsqueeze", valid, b.const([0]))), query_pos
 
     def _splice_visual(self, b: GraphBuilder, embeds: str, ids: str, image_token_id: int) -> str:
         """Placeholder rows take the visual embeddings in order (no NonZero: TensorRT for RTX lacks it).
@@ -128,88 +151,59 @@ class LLMGraphWriter:
         ids = "input_ids"
         embeds = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), ids, axis=0)
         x = self._splice_visual(b, embeds, ids, image_token_id)
-        inv_freq = self._inv_freq(b)
-        cos, sin = rope_tables(b, "position_ids", inv_freq)
-        past_cos, past_sin = rope_tables(b, b.arange(b.const(0), b.dim("past_key.0", 0)), inv_freq)
+        cos, sin = rope_tables(b, self._positions(b, ids), self._inv_freq(b))
 
-        def attention(i: int, q_rot: str, k: str, k_rot: str, v: str) -> str:
-            past_key, past_value = past_names(i)
-            present_key, present_value = present_names(i)
-            b.op("Identity", k, outputs=[present_key])
-            b.op("Identity", v, outputs=[present_value])
-            keys = b.op("Concat", rope(b, past_key, past_cos, past_sin), k_rot, axis=0)
-            values = b.op("Concat", past_value, v, axis=0)
+        def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
+            self._store_present(b, i, k_rot, v)
             return chunk_sparse_attention(
-                b, q_rot, keys, values, "prefix_len", "window_start", "past_timestamp_index", "timestamp_query_index",
+                b, q_rot, k_rot, v, *kv_names("past", i), "past_len", "visible_past_index", "timestamp_query_index",
                 scale=cfg.head_dim**-0.5,
             )
 
-        self._last_logits(b, self._layers(b, x, cos, sin, attention))
-        kv_in, kv_out = self._kv_io("past_tokens", "chunk_tokens")
-        inputs = [
-            value_info("input_ids", TensorProto.INT64, ["chunk_tokens"]),
-            value_info("visual_embeds", self.elem, ["visual_tokens", cfg.hidden_size]),
-            value_info("position_ids", TensorProto.INT64, ["chunk_tokens"]),
-            value_info("timestamp_query_index", TensorProto.INT64, ["timestamp_queries"]),
-            value_info("prefix_len", TensorProto.INT64, [1]),
-            value_info("window_start", TensorProto.INT64, [1]),
-            value_info("past_timestamp_index", TensorProto.INT64, ["past_timestamps"]),
-            *kv_in,
-        ]
-        outputs = [value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]), *kv_out]
-        return self._model(b, "videoxl_prefill_chunk", inputs, outputs)
+        self._last_logits(b, self._layers(b, x, cos, sin, attend))
+        return self._model(b, PREFILL_CHUNK)
 
     def decode(self) -> onnx.ModelProto:
         cfg, b = self.cfg, GraphBuilder(external=self.external)
         x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
-        cos, sin = rope_tables(b, "position_ids", self._inv_freq(b))
-        num_new, num_past = b.dim("input_ids", 0), b.dim("past_key.0", 0)
-        query_pos = b.op("Add", b.arange(b.const(0), num_new), num_past)
-        key_pos = b.arange(b.const(0), b.op("Add", num_past, num_new))
-        visible = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
+        visible, positions = self._cache_visible(b, "input_ids")
+        cos, sin = rope_tables(b, positions, self._inv_freq(b))
+
+        def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
+            self._store_present(b, i, k_rot, v)
+            past_key, past_value = kv_names("past", i)
+            keys, values = b.op("Concat", past_key, k_rot, axis=0), b.op("Concat", past_value, v, axis=0)
+            return attention(b, q_rot, keys, values, visible, scale=cfg.head_dim**-0.5)
+
+        self._last_logits(b, self._layers(b, x, cos, sin, attend))
+        return self._model(b, DECODE)
+
+    def score(self) -> onnx.ModelProto:
+        """The decode layers with explicit probabilities: their mass on each past row, summed."""
+        cfg, b = self.cfg, GraphBuilder(external=self.external)
+        x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
+        visible, positions = self._cache_visible(b, "input_ids")
+        cos, sin = rope_tables(b, positions, self._inv_freq(b))
         scale = b.const(cfg.head_dim**-0.5, np.float32)
+        num_past = b.op("Shape", kv_names("past", 0)[0], start=0, end=1)
         masses: list[str] = []
 
-        def attention(i: int, q_rot: str, k: str, k_rot: str, v: str) -> str:
-            past_key, past_value = past_names(i)
-            present_key, present_value = present_names(i)
-            b.op("Identity", k_rot, outputs=[present_key])
-            b.op("Identity", v, outputs=[present_value])
-            keys = b.op("Concat", past_key, k_rot, axis=0)
-            values = b.op("Concat", past_value, v, axis=0)
-            probs = gqa_probs(b, q_rot, keys, visible, scale)
-            masses.append(b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0))
+        def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
+            past_key, past_value = kv_names("past", i)
+            keys, values = b.op("Concat", past_key, k_rot, axis=0), b.op("Concat", past_value, v, axis=0)
+            probs = gqa_probs(b, q_rot, keys, visible, scale)  # (Hkv, G, T, P + T)
+            mass = b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0)
+            masses.append(b.op("Slice", mass, b.const([0]), num_past))
             return gqa_attention(b, q_rot, keys, values, visible, scale, probs=probs)
 
-        self._last_logits(b, self._layers(b, x, cos, sin, attention))
+        self._layers(b, x, cos, sin, attend)
         b.op("Sum", *masses, outputs=["attention_mass"])
-        kv_in, kv_out = self._kv_io("past_tokens", "new_tokens")
-        inputs = [
-            value_info("input_ids", TensorProto.INT64, ["new_tokens"]),
-            value_info("position_ids", TensorProto.INT64, ["new_tokens"]),
-            *kv_in,
-        ]
-        outputs = [
-            value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]),
-            value_info("attention_mass", TensorProto.FLOAT, ["all_tokens"]),
-            *kv_out,
-        ]
-        return self._model(b, "videoxl_decode", inputs, outputs)
+        return self._model(b, SCORE)
 
     def kv_gather(self) -> onnx.ModelProto:
         cfg, b = self.cfg, GraphBuilder()
-        key, value, index, weight = BILEVEL_KV_GATHER.input_names
-        mixed_key, mixed_value = BILEVEL_KV_GATHER.output_names
-        bilevel_kv_gather(b, key, value, index, weight, rope_theta=cfg.rope_theta, outputs=[mixed_key, mixed_value])
-        kv = [cfg.num_key_value_heads, cfg.head_dim]
-        inputs = [
-            value_info(key, self.elem, ["source_tokens", *kv]),
-            value_info(value, self.elem, ["source_tokens", *kv]),
-            value_info(index, TensorProto.INT64, ["mixed_tokens", "pool"]),
-            value_info(weight, TensorProto.FLOAT, ["mixed_tokens", "pool"]),
-        ]
-        outputs = [value_info(mixed_key, self.elem, ["mixed_tokens", *kv]), value_info(mixed_value, self.elem, ["mixed_tokens", *kv])]
-        return self._model(b, "videoxl_kv_gather", inputs, outputs)
+        bilevel_kv_gather(b, *KV_GATHER.input_names(1), rope_theta=cfg.rope_theta, outputs=KV_GATHER.output_names(1))
+        return self._model(b, KV_GATHER)
 
 
 def export_config_check(cfg: VideoXLConfig) -> None:

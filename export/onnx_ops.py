@@ -49,10 +49,10 @@ def gqa_attention(b: GraphBuilder, query: str, key: str, value: str, visible: st
 
 
 def rope_tables(b: GraphBuilder, positions: str, inv_freq: str) -> tuple[str, str]:
-    """positions (n,) int64 -> cos, sin of shape (n, 1, D) in fp32 (Hugging Face Qwen2)."""
-    freqs = b.op("Mul", b.op("Unsqueeze", b.op("Cast", positions, to=TensorProto.FLOAT), b.const([1])), inv_freq)
+    """positions (...) int64 -> cos, sin of shape (..., 1, D) in fp32 (Hugging Face Qwen2)."""
+    freqs = b.op("Mul", b.op("Unsqueeze", b.op("Cast", positions, to=TensorProto.FLOAT), b.const([-1])), inv_freq)
     emb = b.op("Concat", freqs, freqs, axis=-1)
-    return b.op("Unsqueeze", b.op("Cos", emb), b.const([1])), b.op("Unsqueeze", b.op("Sin", emb), b.const([1]))
+    return b.op("Unsqueeze", b.op("Cos", emb), b.const([-2])), b.op("Unsqueeze", b.op("Sin", emb), b.const([-2]))
 
 
 def rope(b: GraphBuilder, x: str, cos: str, sin: str) -> str:
@@ -73,37 +73,63 @@ def rope_inv_freq_from_theta(b: GraphBuilder, theta: str, head_dim: str) -> str:
 # --- ChunkSparseAttention -------------------------------------------------------------------
 
 
-def _chunk_sparse_attention_body() -> GraphBuilder:
-    """Visual queries attend to a gathered past; timestamp queries to the whole history.
+def attention(b: GraphBuilder, query: str, key: str, value: str, visible: str, scale: float | None = None) -> str:
+    """Standard ONNX `Attention` (opset 23) on token-major tensors: GQA, a bool mask, no copies of its own.
 
-        gathered = [0, prefix_len) ++ past_timestamp_index ++ [window_start, K)
-        out      = attention(query, key[gathered], causal on absolute positions)
-        out[ts]  = attention(query[ts], key, causal)           (few rows: timestamp tokens)
+        query (n, Hq, D), key/value (m, Hkv, D), visible (n, m) bool -> (n, Hq, D)
+        4-D form (1, heads, tokens, D): the head counts come from the shapes, so one body serves
+        every model; TensorRT maps the op to its fused attention layer.
+    Inside a function body `scale=None` refers to the function's own `scale` attribute.
+    """
+    q4, k4, v4 = (b.op("Unsqueeze", b.op("Transpose", t, perm=[1, 0, 2]), b.const([0])) for t in (query, key, value))
+    name = b.name("attention")
+    node = helper.make_node("Attention", [q4, k4, v4, visible], [name])
+    if scale is None:
+        ref = onnx.AttributeProto(name="scale", ref_attr_name="scale", type=onnx.AttributeProto.FLOAT)
+        node.attribute.append(ref)
+    else:
+        node.attribute.append(helper.make_attribute("scale", float(scale)))
+    b.nodes.append(node)
+    return b.op("Transpose", b.op("Squeeze", name, b.const([0])), perm=[1, 0, 2])
+
+
+def _chunk_visible(b: GraphBuilder, past_rows: str, query_pos: str, num_chunk: str) -> str:
+    """(n, R + Q) bool: every one of R gathered past rows, then chunk key j iff j <= query_pos.
+
+    A key's chunk-relative index, with -1 for the gathered past, compared with the query's.
+    """
+    relative = b.op("Concat", b.op("Expand", b.const([-1]), b.op("Unsqueeze", past_rows, b.const([0]))), b.arange(b.const(0), num_chunk), axis=0)
+    return b.op("LessOrEqual", b.op("Unsqueeze", relative, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
+
+
+def _chunk_sparse_attention_body() -> GraphBuilder:
+    """Every query reads the past through visible_past_index; timestamp queries read all of it.
+
+        keys      = past_key[visible_past_index] ++ key              (the chunk's keys causally)
+        out       = Attention(query, keys, mask)
+        ts_rows   = [0, past_len) if there are timestamp queries else []   (nothing read otherwise)
+        out[ts]   = Attention(query[ts], past_key[ts_rows] ++ key, mask)
+    The past is never rotated, concatenated or copied whole: only gathered rows move.
     """
     b = GraphBuilder("csa_")
-    query, key, value, prefix_len, window_start, past_ts, ts_rows = CHUNK_SPARSE_ATTENTION.input_names
-    scale = b.attr_const("scale")
-    n_q, n_k = b.dim(query, 0), b.dim(key, 0)
-    past = b.op("Sub", n_k, n_q)
-    gathered = b.op(
-        "Concat",
-        b.arange(b.const(0), b.scalar(prefix_len)),
-        past_ts,
-        b.arange(b.scalar(window_start), n_k),
-        axis=0,
-    )
-    query_pos = b.op("Add", b.arange(b.const(0), n_q), past)
-    visible = b.op("LessOrEqual", b.op("Unsqueeze", gathered, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
-    out_visual = gqa_attention(
-        b, query, b.op("Gather", key, gathered, axis=0), b.op("Gather", value, gathered, axis=0), visible, scale
-    )
-    ts_visible = b.op(
-        "LessOrEqual",
-        b.op("Unsqueeze", b.arange(b.const(0), n_k), b.const([0])),
-        b.op("Unsqueeze", b.op("Add", ts_rows, past), b.const([1])),
-    )
-    out_ts = gqa_attention(b, b.op("Gather", query, ts_rows, axis=0), key, value, ts_visible, scale)
-    b.op("ScatterND", out_visual, b.op("Unsqueeze", ts_rows, b.const([1])), out_ts, outputs=CHUNK_SPARSE_ATTENTION.output_names)
+    query, key, value, past_key, past_value, past_len, visible_index, ts_queries = CHUNK_SPARSE_ATTENTION.input_names
+    n_q = b.dim(query, 0)
+    chunk_pos = b.arange(b.const(0), n_q)
+
+    def attend(queries: str, rows: str, query_pos: str, standard: bool) -> str:
+        keys = b.op("Concat", b.op("Gather", past_key, rows, axis=0), key, axis=0)
+        values = b.op("Concat", b.op("Gather", past_value, rows, axis=0), value, axis=0)
+        visible = _chunk_visible(b, b.dim(rows, 0), query_pos, n_q)
+        if standard:
+            return attention(b, queries, keys, values, visible)
+        # timestamp queries may be none at all (streaming rule), which Attention refuses: plain ops
+        return gqa_attention(b, queries, keys, values, visible, b.attr_const("scale"))
+
+    out = attend(query, visible_index, chunk_pos, standard=True)
+    any_ts = b.op("Min", b.dim(ts_queries, 0), b.const(1))
+    ts_rows = b.arange(b.const(0), b.op("Mul", b.scalar(past_len), any_ts))
+    out_ts = attend(b.op("Gather", query, ts_queries, axis=0), ts_rows, ts_queries, standard=False)
+    b.op("ScatterND", out, b.op("Unsqueeze", ts_queries, b.const([1])), out_ts, outputs=CHUNK_SPARSE_ATTENTION.output_names)
     return b
 
 
@@ -111,21 +137,27 @@ def _chunk_sparse_attention_body() -> GraphBuilder:
 
 
 def _bilevel_kv_gather_body() -> GraphBuilder:
-    """mixed[m] = sum_s w[m, s] * source[index[m, s]]; keys rotated at m = 0..M-1."""
+    """Un-rotate each source key at its position, pool with the weights, rotate at the target.
+
+        k[m] = rope(sum_s w[m, s] * rope(key[i], -source_position[i]), target_position[m]),  i = index[m, s]
+    """
     b = GraphBuilder("bkg_")
-    key, value, index, weight = BILEVEL_KV_GATHER.input_names
+    key, value, index, weight, source_position, target_position = BILEVEL_KV_GATHER.input_names
     mixed_key, mixed_value = BILEVEL_KV_GATHER.output_names
     w = b.op("Unsqueeze", weight, b.const([2, 3]))  # (M, S, 1, 1)
 
-    def pool(source: str) -> str:
-        gathered = b.op("Cast", b.op("Gather", source, index, axis=0), to=TensorProto.FLOAT)  # (M, S, H, D)
-        return b.op("ReduceSum", b.op("Mul", gathered, w), b.const([1]), keepdims=0)
+    def pool(rows: str) -> str:
+        return b.op("ReduceSum", b.op("Mul", rows, w), b.const([1]), keepdims=0)
 
-    pooled_key = pool(key)
-    b.op("CastLike", pool(value), value, outputs=[mixed_value])
+    def gathered(source: str) -> str:
+        return b.op("Cast", b.op("Gather", source, index, axis=0), to=TensorProto.FLOAT)  # (M, S, H, D)
+
+    b.op("CastLike", pool(gathered(value)), value, outputs=[mixed_value])
     inv_freq = rope_inv_freq_from_theta(b, b.attr_const("rope_theta"), b.dim(key, 2))
-    cos, sin = rope_tables(b, b.arange(b.const(0), b.dim(index, 0)), inv_freq)
-    b.op("CastLike", rope(b, pooled_key, cos, sin), key, outputs=[mixed_key])
+    src_cos, src_sin = rope_tables(b, b.op("Gather", source_position, index, axis=0), inv_freq)  # (M, S, 1, D)
+    unrotated = rope(b, gathered(key), src_cos, b.op("Neg", src_sin))  # a rotation by -p
+    cos, sin = rope_tables(b, target_position, inv_freq)
+    b.op("CastLike", rope(b, pool(unrotated), cos, sin), key, outputs=[mixed_key])
     return b
 
 

@@ -183,9 +183,13 @@ class ReferenceInference:
         mode: str = "chunked",
         chunk_groups: int | None = None,
         window_chunks: int | None = None,
+        rule: str = "evaluation",
         on_chunk: Callable[[int, int], None] | None = None,
     ) -> DenseCache:
-        """Prefix + video tokens -> DenseCache (the suffix is run later against the mixed cache)."""
+        """Prefix + video tokens -> DenseCache (the suffix is run later against the mixed cache).
+
+        `rule`: who the timestamp queries of a chunk see (`videoxl.layout.PREFILL_RULES`).
+        """
         cfg = self.cfg
         chunk_groups = chunk_groups or cfg.chunk_groups
         window_chunks = cfg.window_chunks if window_chunks is None else window_chunks
@@ -199,7 +203,7 @@ class ReferenceInference:
         if mode != "chunked":
             raise ValueError(f"prefill mode {mode!r} not in ('chunked', 'dense')")
         pieces = [prefix_visibility(layout)] + [
-            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window_chunks)
+            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window_chunks, rule=rule)
             for k in range(num_chunks(layout, chunk_groups))
         ]
         for index, vis in enumerate(pieces):

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from videoxl.config import VideoXLConfig
+from videoxl.graphs import GRAPHS
 
 MANIFEST = "export_manifest.json"
-GRAPHS = ("vision", "prefill_chunk", "decode", "kv_gather")
 
 
 class ArtifactError(ValueError):

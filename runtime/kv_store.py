@@ -1,13 +1,14 @@
-"""Two-tier KV store for bi-level decoding (DESIGN §3, §4).
+"""Two-tier KV store for bi-level decoding (DESIGN §3, §4): the plans, not the tensors.
 
-    dense tier   every prefill token, keys before RoPE        host memory (pinned on a GPU)
-    sparse tier  every video block: timestamp rows kept,      resident (device on a GPU)
+    dense tier   every prompt row before the question,      row = position, key rotated there
+    sparse tier  every video block: timestamp rows kept,     pooled keys kept before RoPE
                  visual rows average-pooled x4
-    mixed cache  chosen blocks reloaded dense + the rest      rotated at 0..M-1, grows while decoding
-                 sparse, built by BilevelKVGather
+    decode cache chosen blocks dense + the rest sparse,      rotated at 0..M-1, grows while decoding
 
-All buffers are allocated once, from the token counts the layout gives; decoding writes into
-preallocated capacity and never allocates per token.
+The backend holds the tensors (`videoxl.backend`): one allocation per layer holds
+[sparse tier | dense tier], so one BilevelKVGather reads both. This module is pure bookkeeping
+(integers and index arrays, tested on the CPU): which rows a block pools into, which rows make a
+decode cache, and when a block is complete during the prefill.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
 from videoxl.config import VideoXLConfig
 from videoxl.engines.profiles import format_bytes
-from videoxl.layout import TokenLayout, block_ranges, groups_in
-from videoxl.runtime.backend import Backend
+from videoxl.graphs import kv_bytes
+from videoxl.layout import ChunkVisibility, TokenLayout, block_ranges, groups_in
 
-
-def kv_bytes(config: VideoXLConfig, tokens: int, itemsize: int) -> int:
-    """Bytes of K and V for `tokens` tokens over all layers."""
-    return tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize
+__all__ = ["HostMemoryError", "TwoTierKVStore", "available_host_bytes", "check_host_memory", "kv_bytes", "sparse_tier_tokens"]
 
 
 class HostMemoryError(MemoryError):
@@ -61,8 +60,8 @@ def check_host_memory(
 ) -> int:
     """Bytes the KV cache of this prompt will take on the host; HostMemoryError if that is over what is free.
 
-    dense tier + sparse tier + twice the decode cache (building it concatenates the source rows
-    first). The decode cache holds the sparse tier plus up to `dense_blocks` task-aware and the
+    dense tier + sparse tier + twice the decode cache (a question's scoring cache, at most as
+    large, may still be alive while its decode cache is built). The decode cache holds the sparse tier plus up to `dense_blocks` task-aware and the
     three always-dense blocks in full (None: every block dense), plus `answer_tokens` rows for
     the question and the answer.
     """
@@ -100,48 +99,21 @@ class _SparseRows:
     pools: list[tuple[int, int, int]]  # (dense_start, dense_end, sparse_start): visual rows, pooled
 
 
-class MixedKV:
-    """The decode cache: preallocated capacity, `length` rows valid."""
-
-    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], capacity: int, block_bounds, dense_blocks) -> None:
-        rows = keys[0].shape[0]
-        shape = (capacity,) + keys[0].shape[1:]
-        self.keys = [np.empty(shape, keys[0].dtype) for _ in keys]
-        self.values = [np.empty(shape, values[0].dtype) for _ in values]
-        for layer in range(len(keys)):
-            self.keys[layer][:rows], self.values[layer][:rows] = keys[layer], values[layer]
-        self.length, self.capacity = rows, capacity
-        self.block_bounds, self.dense_blocks = block_bounds, frozenset(dense_blocks)
-
-    def views(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return [k[: self.length] for k in self.keys], [v[: self.length] for v in self.values]
-
-    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        count = keys[0].shape[0]
-        if self.length + count > self.capacity:
-            raise RuntimeError(f"mixed cache full: {self.length} + {count} > capacity {self.capacity}")
-        for layer in range(len(keys)):
-            self.keys[layer][self.length : self.length + count] = keys[layer]
-            self.values[layer][self.length : self.length + count] = values[layer]
-        self.length += count
-
-
 class TwoTierKVStore:
-    def __init__(self, config: VideoXLConfig, layout: TokenLayout, *, block_groups: int, dtype: np.dtype) -> None:
-        self.config, self.layout, self.dtype = config, layout, np.dtype(dtype)
+    """One video's KV: the backend's cache plus the block plan; fills itself during the prefill.
+
+    Questions read it and never change it, so one prepared video answers any number of them.
+    """
+
+    def __init__(self, backend: Backend, config: VideoXLConfig, layout: TokenLayout, *, block_groups: int) -> None:
+        self.backend, self.config, self.layout = backend, config, layout
         self.stride = config.kv_pool_stride
+        self.block_groups = block_groups
         self.blocks = block_ranges(layout, block_groups)
-        tokens = layout.suffix_start
-        shape = (tokens, config.num_key_value_heads, config.head_dim)
-        layers = config.num_hidden_layers
-        self.dense_keys = [np.empty(shape, self.dtype) for _ in range(layers)]
-        self.dense_values = [np.empty(shape, self.dtype) for _ in range(layers)]
+        self.sparse_plan = self._plan_sparse_rows()
+        self.sparse_rows = self.sparse_plan[-1].end if self.sparse_plan else 0
+        self.cache: VideoCache = backend.new_video_cache(dense_rows=layout.suffix_start, sparse_rows=self.sparse_rows)
         self.filled = 0
-        self.sparse_rows = self._plan_sparse_rows()
-        sparse_tokens = self.sparse_rows[-1].end if self.sparse_rows else 0
-        sparse_shape = (sparse_tokens,) + shape[1:]
-        self.sparse_keys = [np.empty(sparse_shape, self.dtype) for _ in range(layers)]
-        self.sparse_values = [np.empty(sparse_shape, self.dtype) for _ in range(layers)]
         self._pooled_blocks = 0  # video blocks 1..n already in the sparse tier
 
     def _plan_sparse_rows(self) -> list[_SparseRows]:
@@ -157,59 +129,56 @@ class TwoTierKVStore:
         return plans
 
     # --- prefill ----------------------------------------------------------------------------
-    def past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return [k[: self.filled] for k in self.dense_keys], [v[: self.filled] for v in self.dense_values]
-
-    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        count = keys[0].shape[0]
-        for layer in range(len(keys)):
-            self.dense_keys[layer][self.filled : self.filled + count] = keys[layer]
-            self.dense_values[layer][self.filled : self.filled + count] = values[layer]
-        self.filled += count
-        while self._pooled_blocks < len(self.sparse_rows) and self.blocks[self._pooled_blocks + 1][1] <= self.filled:
-            self._pool_block(self.sparse_rows[self._pooled_blocks])
+    def prefill_chunk(self, input_ids: np.ndarray, visual_embeds: np.ndarray, vis: ChunkVisibility) -> np.ndarray:
+        """Run one chunk in order; blocks the chunk completes are pooled into the sparse tier."""
+        if vis.start != self.filled:
+            raise RuntimeError(f"prefill chunk starts at row {vis.start} but {self.filled} rows are filled")
+        logits = self.backend.prefill_chunk(self.cache, input_ids, visual_embeds, vis)
+        self.filled = vis.end
+        while self._pooled_blocks < len(self.sparse_plan) and self.blocks[self._pooled_blocks + 1][1] <= self.filled:
+            self.backend.gather(self.cache, self.pool_plan(self._pooled_blocks + 1))
             self._pooled_blocks += 1
+        return logits
 
-    def _pool_block(self, rows: _SparseRows) -> None:
-        """Timestamp rows copied, visual rows averaged over `stride` neighbours (before RoPE)."""
-        for dense, sparse in ((self.dense_keys, self.sparse_keys), (self.dense_values, self.sparse_values)):
-            for layer in range(len(dense)):
-                for start, end, at in rows.copies:
-                    sparse[layer][at : at + end - start] = dense[layer][start:end]
-                for start, end, at in rows.pools:
-                    visual = dense[layer][start:end].astype(np.float32)
-                    pooled = visual.reshape(-1, self.stride, *visual.shape[1:]).sum(axis=1) * (1.0 / self.stride)
-                    sparse[layer][at : at + (end - start) // self.stride] = pooled
+    def pool_plan(self, block: int) -> GatherPlan:
+        """Video block `block` (>= 1) into its sparse rows: timestamp rows copied, visual rows averaged
+        over `stride` neighbours; keys un-rotated (target position 0: the official pools before RoPE)."""
+        rows = self.sparse_plan[block - 1]
+        stride, base = self.stride, self.sparse_rows  # dense row p is source row base + p
+        index, weight = [], []
+        for start, end, _ in rows.copies:
+            index.append(np.repeat(np.arange(start, end, dtype=np.int64)[:, None], stride, axis=1))
+            weight.append(np.eye(1, stride, dtype=np.float32).repeat(end - start, axis=0))
+        for start, end, _ in rows.pools:
+            index.append(np.arange(start, end, dtype=np.int64).reshape(-1, stride))
+            weight.append(np.full(((end - start) // stride, stride), 1.0 / stride, np.float32))
+        order = np.argsort([at for *_, at in rows.copies + rows.pools], kind="stable")  # sparse-row order
+        gather_index = np.concatenate([index[i] for i in order]) + base
+        return GatherPlan(gather_index, np.concatenate([weight[i] for i in order]), np.zeros(len(gather_index), np.int64), rows.start)
 
     # --- bi-level rebuild -------------------------------------------------------------------
-    def build_mixed(self, backend: Backend, dense_blocks: set[int], *, extra_capacity: int) -> MixedKV:
-        """Reload the chosen blocks' dense rows, gather them with the sparse tier, rotate at 0..M-1.
+    def decode_plan(self, dense_blocks: set[int]) -> tuple[GatherPlan, list[tuple[int, int]]]:
+        """Chosen blocks' dense rows and the other blocks' sparse rows, in order, rotated at 0..M-1.
 
-        Source rows for BilevelKVGather: [sparse tier | reloaded dense rows]; each mixed row takes
-        one source row (weight 1): the pooling already happened when the sparse tier was filled.
+        Returns the plan and each block's row range in the decode cache.
         """
         if self.filled != self.layout.suffix_start:
             raise RuntimeError(f"prefill incomplete: {self.filled} of {self.layout.suffix_start} tokens")
-        reload = [(b, self.blocks[b]) for b in sorted(dense_blocks)]
-        sparse_tokens = self.sparse_keys[0].shape[0]
-        index_parts, bounds, reload_offsets, cursor = [], [], {}, sparse_tokens
-        for b, (start, end) in reload:
-            reload_offsets[b] = cursor
-            cursor += end - start
-        mixed_rows = 0
+        parts, bounds, cursor = [], [], 0
         for b, (start, end) in enumerate(self.blocks):
             if b in dense_blocks:
-                rows = np.arange(reload_offsets[b], reload_offsets[b] + end - start)
+                rows = np.arange(self.sparse_rows + start, self.sparse_rows + end, dtype=np.int64)
             else:
-                plan = self.sparse_rows[b - 1]
-                rows = np.arange(plan.start, plan.end)
-            index_parts.append(rows)
-            bounds.append((mixed_rows, mixed_rows + len(rows)))
-            mixed_rows += len(rows)
-        gather_index = np.concatenate(index_parts).astype(np.int64)[:, None]
-        gather_weight = np.ones_like(gather_index, dtype=np.float32)
-        layers = range(self.config.num_hidden_layers)
-        source_k = [np.concatenate([self.sparse_keys[i]] + [self.dense_keys[i][s:e] for _, (s, e) in reload]) for i in layers]
-        source_v = [np.concatenate([self.sparse_values[i]] + [self.dense_values[i][s:e] for _, (s, e) in reload]) for i in layers]
-        keys, values = backend.gather_kv_layers(source_k, source_v, gather_index, gather_weight)
-        return MixedKV(keys, values, mixed_rows + extra_capacity, bounds, dense_blocks)
+                rows = np.arange(self.sparse_plan[b - 1].start, self.sparse_plan[b - 1].end, dtype=np.int64)
+            parts.append(rows)
+            bounds.append((cursor, cursor + len(rows)))
+            cursor += len(rows)
+        index = np.concatenate(parts)[:, None]
+        return GatherPlan(index, np.ones(index.shape, np.float32), np.arange(len(index), dtype=np.int64), 0), bounds
+
+    def build_decode_cache(self, dense_blocks: set[int], *, extra_capacity: int) -> tuple[DecodeCache, list[tuple[int, int]]]:
+        """A decode cache with the chosen blocks dense and room for `extra_capacity` more rows."""
+        plan, bounds = self.decode_plan(dense_blocks)
+        cache = self.backend.new_decode_cache(plan.rows + extra_capacity)
+        self.backend.gather(self.cache, plan, into=cache)
+        return cache, bounds

@@ -1,17 +1,30 @@
-"""ONNX Runtime backend: the embedded default (CPU; CUDA EP where onnxruntime-gpu is installed)."""
+"""ONNX Runtime backend: the embedded default (CPU; CUDA execution provider where onnxruntime-gpu is installed).
+
+The KV cache lives in buffers this backend allocates once per video and per question, on the
+session's device: numpy arrays on the CPU, ONNX Runtime device tensors on CUDA. Every graph
+reads and writes them through I/O binding at row offsets, so no KV is copied between graphs:
+
+    prefill_chunk  past_key.i   <- dense rows [0, start)            (a view, not a copy)
+                   present_key.i -> dense rows [start, end)          (written in place)
+    kv_gather      key, value   <- [sparse | dense] of layer i
+                   mixed_key    -> sparse rows, or decode-cache rows  (written in place)
+    decode/score   past_key.i   <- decode-cache rows [0, length); decode writes [length, length + T)
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import videoxl
+from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
+from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
-from videoxl.runtime.artifacts import GRAPHS, ArtifactError, OnnxArtifacts, load_onnx_artifacts
-from videoxl.runtime.backend import Backend, DecodeOutput, PrefillOutput
+from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +36,68 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+class _Rows:
+    """Per-layer K and V buffers of `rows` rows on one device, addressed by row."""
+
+    def __init__(self, backend: "OnnxRuntimeBackend", rows: int) -> None:
+        cfg = backend.config
+        self.device, self.dtype = backend.device, backend.float_dtype
+        self.shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
+        self.row_bytes = cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        if self.device == "cpu":
+            self.keys = [np.zeros(self.shape, self.dtype) for _ in range(cfg.num_hidden_layers)]
+            self.values = [np.zeros(self.shape, self.dtype) for _ in range(cfg.num_hidden_layers)]
+        else:  # device tensors owned by ONNX Runtime, bound by address
+            self.keys = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0) for _ in range(cfg.num_hidden_layers)]
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0) for _ in range(cfg.num_hidden_layers)]
+
+    def address(self, buffer, row: int) -> int:
+        base = buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
+        return base + row * self.row_bytes
+
+    def bind(self, binding: ort.IOBinding, name: str, buffer, first: int, rows: int, *, output: bool = False) -> None:
+        """Bind rows [first, first + rows) of `buffer` as graph tensor `name`, in place."""
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.device, 0, self.dtype, (rows, *self.shape[1:]), self.address(buffer, first))
+
+    def host(self, buffer) -> np.ndarray:
+        return buffer.copy() if isinstance(buffer, np.ndarray) else buffer.numpy()
+
+
+class OrtVideoCache(VideoCache):
+    def __init__(self, backend: "OnnxRuntimeBackend", dense_rows: int, sparse_rows: int) -> None:
+        self.dense_rows, self.sparse_rows = dense_rows, sparse_rows
+        self.rows = _Rows(backend, sparse_rows + dense_rows)
+        self.positions = self.source_position  # bound to every gather from this cache
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for layer, (k, v) in enumerate(zip(self.rows.keys, self.rows.values)):
+            out[f"key.{layer}"], out[f"value.{layer}"] = self.rows.host(k), self.rows.host(v)
+        return out
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        for layer, (k, v) in enumerate(zip(self.rows.keys, self.rows.values)):
+            for buffer, name in ((k, f"key.{layer}"), (v, f"value.{layer}")):
+                source = np.ascontiguousarray(arrays[name], self.rows.dtype)
+                if source.shape != self.rows.shape:
+                    raise ValueError(f"{name}: shape {source.shape}, this cache holds {self.rows.shape}")
+                if isinstance(buffer, np.ndarray):
+                    np.copyto(buffer, source)
+                else:
+                    buffer.update_inplace(source)
+
+
+@dataclass
+class OrtDecodeCache(DecodeCache):
+    rows: _Rows
+    capacity: int
+    length: int = 0
+
+
 class OnnxRuntimeBackend(Backend):
+    """The exported ONNX graphs on ONNX Runtime; KV stays in this backend's buffers (module docstring)."""
+
     name = "onnxruntime"
 
     def __init__(self, artifacts: OnnxArtifacts | str | Path, *, providers: list[str] | None = None, threads: int = 0) -> None:
@@ -39,81 +113,108 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         self.providers = providers or default_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions = {
             name: ort.InferenceSession(str(self.artifacts.graph_path(name)), options, providers=self.providers)
             for name in GRAPHS
         }
-        self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
-        self._check_inputs()
-        log.info("ONNX Runtime backend on %s", self.providers)
+        self._check_io()
+        self._bindings = {name: session.io_binding() for name, session in self.sessions.items()}
+        self._logits_shape = (1, self.config.vocab_size)
+        log.info("ONNX Runtime backend on %s, KV on %s", self.providers, self.device)
 
-    def _check_inputs(self) -> None:
+    def _check_io(self) -> None:
         """Graphs exported by another videoxl version fail here, naming the difference."""
-        kv = [f"past_{kind}.{i}" for i in range(self.config.num_hidden_layers) for kind in ("key", "value")]
-        expected = {
-            "vision": ["pixel_values"],
-            "prefill_chunk": ["input_ids", "visual_embeds", "position_ids", "timestamp_query_index", "prefix_len",
-                              "window_start", "past_timestamp_index", *kv],
-            "decode": ["input_ids", "position_ids", *kv],
-            "kv_gather": ["key", "value", "gather_index", "gather_weight"],
-        }
-        for graph, names in expected.items():
-            found = {i.name for i in self.sessions[graph].get_inputs()}
-            if found != set(names):
-                raise ArtifactError(
-                    f"{self.artifacts.graph_path(graph)}: inputs differ from what this videoxl {videoxl.__version__} "
-                    f"feeds (missing {sorted(set(names) - found)}, unexpected {sorted(found - set(names))}); "
-                    "re-export with `videoxl export`"
-                )
+        layers = self.config.num_hidden_layers
+        for name, contract in GRAPHS.items():
+            session = self.sessions[name]
+            for kind, expected, found in (
+                ("inputs", contract.input_names(layers), [i.name for i in session.get_inputs()]),
+                ("outputs", contract.output_names(layers), [o.name for o in session.get_outputs()]),
+            ):
+                if set(found) != set(expected):
+                    raise ArtifactError(
+                        f"{self.artifacts.graph_path(name)}: {kind} differ from what this videoxl {videoxl.__version__} "
+                        f"binds (missing {sorted(set(expected) - set(found))}, unexpected {sorted(set(found) - set(expected))}); "
+                        "re-export with `videoxl export`"
+                    )
 
     def check_frames(self, frames: int) -> None:
         self.artifacts.check_frames(frames)
 
-    def _run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._outputs[graph], self.sessions[graph].run(None, feed)))
+    def _run(self, graph: str, small_inputs: dict[str, np.ndarray], output: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Run `graph` with its KV already bound; small inputs from the host, one small float32 output back."""
+        binding = self._bindings[graph]
+        for name, value in small_inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        result = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+        binding.bind_ortvalue_output(output, result)
+        self.sessions[graph].run_with_iobinding(binding)
+        return result.numpy()
 
-    def _kv_feed(self, keys: list[np.ndarray], values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {}
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            feed[f"past_key.{layer}"], feed[f"past_value.{layer}"] = k, v
-        return feed
-
-    def _kv_out(self, out: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        layers = range(self.config.num_hidden_layers)
-        return [out[f"present_key.{i}"] for i in layers], [out[f"present_value.{i}"] for i in layers]
-
+    # --- Backend interface --------------------------------------------------------------------
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run("vision", {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})["visual_embeds"]
+        return self.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
 
-    def prefill_chunk(self, input_ids, visual_embeds, vis: ChunkVisibility, past_keys, past_values) -> PrefillOutput:
-        feed = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "visual_embeds": np.ascontiguousarray(visual_embeds, dtype=self.float_dtype),
-            "position_ids": np.arange(vis.start, vis.end, dtype=np.int64),
+    def new_video_cache(self, *, dense_rows: int, sparse_rows: int) -> OrtVideoCache:
+        return OrtVideoCache(self, dense_rows, sparse_rows)
+
+    def new_decode_cache(self, capacity: int) -> OrtDecodeCache:
+        return OrtDecodeCache(_Rows(self, capacity), capacity)
+
+    def prefill_chunk(self, cache: OrtVideoCache, input_ids, visual_embeds, vis: ChunkVisibility) -> np.ndarray:
+        binding, rows, count = self._bindings["prefill_chunk"], cache.rows, vis.end - vis.start
+        if vis.end > cache.dense_rows:
+            raise ValueError(f"chunk rows [{vis.start}, {vis.end}) outside the dense tier of {cache.dense_rows} rows")
+        base = cache.sparse_rows  # dense row p is buffer row base + p
+        for layer in range(self.config.num_hidden_layers):
+            for (past, present), buffer in zip(zip(kv_names("past", layer), kv_names("present", layer)), (rows.keys[layer], rows.values[layer])):
+                rows.bind(binding, past, buffer, base, vis.start)
+                rows.bind(binding, present, buffer, base + vis.start, count, output=True)
+        return self._run("prefill_chunk", {
+            "input_ids": np.asarray(input_ids, np.int64),
+            "visual_embeds": np.asarray(visual_embeds, self.float_dtype).reshape(-1, self.config.hidden_size),
+            "past_len": np.array([vis.start], np.int64),
+            "visible_past_index": vis.visible_past_index,
             "timestamp_query_index": vis.timestamp_query_index,
-            "prefix_len": np.array([vis.prefix_len], dtype=np.int64),
-            "window_start": np.array([vis.window_start], dtype=np.int64),
-            "past_timestamp_index": vis.past_timestamp_index,
-            **self._kv_feed(past_keys, past_values),
-        }
-        out = self._run("prefill_chunk", feed)
-        keys, values = self._kv_out(out)
-        return PrefillOutput(out["logits"], keys, values)
+        }, "logits", self._logits_shape)
 
-    def decode(self, input_ids, past_keys, past_values) -> DecodeOutput:
-        past = past_keys[0].shape[0]
-        feed = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "position_ids": np.arange(past, past + len(input_ids), dtype=np.int64),
-            **self._kv_feed(past_keys, past_values),
-        }
-        out = self._run("decode", feed)
-        keys, values = self._kv_out(out)
-        return DecodeOutput(out["logits"], out["attention_mass"], keys, values)
+    def gather(self, cache: OrtVideoCache, plan: GatherPlan, *, into: OrtDecodeCache | None = None) -> None:
+        binding, source = self._bindings["kv_gather"], cache.rows
+        target = source if into is None else into.rows
+        limit = cache.sparse_rows if into is None else into.capacity
+        if plan.out_start + plan.rows > limit:
+            raise ValueError(f"gather rows [{plan.out_start}, {plan.out_start + plan.rows}) past the destination's {limit} rows")
+        for name, value in (("gather_index", plan.gather_index), ("gather_weight", plan.gather_weight),
+                            ("source_position", cache.positions), ("target_position", plan.target_position)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for layer in range(self.config.num_hidden_layers):
+            for name, out, src, dst in (("key", "mixed_key", source.keys, target.keys), ("value", "mixed_value", source.values, target.values)):
+                source.bind(binding, name, src[layer], 0, source.shape[0])
+                target.bind(binding, out, dst[layer], plan.out_start, plan.rows, output=True)
+            self.sessions["kv_gather"].run_with_iobinding(binding)
+        if into is not None:
+            into.length = plan.out_start + plan.rows
 
-    def gather_kv(self, keys, values, gather_index, gather_weight):
-        out = self._run(
-            "kv_gather",
-            {"key": keys, "value": values, "gather_index": gather_index, "gather_weight": gather_weight},
-        )
-        return out["mixed_key"], out["mixed_value"]
+    def _bind_cache(self, graph: str, cache: OrtDecodeCache, new_tokens: int, *, write: bool) -> ort.IOBinding:
+        binding, rows = self._bindings[graph], cache.rows
+        if write and cache.length + new_tokens > cache.capacity:
+            raise RuntimeError(f"decode cache full: {cache.length} + {new_tokens} > capacity {cache.capacity}")
+        for layer in range(self.config.num_hidden_layers):
+            for past, present, buffer in zip(kv_names("past", layer), kv_names("present", layer), (rows.keys[layer], rows.values[layer])):
+                rows.bind(binding, past, buffer, 0, cache.length)
+                if write:
+                    rows.bind(binding, present, buffer, cache.length, new_tokens, output=True)
+        return binding
+
+    def score(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
+        self._bind_cache("score", cache, len(input_ids), write=False)
+        feed = {"input_ids": np.asarray(input_ids, np.int64), "past_len": np.array([cache.length], np.int64)}
+        return self._run("score", feed, "attention_mass", (cache.length,))
+
+    def decode(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
+        ids = np.asarray(input_ids, np.int64)
+        self._bind_cache("decode", cache, len(ids), write=True)
+        logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)
+        cache.length += len(ids)
+        return logits

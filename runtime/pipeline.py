@@ -2,11 +2,12 @@
 
     frames (batches of 4k) --vision--> (G, 144, H)
     prompt layout (prefix | Time t s: + 144 slots per group | suffix)
-    prefix, then chunk 0..n-1 --prefill_chunk--> dense tier; completed blocks pooled -> sparse tier
-    suffix vs. all-sparse cache --decode--> attention mass per block -> top-k dense blocks
-    chosen blocks reloaded --kv_gather--> mixed cache; suffix, then one token at a time --decode-->
+    prefix, then chunk 0..n-1 --prefill_chunk--> dense tier; completed blocks --kv_gather--> sparse tier
+    suffix vs. all-sparse cache --score--> attention mass per block -> top-k dense blocks
+    chosen blocks dense + the rest sparse --kv_gather--> decode cache; suffix, then one token at a time --decode-->
 
-Pure numpy plus a Backend; the same loop drives ONNX Runtime and TensorRT.
+Pure bookkeeping plus a Backend that owns the KV (`videoxl.backend`): the loop hands it index
+plans and gets logits back; the same loop drives ONNX Runtime, PyTorch and TensorRT.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from videoxl.backend import Backend, DecodeCache
+from videoxl.graphs import kv_bytes
 from videoxl.layout import (
+    PREFILL_RULES,
     TokenLayout,
     always_dense_blocks,
     chunk_visibility,
@@ -33,8 +37,7 @@ from videoxl.layout import (
     prefix_visibility,
     select_dense_blocks,
 )
-from videoxl.runtime.backend import Backend
-from videoxl.runtime.kv_store import MixedKV, TwoTierKVStore, check_host_memory, kv_bytes
+from videoxl.runtime.kv_store import TwoTierKVStore, check_host_memory
 from videoxl.sampling import GenerationConfig, next_token
 from videoxl.text import SpecialTokens, StreamDetokenizer, build_prompt, group_start_times
 from videoxl.video import VideoSource
@@ -91,7 +94,16 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
 
 @dataclass(frozen=True)
 class InferenceOptions:
+    """How to prefill and decode one video; None fields take the checkpoint config's values.
+
+    prefill: "chunked" (the sparse chunk-based prefill) or "dense" (plain causal, chunk by chunk).
+    prefill_rule: who a chunk's timestamp tokens see (`videoxl.layout.PREFILL_RULES`).
+    decode: "bilevel" (task-aware KV sparsification) or "dense".
+    dense_blocks: top-k blocks chosen by the question (int), an explicit block tuple, or "all".
+    """
+
     prefill: str = "chunked"
+    prefill_rule: str = "evaluation"
     decode: str = "bilevel"
     dense_blocks: int | tuple[int, ...] | str = 4  # top-k (task-aware), explicit blocks, or "all"
     chunk_groups: int | None = None  # defaults from the config
@@ -102,6 +114,8 @@ class InferenceOptions:
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_MODES:
             raise ValueError(f"prefill mode {self.prefill!r} not in {PREFILL_MODES}")
+        if self.prefill_rule not in PREFILL_RULES:
+            raise ValueError(f"prefill rule {self.prefill_rule!r} not in {PREFILL_RULES}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode mode {self.decode!r} not in {DECODE_MODES}")
         if self.frame_batch < 4 or self.frame_batch % 4:
@@ -177,6 +191,8 @@ class PreparedVideo:
 
 
 class Pipeline:
+    """The runtime loop over one backend: `prepare` a video once, `ask` it any number of questions."""
+
     def __init__(self, backend: Backend, tokenizer: Tokenizer, *, progress: bool = False) -> None:
         self.backend, self.tokenizer, self.config = backend, tokenizer, backend.config
         self.special = SpecialTokens.from_tokenizer(tokenizer)
@@ -211,29 +227,25 @@ class Pipeline:
         if options.prefill == "dense":
             # plain causal, still computed chunk by chunk (bounded memory): every earlier chunk is in the window
             window = num_chunks(layout, chunk_groups)
-        store = TwoTierKVStore(cfg, layout, block_groups=options.block_groups or cfg.block_groups, dtype=self.backend.float_dtype)
+        store = TwoTierKVStore(self.backend, cfg, layout, block_groups=options.block_groups or cfg.block_groups)
         pieces = [prefix_visibility(layout)] + [
-            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window)
+            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window, rule=options.prefill_rule)
             for k in range(num_chunks(layout, chunk_groups))
         ]
         flat_visual = visual_embeds.reshape(-1, visual_embeds.shape[-1])
         visual_seen = 0
         for vis in tqdm(pieces, desc="prefill", unit="chunk", disable=not self.progress):
-            ids = layout.input_ids[vis.start : vis.end]
             count = int(layout.is_visual[vis.start : vis.end].sum())
-            past_keys, past_values = store.past()
-            out = self.backend.prefill_chunk(ids, flat_visual[visual_seen : visual_seen + count], vis, past_keys, past_values)
+            store.prefill_chunk(layout.input_ids[vis.start : vis.end], flat_visual[visual_seen : visual_seen + count], vis)
             visual_seen += count
-            store.append(out.keys, out.values)
         return store
 
     # --- block selection ----------------------------------------------------------------------
     def score_blocks(self, store: TwoTierKVStore, layout: TokenLayout) -> np.ndarray:
         """Attention mass of the suffix queries on each block of the all-sparse cache."""
-        scoring = store.build_mixed(self.backend, {0}, extra_capacity=0)
-        keys, values = scoring.views()
-        mass = self.backend.decode(layout.input_ids[layout.suffix_start :], keys, values).attention_mass
-        return np.array([mass[s:e].sum(dtype=np.float64) for s, e in scoring.block_bounds])
+        scoring, bounds = store.build_decode_cache({0}, extra_capacity=0)
+        mass = self.backend.score(scoring, layout.input_ids[layout.suffix_start :])
+        return np.array([mass[s:e].sum(dtype=np.float64) for s, e in bounds])
 
     def choose_dense_blocks(self, store: TwoTierKVStore, layout: TokenLayout, options: InferenceOptions) -> tuple[set[int], np.ndarray | None]:
         num_blocks = len(store.blocks)
@@ -249,16 +261,14 @@ class Pipeline:
 
     # --- decoding ---------------------------------------------------------------------------
     def decode(
-        self, mixed: MixedKV, suffix_ids: np.ndarray, gen: GenerationConfig, on_token: Callable[[int], None] | None = None
+        self, cache: DecodeCache, suffix_ids: np.ndarray, gen: GenerationConfig, on_token: Callable[[int], None] | None = None
     ) -> list[int]:
         rng = np.random.default_rng(gen.seed)
         stop = self.special.stop_ids if gen.stop_at_eos else frozenset()
         ids, tokens = suffix_ids, []
         while True:
-            keys, values = mixed.views()
-            out = self.backend.decode(ids, keys, values)
-            mixed.append(out.keys, out.values)
-            token = next_token(out.logits[0], gen, rng)
+            logits = self.backend.decode(cache, ids)
+            token = next_token(logits[0], gen, rng)
             if token in stop:
                 break
             tokens.append(token)
@@ -360,12 +370,12 @@ class Pipeline:
         asked = started = time.perf_counter()
         dense_blocks, scores = self.choose_dense_blocks(store, layout, options)
         suffix = layout.input_ids[layout.suffix_start :]
-        mixed = store.build_mixed(self.backend, dense_blocks, extra_capacity=len(suffix) + gen.max_new_tokens)
+        cache, _ = store.build_decode_cache(dense_blocks, extra_capacity=len(suffix) + gen.max_new_tokens)
         report.select_s = time.perf_counter() - started
         report.num_blocks = len(store.blocks)
         report.dense_blocks = sorted(dense_blocks)
         report.block_scores = None if scores is None else [float(s) for s in scores]
-        report.mixed_kv_bytes = kv_bytes(self.config, mixed.length, self.backend.float_dtype.itemsize)
+        report.mixed_kv_bytes = kv_bytes(self.config, cache.length, self.backend.float_dtype.itemsize)
 
         detok = StreamDetokenizer(self.tokenizer)
 
@@ -377,7 +387,7 @@ class Pipeline:
                 on_text(text)
 
         started = time.perf_counter()
-        tokens = self.decode(mixed, suffix, gen, on_token)
+        tokens = self.decode(cache, suffix, gen, on_token)
         report.decode_s = time.perf_counter() - started
         report.new_tokens = len(tokens)
         tail = detok.flush()

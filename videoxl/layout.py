@@ -113,14 +113,35 @@ class ChunkVisibility:
         """Past keys a visual query sees (the saving over dense: this vs. `start`)."""
         return self.prefix_len + len(self.past_timestamp_index) + (self.start - self.window_start)
 
+    @property
+    def visible_past_index(self) -> np.ndarray:
+        """(V,) int64: the past rows every query of the chunk sees (the op's `visible_past_index`)."""
+        return np.concatenate(
+            [
+                np.arange(self.prefix_len, dtype=np.int64),
+                self.past_timestamp_index,
+                np.arange(self.window_start, self.start, dtype=np.int64),
+            ]
+        )
+
+
+PREFILL_RULES = ("evaluation", "streaming")
+"""Who a timestamp query of a chunk sees. evaluation: the whole history before it (the official
+eval code's mask, what the paper's numbers used; the default). streaming: the same as any other
+query of its chunk (the released model's Hugging Face `forward_streaming`), which makes the
+prefill linear in frames."""
+
 
 def num_chunks(layout: TokenLayout, chunk_groups: int) -> int:
     return -(-layout.num_groups // chunk_groups)
 
 
 def chunk_visibility(
-    layout: TokenLayout, chunk: int, *, chunk_groups: int, window_chunks: int
+    layout: TokenLayout, chunk: int, *, chunk_groups: int, window_chunks: int, rule: str = "evaluation"
 ) -> ChunkVisibility:
+    """What the queries of prefill chunk `chunk` see; `rule` is one of PREFILL_RULES."""
+    if rule not in PREFILL_RULES:
+        raise ValueError(f"prefill rule {rule!r} not in {PREFILL_RULES}")
     first_group = chunk * chunk_groups
     last_group = min(first_group + chunk_groups, layout.num_groups) - 1
     if not 0 <= first_group <= last_group:
@@ -136,7 +157,8 @@ def chunk_visibility(
         prefix_len=layout.prefix_len,
         window_start=window_start,
         past_timestamp_index=past_ts.astype(np.int64),
-        query_is_timestamp=layout.is_timestamp[start:end].copy(),
+        # under the streaming rule no query sweeps the whole history
+        query_is_timestamp=layout.is_timestamp[start:end].copy() if rule == "evaluation" else np.zeros(end - start, bool),
     )
 
 

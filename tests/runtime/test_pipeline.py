@@ -66,9 +66,8 @@ def test_modes_really_differ(ort_pipeline, case):
     for options in (InferenceOptions(prefill="dense", decode="dense", **GEOMETRY), InferenceOptions(prefill="chunked", decode="bilevel", dense_blocks=1, **GEOMETRY)):
         store = ort_pipeline.prefill(layout, visual.numpy(), options)
         chosen, _ = ort_pipeline.choose_dense_blocks(store, layout, options)
-        mixed = store.build_mixed(backend, chosen, extra_capacity=64)
-        keys, values = mixed.views()
-        logits.append(backend.decode(layout.input_ids[layout.suffix_start :], keys, values).logits)
+        cache, _ = store.build_decode_cache(chosen, extra_capacity=64)
+        logits.append(backend.decode(cache, layout.input_ids[layout.suffix_start :]))
     assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
