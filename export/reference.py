@@ -322,11 +322,12 @@ class ReferenceInference:
         chunk_groups: int | None = None,
         window_chunks: int | None = None,
         block_groups: int | None = None,
+        rule: str = "evaluation",
         on_token: Callable[[int], None] | None = None,
     ) -> tuple[list[int], set[int], np.ndarray | None, dict[str, float]]:
         block_groups = block_groups or self.cfg.block_groups
         started = time.perf_counter()
-        dense = self.prefill(layout, visual_embeds, mode=prefill, chunk_groups=chunk_groups, window_chunks=window_chunks)
+        dense = self.prefill(layout, visual_embeds, mode=prefill, chunk_groups=chunk_groups, window_chunks=window_chunks, rule=rule)
         prefill_s = time.perf_counter() - started
         if decode == "dense":
             chosen, scores = all_blocks(layout, block_groups), None

@@ -9,8 +9,12 @@ import torch
 from videoxl.export.reference import DenseCache, ReferenceInference, attend
 
 
-def dense_mask(layout, chunk_groups: int, window_chunks: int) -> torch.Tensor:
-    """The L x L mask of DESIGN §2, written straight from the rules (test only)."""
+def dense_mask(layout, chunk_groups: int, window_chunks: int, rule: str = "evaluation") -> torch.Tensor:
+    """The L x L mask of DESIGN §2, written straight from the rules (test only).
+
+    streaming: a timestamp token of a chunk sees what the chunk's visual tokens see (the released
+    model's `forward_streaming`), not the whole history.
+    """
     n = layout.suffix_start
     group_of = np.full(n, -1)
     for g in range(layout.num_groups):
@@ -18,7 +22,7 @@ def dense_mask(layout, chunk_groups: int, window_chunks: int) -> torch.Tensor:
     mask = np.zeros((n, n), dtype=bool)
     for i in range(n):
         for j in range(i + 1):
-            if group_of[i] < 0 or layout.is_timestamp[i]:
+            if group_of[i] < 0 or (layout.is_timestamp[i] and rule == "evaluation"):
                 mask[i, j] = True  # prefix and timestamp tokens: whole history
                 continue
             chunk = group_of[i] // chunk_groups
@@ -41,19 +45,20 @@ class MaskedAttention:
         return out
 
 
+@pytest.mark.parametrize("rule", ["evaluation", "streaming"])
 @pytest.mark.parametrize("groups,chunk_groups,window", [(9, 2, 1), (7, 3, 0), (6, 1, 2), (5, 4, 3)])
-def test_chunked_equals_dense_masked(tiny_model, make_layout, groups, chunk_groups, window):
+def test_chunked_equals_dense_masked(tiny_model, make_layout, groups, chunk_groups, window, rule):
     cfg = tiny_model.cfg
     layout = make_layout(groups)
     visual = torch.randn(groups, cfg.tokens_per_group, cfg.hidden_size, generator=torch.Generator().manual_seed(groups))
     ref = ReferenceInference(tiny_model)
-    chunked = ref.prefill(layout, visual, mode="chunked", chunk_groups=chunk_groups, window_chunks=window)
+    chunked = ref.prefill(layout, visual, mode="chunked", chunk_groups=chunk_groups, window_chunks=window, rule=rule)
 
     masked = DenseCache.empty(cfg, torch.float32)
     with torch.no_grad():
         embeds = tiny_model.embed(torch.from_numpy(layout.input_ids[: layout.suffix_start]), visual, image_token_id=int(layout.input_ids[layout.visual_positions[0]]))
         hidden = tiny_model.forward_hidden(
-            embeds, torch.arange(layout.suffix_start), MaskedAttention(masked, dense_mask(layout, chunk_groups, window), ref.scale)
+            embeds, torch.arange(layout.suffix_start), MaskedAttention(masked, dense_mask(layout, chunk_groups, window, rule), ref.scale)
         )
     assert chunked.length == masked.length == layout.suffix_start
     for layer in range(cfg.num_hidden_layers):  # KV of layer l+1 depends on every position's output of layer l

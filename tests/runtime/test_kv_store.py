@@ -21,8 +21,9 @@ def pipeline(tiny_onnx, tiny_tokenizer):
 @pytest.mark.parametrize("groups,block_groups", [(1, 1), (7, 2), (10, 4)])
 def test_sparse_tier_rows_match_the_store(pipeline, make_layout, groups, block_groups):
     layout = make_layout(groups)
-    store = TwoTierKVStore(pipeline.config, layout, block_groups=block_groups, dtype=np.float32)
-    assert sparse_tier_tokens(layout, pipeline.config.kv_pool_stride) == store.sparse_keys[0].shape[0]
+    store = TwoTierKVStore(pipeline.backend, pipeline.config, layout, block_groups=block_groups)
+    assert sparse_tier_tokens(layout, pipeline.config.kv_pool_stride) == store.sparse_rows == store.cache.sparse_rows
+    assert store.cache.rows.keys[0].shape[0] == store.sparse_rows + layout.suffix_start
 
 
 @pytest.mark.parametrize("dense_blocks", [1, "all"])
@@ -34,9 +35,8 @@ def test_estimate_covers_what_a_run_allocates(pipeline, make_layout, dense_block
     visual = np.random.default_rng(0).standard_normal((12, cfg.tokens_per_group, cfg.hidden_size)).astype(np.float32)
     store = pipeline.prefill(layout, visual, options)
     chosen, _ = pipeline.choose_dense_blocks(store, layout, options)
-    mixed = store.build_mixed(pipeline.backend, chosen, extra_capacity=320)
-    allocated = sum(a.nbytes for tier in (store.dense_keys, store.dense_values, store.sparse_keys, store.sparse_values,
-                                          mixed.keys, mixed.values) for a in tier)
+    cache, _ = store.build_decode_cache(chosen, extra_capacity=320)
+    allocated = sum(a.nbytes for rows in (store.cache.rows, cache.rows) for tier in (rows.keys, rows.values) for a in tier)
     assert allocated <= estimate <= 3 * allocated
 
 

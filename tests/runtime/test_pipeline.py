@@ -31,23 +31,24 @@ def case(tiny_model, make_layout):
 
 
 MODES = [
-    ("dense", "dense", "all"),
-    ("chunked", "dense", "all"),
-    ("chunked", "bilevel", 1),  # task-aware top-1
-    ("chunked", "bilevel", (3,)),  # explicit
-    ("dense", "bilevel", 2),
+    ("dense", "dense", "all", "evaluation"),
+    ("chunked", "dense", "all", "evaluation"),
+    ("chunked", "bilevel", 1, "evaluation"),  # task-aware top-1
+    ("chunked", "bilevel", (3,), "evaluation"),  # explicit
+    ("dense", "bilevel", 2, "evaluation"),
+    ("chunked", "bilevel", 1, "streaming"),  # timestamp tokens see only their chunk's window
 ]
 
 
-@pytest.mark.parametrize("prefill,decode,dense_blocks", MODES)
-def test_onnxruntime_tokens_equal_reference(tiny_model, tiny_tokenizer, ort_pipeline, case, prefill, decode, dense_blocks):
+@pytest.mark.parametrize("prefill,decode,dense_blocks,rule", MODES)
+def test_onnxruntime_tokens_equal_reference(tiny_model, tiny_tokenizer, ort_pipeline, case, prefill, decode, dense_blocks, rule):
     layout, visual = case
     stop = SpecialTokens.from_tokenizer(tiny_tokenizer).stop_ids
     tokens, chosen, scores, _ = ReferenceInference(tiny_model).generate(
         layout, visual, STEPS, stop_ids=stop, prefill=prefill, decode=decode,
-        dense_blocks=list(dense_blocks) if isinstance(dense_blocks, tuple) else dense_blocks, **GEOMETRY,
+        dense_blocks=list(dense_blocks) if isinstance(dense_blocks, tuple) else dense_blocks, rule=rule, **GEOMETRY,
     )
-    options = InferenceOptions(prefill=prefill, decode=decode, dense_blocks=dense_blocks, **GEOMETRY)
+    options = InferenceOptions(prefill=prefill, decode=decode, dense_blocks=dense_blocks, prefill_rule=rule, **GEOMETRY)
     answer = ort_pipeline.answer_tokens(layout, visual.numpy(), options=options, gen=STEPS)
     assert len(answer.token_ids) == 16
     assert answer.token_ids == tokens
