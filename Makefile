@@ -12,11 +12,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[export]'
+	$(PIP) -e '.[cpu,export]'
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[export,test,tensorrt,cuda]'
+	$(PIP) -e '.[cpu,export,test,tensorrt,cuda]'
 	$(BIN)/python -m videoxl.engines.trt_install
 	touch $@
 

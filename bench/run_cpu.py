@@ -44,8 +44,9 @@ from videoxl.config import VideoXLConfig
 from videoxl.export.onnx_export import export_onnx
 from videoxl.export.torch_backend import TorchBackend
 from videoxl.layout import chunk_visibility, num_chunks, prefix_visibility
-from videoxl.runtime.backend import Backend, DecodeOutput
-from videoxl.runtime.kv_store import available_host_bytes, kv_bytes
+from videoxl.backend import Backend
+from videoxl.graphs import kv_bytes
+from videoxl.runtime.kv_store import available_host_bytes
 from videoxl.runtime.ort_backend import OnnxRuntimeBackend
 from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 from videoxl.sampling import GenerationConfig
@@ -108,31 +109,24 @@ class Clock:
         return result, seconds
 
 
-class TimedBackend(Backend):
+class TimedBackend:
     """A backend passed through unchanged, recording each decode call's token count and time."""
 
     def __init__(self, inner: Backend, clock: Clock) -> None:
-        self.inner, self.name, self.clock = inner, inner.name, clock
-        self.config, self.float_dtype = inner.config, inner.float_dtype
+        self.inner, self.clock = inner, clock
         self.decode_calls: list[tuple[int, float]] = []  # (new tokens, seconds)
 
-    def encode_frames(self, pixels):
-        return self.inner.encode_frames(pixels)
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
-    def prefill_chunk(self, input_ids, visual_embeds, vis, past_keys, past_values):
-        return self.inner.prefill_chunk(input_ids, visual_embeds, vis, past_keys, past_values)
-
-    def decode(self, input_ids, past_keys, past_values) -> DecodeOutput:
+    def decode(self, cache, input_ids) -> np.ndarray:
         started = self.clock.now()
-        out = self.inner.decode(input_ids, past_keys, past_values)
+        logits = self.inner.decode(cache, input_ids)
         self.decode_calls.append((len(input_ids), self.clock.now() - started))
-        return out
-
-    def gather_kv(self, keys, values, gather_index, gather_weight):
-        return self.inner.gather_kv(keys, values, gather_index, gather_weight)
+        return logits
 
     def token_step_ms(self) -> float:
-        """Median of the one-token decode steps (the suffix and block-scoring calls excluded)."""
+        """Median of the one-token decode steps (the question's pass excluded)."""
         steps = [seconds for tokens, seconds in self.decode_calls if tokens == 1]
         return 1e3 * statistics.median(steps) if steps else float("nan")
 

@@ -14,6 +14,7 @@ so a failed export leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -55,10 +57,27 @@ class VisionGraph(torch.nn.Module):
         return self.model.encode_frames(pixel_values)
 
 
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """torch.export's own chatter (missing torchvision ops, pytree deprecations) is not ours to show;
+    the logger level and warning filters are restored afterwards, so a caller's settings survive."""
+    torch_onnx = logging.getLogger("torch.onnx")
+    level = torch_onnx.level
+    torch_onnx.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            yield
+    finally:
+        torch_onnx.setLevel(level)
+
+
 def export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
-    # torch.export's own chatter (missing torchvision ops, pytree deprecations) is not ours to show
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+    with _quiet_torch_export():
+        _export_vision(model, path, opset)
+
+
+def _export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
     cfg = model.cfg
     groups = torch.export.Dim("groups", min=1, max=4096)
     example = torch.zeros(2 * cfg.frames_per_group, 3, cfg.image_size, cfg.image_size)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from videoxl import logger
+from videoxl.layout import PREFILL_RULES
 
 DEFAULT_QUESTION = "What happens in this video?"
 
@@ -63,10 +64,15 @@ def add_run_parser(sub) -> None:
                    help="after the --question ones, read questions from stdin, one per line, until end of input")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
+    p.add_argument("--device", default="cpu", help="torch device of --backend torch, e.g. cuda (default: %(default)s)")
     p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 1; short videos up to 4)")
     p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked",
                    help="chunked: sparse across chunks (the model's); dense: full causal (default: %(default)s)")
+    p.add_argument("--prefill-rule", choices=PREFILL_RULES, default="evaluation",
+                   help="what a chunk's timestamp tokens see: evaluation, the whole history (the paper's eval code); "
+                        "streaming, only their chunk's window (the released forward_streaming; linear in frames) "
+                        "(default: %(default)s)")
     p.add_argument("--decode", choices=("bilevel", "dense"), default="bilevel",
                    help="bilevel: dense KV only for the chosen blocks; dense: the whole KV (default: %(default)s)")
     p.add_argument("--dense-blocks", type=_dense_blocks, default=4,
@@ -130,8 +136,11 @@ def open_backend(args, *, checkpoint: Path | None):
 
         if not checkpoint:
             raise SystemExit("--backend torch needs --checkpoint")
-        return TorchBackend(checkpoint, dtype=args.dtype)
-    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+        return TorchBackend(checkpoint, dtype=args.dtype, device=args.device)
+    try:
+        from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    except ImportError as err:  # neither extra installed
+        raise SystemExit(f"ONNX Runtime is not installed ({err}): pip install 'videoxl[cpu]', or 'videoxl[gpu]' for its CUDA provider") from err
 
     onnx_dir = args.onnx
     if onnx_dir is None:
@@ -159,7 +168,7 @@ def cmd_run(args) -> int:
         raise SystemExit("need --checkpoint or --onnx for the tokenizer")
     limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
     options = InferenceOptions(
-        prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
+        prefill=args.prefill, prefill_rule=args.prefill_rule, decode=args.decode, dense_blocks=args.dense_blocks,
         chunk_groups=_given(args.chunk_groups, limits.get("chunk_groups")),
         window_chunks=_given(args.window, limits.get("window_chunks")),
         block_groups=args.block_groups,
