@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,9 @@ def tokenizer_json_from_ranks(ranks: dict[bytes, int], out: Path) -> Path:
 def qwen_tokenizer_dir(request: pytest.FixtureRequest) -> Path:
     """A directory with the Qwen2.5 tokenizer.json, built once and kept in pytest's cache."""
     ranks = _ranks()
-    digest = hashlib.sha256(repr(sorted(ranks.items(), key=lambda item: item[1])[:64]).encode()).hexdigest()[:12]
+    # keyed by the ranks and by this builder's source, so a changed builder rebuilds
+    source = inspect.getsource(tokenizer_json_from_ranks) + QWEN2_PATTERN + repr(QWEN25_ADDED)
+    digest = hashlib.sha256((source + repr(sorted(ranks.items(), key=lambda item: item[1]))).encode()).hexdigest()[:12]
     folder = Path(request.config.cache.mkdir(f"qwen25-tokenizer-{len(ranks)}-{digest}"))
     if not (folder / "tokenizer.json").is_file():
         tokenizer_json_from_ranks(ranks, folder / "tokenizer.part")
