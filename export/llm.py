@@ -36,7 +36,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of x (N, H, D) at positions (N,), computed in float32."""
+    """Rotate-half RoPE of x (N, H, D) at positions (N,), computed in float32.
+
+    In every precision: the official fp16/bf16 load casts its cos/sin tables to the model
+    dtype (one more rounding per entry, coarse at large positions); ours stay float32 and
+    only the rotated result is rounded to x's dtype.
+    """
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
     xf = x.float()
     half = x.shape[-1] // 2

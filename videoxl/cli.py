@@ -16,6 +16,7 @@ from pathlib import Path
 
 from videoxl import logger
 from videoxl.layout import PREFILL_RULES
+from videoxl.presets import PRESETS
 
 DEFAULT_QUESTION = "What happens in this video?"
 
@@ -26,6 +27,11 @@ def _dense_blocks(value: str) -> int | tuple[int, ...] | str:
     if "," in value or value.startswith("["):
         return tuple(int(v) for v in value.strip("[]").split(",") if v.strip())
     return int(value)
+
+
+def _unit_list(value: str) -> tuple[int, ...]:
+    """'3,1,24' or '[3, 1, 24]'; '' or '[]' is the empty selection (every block dense)."""
+    return tuple(int(v) for v in value.strip().strip("[]").split(",") if v.strip())
 
 
 def _given(value, default):
@@ -75,12 +81,22 @@ def add_run_parser(sub) -> None:
                         "(default: %(default)s)")
     p.add_argument("--decode", choices=("bilevel", "dense"), default="bilevel",
                    help="bilevel: dense KV only for the chosen blocks; dense: the whole KV (default: %(default)s)")
-    p.add_argument("--dense-blocks", type=_dense_blocks, default=4,
-                   help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all' (default: %(default)s)")
+    p.add_argument("--dense-blocks", type=_dense_blocks, default=None,
+                   help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all' (default: 4)")
+    p.add_argument("--dense-units", type=_unit_list, default=None,
+                   help="a published selection of 8-frame units, like 3,1,24 (block u // (S/2) + 1; '' = every block dense)")
+    p.add_argument("--dense-units-file", type=Path, default=None,
+                   help="an official selection JSON file (selected_infos/*.json); its entry for --dense-units-key")
+    p.add_argument("--dense-units-key", default=None,
+                   help="entry of --dense-units-file (default: '<video file name>_<question>', then without the extension)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="an official evaluation setting: frames, C, P, S, and --eval; explicit flags override it")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluation prompt and output: mm:ss in the question as 'N seconds', greedy, stripped answer")
     p.add_argument("--chunk-groups", type=int, default=None, help="groups per prefill chunk (C; default: the config's)")
     p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P; default: the config's)")
     p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S; default: the config's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (1024 with --eval, as the evaluation)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
@@ -167,25 +183,67 @@ def cmd_run(args) -> int:
     if tokenizer_dir is None:
         raise SystemExit("need --checkpoint or --onnx for the tokenizer")
     limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
-    options = InferenceOptions(
-        prefill=args.prefill, prefill_rule=args.prefill_rule, decode=args.decode, dense_blocks=args.dense_blocks,
-        chunk_groups=_given(args.chunk_groups, limits.get("chunk_groups")),
-        window_chunks=_given(args.window, limits.get("window_chunks")),
-        block_groups=args.block_groups,
+    preset = PRESETS.get(args.preset)
+    evaluating = args.eval or preset is not None
+    gen = GenerationConfig(
+        max_new_tokens=_given(args.max_new_tokens, 1024 if evaluating else 128), temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed,
     )
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    max_frames = _given(args.max_frames, getattr(backend, "max_frames", cfg.max_frames))
-    video = open_video(args.video, image_size=cfg.image_size, fps=_given(args.fps, cfg.fps), max_fps=cfg.max_fps, max_frames=max_frames)
+    max_frames = _given(args.max_frames, preset.max_frames if preset else getattr(backend, "max_frames", cfg.max_frames))
+    fps = _given(args.fps, preset.fps if preset else cfg.fps)
+    video = open_video(args.video, image_size=cfg.image_size, fps=fps, max_fps=cfg.max_fps, max_frames=max_frames)
     backend.check_frames(video.num_frames)
+    block_groups, dense_blocks = _dense_block_choice(args, preset, cfg, video)
+    options = InferenceOptions(
+        prefill=args.prefill, prefill_rule=args.prefill_rule, decode=args.decode, dense_blocks=dense_blocks,
+        chunk_groups=_given(args.chunk_groups, preset.chunk_groups if preset else limits.get("chunk_groups")),
+        window_chunks=_given(args.window, preset.window_chunks if preset else limits.get("window_chunks")),
+        block_groups=block_groups,
+    )
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
     prepared = pipeline.prepare(video, options=options)
     for number, question in enumerate(_questions(args)):
         if number:
             print()
-        report = _ask_and_stream(pipeline, prepared, question, gen)
+        report = _ask_and_stream(pipeline, prepared, question, gen, evaluating=evaluating)
         print(f"backend           {backend.name}")
         print("\n".join(report.lines()))
     return 0
+
+
+def _dense_block_choice(args, preset, cfg, video) -> tuple[int | None, int | tuple[int, ...] | str]:
+    """Block size S and the dense-block option from --dense-blocks, --dense-units(-file) and --preset."""
+    from videoxl.layout import unit_dense_blocks
+    from videoxl.presets import load_unit_selection
+
+    block_groups = _given(args.block_groups, preset.block_groups if preset else None)
+    given = [flag for flag, value in (("--dense-blocks", args.dense_blocks), ("--dense-units", args.dense_units),
+                                      ("--dense-units-file", args.dense_units_file)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} both choose the dense blocks; give one")
+    if args.dense_units_key is not None and args.dense_units_file is None:
+        raise ValueError("--dense-units-key needs --dense-units-file")
+    if args.dense_units is None and args.dense_units_file is None:
+        return block_groups, _given(args.dense_blocks, 4)
+    units = args.dense_units
+    if args.dense_units_file is not None:
+        if args.dense_units_key is None and (args.interactive or len(args.question or []) != 1):
+            raise ValueError("--dense-units-file without --dense-units-key needs exactly one --question (each has its own entry)")
+        name = Path(args.video).name
+        keys = [args.dense_units_key] if args.dense_units_key is not None else [
+            f"{name}_{args.question[0]}", f"{Path(name).stem}_{args.question[0]}"]
+        selection = load_unit_selection(args.dense_units_file, keys)
+        if selection.block_groups is not None:
+            if args.block_groups is not None and args.block_groups != selection.block_groups:
+                raise ValueError(
+                    f"--block-groups {args.block_groups} differs from the selection's selected_chunk_size "
+                    f"{selection.block_groups} (its units map to blocks of that many groups)"
+                )
+            block_groups = selection.block_groups
+        units = selection.units
+    groups = -(-video.num_frames // cfg.frames_per_group)
+    blocks = unit_dense_blocks(units, num_groups=groups, block_groups=block_groups or cfg.block_groups)
+    return block_groups, tuple(sorted(blocks))
 
 
 def _questions(args) -> Iterator[str]:
@@ -203,9 +261,22 @@ def _questions(args) -> Iterator[str]:
             yield line.strip()
 
 
-def _ask_and_stream(pipeline, prepared, question: str, gen):
-    """Print the question, then the answer as it is decoded; returns the run report."""
+def _ask_and_stream(pipeline, prepared, question: str, gen, *, evaluating: bool = False):
+    """Print the question, then the answer as it is decoded; returns the run report.
+
+    Evaluating, the model reads the question with mm:ss times as seconds, and the answer is
+    printed once, stripped, as the evaluation scores it.
+    """
     print(f"Q: {question}", flush=True)
+    if evaluating:
+        from videoxl.text import times_as_seconds
+
+        asked = times_as_seconds(question)
+        if asked != question:
+            logger.info("question as asked: %r", asked)
+        answer = pipeline.ask(prepared, asked, gen=gen)
+        print(f"A: {answer.text.strip()}", end="\n\n")
+        return answer.report
     started = []
 
     def stream(text: str) -> None:

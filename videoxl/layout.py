@@ -15,9 +15,12 @@ Token stream::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -286,3 +289,52 @@ def select_dense_blocks(block_scores: np.ndarray, *, num_blocks: int, top_k: int
     candidates = [b for b in range(num_blocks) if b not in chosen]
     ranked = sorted(candidates, key=lambda b: (-float(block_scores[b]), b))
     return chosen | set(ranked[: max(0, top_k)])
+
+
+# --- published selections (the official evaluation's dense-block choice) --------------------
+
+UNIT_FRAMES = 8  # the official relevance oracle scores the video in units of 8 frames (2 groups)
+
+
+def num_blocks_for(num_groups: int, block_groups: int) -> int:
+    """Blocks of a video of `num_groups` groups: block 0 (prefix) plus ceil(G / S) video blocks."""
+    return 1 + -(-num_groups // block_groups)
+
+
+def unit_block(unit: int, block_groups: int) -> int:
+    """Decoding block of 8-frame unit `unit`, as the official rule ``u // (S / 2) + 1``.
+
+    S / 2 is the number of 8-frame units in a block of S groups. The official code divides by
+    the float S / 2; for an odd S that floors u / 2.5 etc., which is the integer (2u) // S.
+    """
+    return (2 * unit) // block_groups + 1
+
+
+def unit_dense_blocks(units, *, num_groups: int, block_groups: int) -> set[int]:
+    """Dense blocks from a published selection of 8-frame units (e.g. ``selected_unit_indices``).
+
+    As the official evaluation: an empty selection keeps every block dense; otherwise the
+    units' blocks plus the always-dense ones. Units whose block does not exist in this video
+    (the selection was made on another frame count) are dropped with a warning -- officially
+    they are ignored silently; a selection whose units are all dropped keeps only the
+    always-dense blocks, as officially (the list was not empty).
+    """
+    chosen = [_unit_id(u) for u in units]
+    num_blocks = num_blocks_for(num_groups, block_groups)
+    if not chosen:
+        return set(range(num_blocks))
+    blocks = {unit_block(u, block_groups) for u in chosen if u >= 0}
+    dropped = sorted(u for u in chosen if u < 0 or unit_block(u, block_groups) >= num_blocks)
+    if dropped:
+        last_unit = ((num_blocks - 1) * block_groups - 1) // 2  # units of the last block end here
+        log.warning(
+            "dense units %s are outside this video (%d groups: units 0..%d at %d groups per block); dropped",
+            dropped, num_groups, last_unit, block_groups,
+        )
+    return {b for b in blocks if b < num_blocks} | always_dense_blocks(num_blocks)
+
+
+def _unit_id(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"unit ids must be integers, got {value!r}")
+    return int(value)

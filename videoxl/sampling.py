@@ -24,6 +24,16 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def eval_generation_config(max_new_tokens: int = 1024) -> GenerationConfig:
+    """The official evaluation's decoding: greedy, stop on ``<|im_end|>``.
+
+    The eval wrapper (``generate_until`` in ``lmms_eval/models/videoxl2.py``) defaults to
+    temperature 0, ``do_sample=False``, one beam and 1024 new tokens unless the benchmark's
+    task sets its own limit; it decodes without special tokens and strips the answer.
+    """
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, stop_at_eos=True)
+
+
 def next_token(logits: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> int:
     """logits (V,) of the last position -> token id."""
     if gen.temperature == 0:

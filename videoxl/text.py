@@ -14,6 +14,7 @@ the text around ``<image>`` separately), so no BPE merge crosses a boundary.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,25 @@ class SpecialTokens:
     @property
     def stop_ids(self) -> frozenset[int]:
         return frozenset({self.im_end, self.endoftext})
+
+
+_MMSS = re.compile(r"(\d{2}:\d{2})")  # exactly two digits, a colon, two digits; anywhere
+
+
+def times_as_seconds(question: str) -> str:
+    """The evaluation's rewrite of "mm:ss" times in a question to "N seconds".
+
+    As the official wrapper (``convert_time_in_prompt`` in ``lmms_eval/models/videoxl2.py``):
+    every non-overlapping ``\\d{2}:\\d{2}`` is found, then each found text is replaced
+    everywhere by ``{60 * mm + ss} seconds``. Its quirks are kept, since the published scores
+    were measured with them: there is no h:mm:ss form ("1:02:03" becomes "1:123 seconds"),
+    three-digit minutes lose their first digit ("123:45" becomes "11425 seconds"), and
+    seconds over 59 are added as they are ("00:75" becomes "75 seconds").
+    """
+    for found in _MMSS.findall(question):
+        minutes, seconds = found.split(":")
+        question = question.replace(found, f"{int(minutes) * 60 + int(seconds)} seconds")
+    return question
 
 
 def group_start_times(frame_timestamps: Sequence[float] | np.ndarray, frames_per_group: int = 4) -> list[float]:
