@@ -122,7 +122,12 @@ def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: b
     for shard in sorted(checkpoint_dir.glob("*.safetensors")):
         with open(shard, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len)) if 0 < header_len < 2**27 else {}
+            try:
+                header = json.loads(f.read(header_len)) if 0 < header_len < 2**27 else None
+            except (UnicodeDecodeError, ValueError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{shard}: not a readable safetensors file (truncated or damaged header)")
         for name, info in header.items():
             if name != "__metadata__" and isinstance(info, dict):
                 count = 1

@@ -97,6 +97,9 @@ def check_out_dir(
             )
     if resolved.exists() and not resolved.is_dir():
         raise OutputDirError(f"{shown} exists and is not a directory")
+    existing = next(p for p in resolved.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputDirError(f"{shown} cannot be made: {existing} is a file, not a directory")
     if resolved.is_dir() and any(resolved.iterdir()):
         reason = is_previous(resolved)
         if reason is not None:
