@@ -159,13 +159,13 @@ def make_staging(out: Path, *, needed_bytes: int = 0, flag: str = "--out") -> Pa
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(out)
-        staging = _sibling(out, STAGING_TAG)
-        staging.mkdir(mode=0o777)  # the umask applies, as for any directory the user makes
     except OSError as err:
         if not is_filesystem_error(err):
             raise
         raise OutputDirError(f"{flag} {out}: cannot write there: {describe_os_error(err)}") from err
+    staging = _sibling(out, STAGING_TAG)
     try:
+        staging.mkdir(mode=0o777)  # the umask applies, as for any directory the user makes
         probe = staging / ".write-probe"
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -175,11 +175,11 @@ def make_staging(out: Path, *, needed_bytes: int = 0, flag: str = "--out") -> Pa
             os.close(fd)
         probe.unlink()
         free = shutil.disk_usage(staging).free
-    except OSError as err:
+    except BaseException as err:  # SIGTERM (Terminated) included: nothing may stay behind
         shutil.rmtree(staging, ignore_errors=True)
-        if not is_filesystem_error(err):
-            raise
-        raise OutputDirError(f"{flag} {out}: cannot write there: {describe_os_error(err)}") from err
+        if isinstance(err, OSError) and is_filesystem_error(err):
+            raise OutputDirError(f"{flag} {out}: cannot write there: {describe_os_error(err)}") from err
+        raise
     if needed_bytes > free:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputDirError(
