@@ -127,7 +127,7 @@ def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: b
             except (UnicodeDecodeError, ValueError):
                 header = None
         if not isinstance(header, dict):
-            raise ValueError(f"{shard}: not a readable safetensors file (truncated or damaged header)")
+            raise ValueError(f"{shard}: unreadable safetensors file (truncated or damaged header)")
         for name, info in header.items():
             if name != "__metadata__" and isinstance(info, dict):
                 count = 1

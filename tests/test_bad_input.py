@@ -134,7 +134,7 @@ def test_export_of_a_truncated_checkpoint_names_the_shard(tiny_checkpoint, tmp_p
     shard = next(ckpt.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:5000])
     before = tree(tmp_path)
-    one_line_error(capsys, _export(ckpt, tmp_path / "out"), 2, shard.name, "truncated or damaged header")
+    one_line_error(capsys, _export(ckpt, tmp_path / "out"), 2, shard.name, "unreadable safetensors file (truncated or damaged header)")
     assert tree(tmp_path) == before
 
 
