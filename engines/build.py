@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from videoxl.engines.profiles import (
     shape_input_values,
 )
 from videoxl.engines.trt_install import install_fix_applied
+from videoxl.outdir import OutputDirError, check_out_dir, describe_os_error, is_filesystem_error, staged
 from videoxl.engines.trt_module import (
     describe,
     flavour_of,
@@ -126,41 +126,41 @@ def build_engines(
     ranges = dimension_ranges(cfg, limits)
     profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
     _prepare_plugins(trt, use_plugins)
-    _check_out_dir(out_dir)
+    out_dir = _check_out_dir(out_dir, onnx_dir)
 
     logger = trt_logger(trt)
     if timing_cache is not None and is_rtx(trt):
         log.warning("%s makes timing-cache calls no-ops: ignoring --timing-cache %s", describe(trt), timing_cache)
         timing_cache = None
     cache_bytes = _read_timing_cache(timing_cache)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the engine directory is an ordinary one
     try:
-        timing = None
-        engines: dict[str, dict[str, Any]] = {}
-        for graph in graphs:
-            engines[graph.name], timing = _build_one(
-                trt, logger, graph, profiles[graph.name], staging,
-                shape_values=shape_input_values(cfg, limits), targets=targets, use_plugins=use_plugins, precision=precision,
-                use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
-                progress=progress,
+        with staged(out_dir) as staging:
+            timing = None
+            engines: dict[str, dict[str, Any]] = {}
+            for graph in graphs:
+                engines[graph.name], timing = _build_one(
+                    trt, logger, graph, profiles[graph.name], staging,
+                    shape_values=shape_input_values(cfg, limits), targets=targets, use_plugins=use_plugins, precision=precision,
+                    use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
+                    progress=progress,
+                )
+            for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
+                if (onnx_dir / name).is_file():
+                    shutil.copy2(onnx_dir / name, staging / name)
+            manifest = _manifest(
+                trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, limits=limits,
+                ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
+                memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
             )
-        for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
-            if (onnx_dir / name).is_file():
-                shutil.copy2(onnx_dir / name, staging / name)
-        manifest = _manifest(
-            trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, limits=limits,
-            ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
-            memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
-        )
-        manifest_io.write_manifest(staging, manifest)
-        if timing_cache is not None and timing is not None:
-            _write_timing_cache(Path(timing_cache), timing)
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            manifest_io.write_manifest(staging, manifest)
+            if timing_cache is not None and timing is not None:
+                _write_timing_cache(Path(timing_cache), timing)
+    except OutputDirError as err:
+        raise EngineBuildError(str(err)) from err
+    except OSError as err:
+        if not is_filesystem_error(err):
+            raise
+        raise EngineBuildError(f"writing {out_dir} failed, nothing was changed: {describe_os_error(err)}") from err
     log.info("built %d engines into %s in %.1f s", len(graphs), out_dir, time.perf_counter() - started)
     return out_dir
 
@@ -309,14 +309,18 @@ def _prepare_plugins(trt: ModuleType, use_plugins: bool) -> None:
     register_plugins(trt)
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EngineBuildError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / manifest_io.MANIFEST_FILE).is_file():
-        raise EngineBuildError(
-            f"{out_dir} is a non-empty directory without {manifest_io.MANIFEST_FILE}; "
-            "refusing to replace it (choose another --out)"
-        )
+def _previous_build_problem(out_dir: Path) -> str | None:
+    if not (out_dir / manifest_io.MANIFEST_FILE).is_file():
+        return f"has no {manifest_io.MANIFEST_FILE} (not written by `videoxl build`)"
+    return None
+
+
+def _check_out_dir(out_dir: Path, onnx_dir: Path) -> Path:
+    """The resolved --out, refused when replacing it could lose files (see videoxl.outdir)."""
+    try:
+        return check_out_dir(out_dir, is_previous=_previous_build_problem, protected=[("--onnx", onnx_dir)])
+    except OutputDirError as err:
+        raise EngineBuildError(str(err)) from err
 
 
 # --- one engine ------------------------------------------------------------------------------------
@@ -497,20 +501,6 @@ def _write_timing_cache(path: Path, timing) -> None:
         f.write(memoryview(timing.serialize()))
     os.replace(partial, path)
     log.info("saved timing cache %s", path)
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
-    out_dir.rename(previous)
-    try:
-        staging.rename(out_dir)
-    except BaseException:
-        previous.rename(out_dir)
-        raise
-    shutil.rmtree(previous)
 
 
 # --- the manifest ---------------------------------------------------------------------------------

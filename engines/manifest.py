@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from videoxl.config import VideoXLConfig
-from videoxl.files import file_sha256
+from videoxl.files import UnsafePathError, confined_path, file_sha256
 from videoxl.engines.errors import EngineMismatchError
 from videoxl.engines.trt_module import FLAVOUR_TITLES, describe, flavour_of, normalize_target
 from videoxl.ops import PLUGIN_VERSION
@@ -146,7 +146,11 @@ def check_manifest(
             )
 
     for graph, entry in manifest["engines"].items():
-        path = engine_dir / entry["file"]
+        try:
+            path = confined_path(engine_dir, entry.get("file") if isinstance(entry, dict) else None, what=f"engine {graph!r}")
+        except UnsafePathError as err:
+            problems.append(str(err))
+            continue
         if not path.is_file():
             problems.append(f"engine file {path.name} is missing")
         elif path.stat().st_size != entry["bytes"]:
@@ -184,7 +188,11 @@ def _onnx_problems(onnx_dir: Path, recorded: dict[str, dict[str, Any]]) -> list[
     """Compare files by size and mtime first; hash only files that look touched."""
     problems = []
     for name, fingerprint in recorded.items():
-        path = onnx_dir / name
+        try:
+            path = confined_path(onnx_dir, name, what="recorded ONNX file")
+        except UnsafePathError as err:
+            problems.append(str(err))
+            continue
         if not path.is_file():
             problems.append(f"{name} is missing from {onnx_dir}")
             continue

@@ -8,8 +8,9 @@
       kv_gather.onnx       pools the sparse tier / builds the decode cache, one layer (videoxl::BilevelKVGather)
       config.json, tokenizer.json, tokenizer_config.json, export_manifest.json
 
-Everything is written into a temporary sibling directory and renamed into place at the end,
-so a failed export leaves nothing half-written.
+Everything is written into a hidden staging sibling and renamed into place at the end
+(``videoxl.outdir``): a failed or killed export leaves nothing half-written, and ``--out`` is
+refused when replacing it could delete files the exporter did not write.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,11 +31,13 @@ import torch
 import videoxl
 from videoxl.config import VideoXLConfig
 from videoxl.files import file_sha256
+from videoxl.outdir import check_out_dir, staged
 from videoxl.export.model import DTYPES, VideoXLModel
 from videoxl.export.onnx_graph import OPSET, ExternalData
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
 from videoxl.graphs import GRAPHS, LLM_WEIGHTS, manifest_entry
 from videoxl.ops import DOMAIN, OPSET_VERSION
+from videoxl.runtime.artifacts import file_inventory, previous_export_problem
 from videoxl.text import SpecialTokens, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ GRAPH_FILES = {name: contract.file for name, contract in GRAPHS.items()}
 MANIFEST = "export_manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 TWO_GIB = 2**31
+# The newest opset the vision export loads in ONNX Runtime with; above it the graphs are broken.
+MAX_OPSET = 23
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class VisionGraph(torch.nn.Module):
@@ -123,6 +128,43 @@ def describe_io(model: onnx.ModelProto) -> dict:
     return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
 
 
+def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: bool | None) -> tuple[int, bool]:
+    """(bytes the export will write, whether weights go to external data), from the safetensors headers.
+
+    Without external data the LLM weights are stored twice (prefill_chunk.onnx and decode.onnx).
+    """
+    elements = 0
+    for shard in sorted(checkpoint_dir.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(header_len)) if 0 < header_len < 2**27 else None
+            except (UnicodeDecodeError, ValueError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{shard}: unreadable safetensors file (truncated or damaged header)")
+        for name, info in header.items():
+            if name != "__metadata__" and isinstance(info, dict):
+                count = 1
+                for dim in info.get("shape", []):
+                    count *= int(dim)
+                elements += count
+    weight_bytes = elements * DTYPE_BYTES[dtype]
+    use_external = external_data if external_data is not None else weight_bytes >= TWO_GIB
+    return (weight_bytes if use_external else 2 * weight_bytes) + 2**20, use_external
+
+
+def check_export_request(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str, opset: int, max_frames: int | None) -> Path:
+    """Everything about an export that is knowable before loading the model; returns the resolved --out."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPES)}")
+    if not OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset {opset} unsupported: the exporter writes opsets {OPSET} to {MAX_OPSET}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
+    return check_out_dir(out_dir, is_previous=previous_export_problem, protected=[("--checkpoint", checkpoint_dir)])
+
+
 def export_onnx(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -132,27 +174,22 @@ def export_onnx(
     max_frames: int | None = None,
     external_data: bool | None = None,
 ) -> Path:
-    """Export the four graphs plus config, tokenizer and manifest. Returns out_dir."""
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPES)}")
-    if opset < OPSET:
-        raise ValueError(f"--opset {opset} too old: the graphs need opset >= {OPSET}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    """Export the four graphs plus config, tokenizer and manifest. Returns out_dir (resolved).
+
+    Refused before loading the model: a bad dtype or opset, an --out that could lose files
+    (see ``videoxl.outdir``), a parent that is not writable or has too little free space.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    out_dir = check_export_request(checkpoint_dir, out_dir, dtype=dtype, opset=opset, max_frames=max_frames)
     started = time.perf_counter()
     cfg = VideoXLConfig.from_checkpoint(checkpoint_dir)
     export_config_check(cfg)
     tokenizer = load_tokenizer(checkpoint_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    model = VideoXLModel.from_pretrained(checkpoint_dir, dtype=dtype)
-    max_frames = cfg.max_frames if max_frames is None else max_frames
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        use_external = external_data if external_data is not None else weight_bytes >= TWO_GIB
+    needed_bytes, use_external = estimated_export_bytes(checkpoint_dir, dtype, external_data=external_data)
+    with staged(out_dir, needed_bytes=needed_bytes) as staging:
+        model = VideoXLModel.from_pretrained(checkpoint_dir, dtype=dtype)
+        max_frames = cfg.max_frames if max_frames is None else max_frames
         log.info("exporting vision graph")
         export_vision(model, staging / GRAPH_FILES["vision"], opset)
         if use_external:
@@ -192,14 +229,9 @@ def export_onnx(
             "max_frames": max_frames,
             "special_tokens": dataclasses.asdict(special),
             "graphs": graphs,
+            "files": file_inventory(staging),  # every file: bytes checked at each load, sha256 once
             "export_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("exported %s in %.1f s", out_dir, time.perf_counter() - started)
     return out_dir

@@ -83,7 +83,9 @@ def check_host_memory(
         raise HostMemoryError(
             f"{groups * config.frames_per_group} frames need about {format_bytes(total)} of host memory for the KV "
             f"cache ({dense:,} dense rows, {sparse:,} sparse rows, a decode cache of up to {mixed:,} rows); "
-            f"{format_bytes(available)} is free. Lower --max-frames to {fitting * config.frames_per_group}"
+            f"{format_bytes(available)} is free. "
+            + (f"Lower --max-frames to {fitting * config.frames_per_group}" if fitting else
+               f"Even no frames fit with room for {answer_tokens:,} question and answer tokens: lower --max-new-tokens")
             + ("" if dense_blocks is not None and dense_blocks <= 4 else " or use fewer --dense-blocks")
         )
     return total

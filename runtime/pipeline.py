@@ -31,6 +31,7 @@ from videoxl.layout import (
     PREFILL_RULES,
     TokenLayout,
     always_dense_blocks,
+    block_ranges,
     chunk_visibility,
     explicit_dense_blocks,
     num_chunks,
@@ -47,6 +48,7 @@ T = TypeVar("T")
 
 PREFILL_MODES = ("chunked", "dense")
 DECODE_MODES = ("bilevel", "dense")
+QUESTION_ROWS = 192  # decode-cache rows planned for a question and its template, before the answer
 
 
 def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
@@ -280,13 +282,22 @@ class Pipeline:
         return tokens
 
     # --- everything -------------------------------------------------------------------------
-    def prepare(self, video: VideoSource, *, options: InferenceOptions = InferenceOptions()) -> PreparedVideo:
+    def prepare(
+        self, video: VideoSource, *, options: InferenceOptions = InferenceOptions(), max_new_tokens: int | None = None
+    ) -> PreparedVideo:
         """Vision and prefill of `video`: the question-independent work, done once.
 
-        Raises HostMemoryError before any work when the KV cache would not fit the free memory.
+        Raises before any work: ValueError when an explicit dense-block list names blocks this
+        video does not have, HostMemoryError when the KV cache (with room for `max_new_tokens`
+        answer tokens) would not fit the free memory.
         """
         layout = self.layout("", video.plan.timestamps)
-        self.check_host_memory(layout, options)
+        if isinstance(options.dense_blocks, (tuple, list, set)):
+            num_blocks = len(block_ranges(layout, options.block_groups or self.config.block_groups))
+            bad = sorted(b for b in options.dense_blocks if not 0 <= int(b) < num_blocks)
+            if bad:
+                raise ValueError(f"--dense-blocks {bad} out of range: this video has blocks 0..{num_blocks - 1}")
+        self.check_host_memory(layout, options, max_new_tokens=max_new_tokens)
         report = RunReport()
         started = time.perf_counter()
         visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
@@ -295,8 +306,11 @@ class Pipeline:
         store = self._prefill_timed(layout, visual_embeds, options, report)
         return PreparedVideo(frame_times, layout, store, options, report)
 
-    def check_host_memory(self, layout: TokenLayout, options: InferenceOptions) -> int:
-        """Bytes of host memory the KV cache of `layout` will take (HostMemoryError when over what is free)."""
+    def check_host_memory(self, layout: TokenLayout, options: InferenceOptions, *, max_new_tokens: int | None = None) -> int:
+        """Bytes of host memory the KV cache of `layout` will take (HostMemoryError when over what is free).
+
+        The decode cache holds the question (QUESTION_ROWS rows at most, as planned) and `max_new_tokens` answer rows.
+        """
         if options.decode == "dense" or options.dense_blocks == "all":
             dense_blocks = None
         elif isinstance(options.dense_blocks, (tuple, list, set)):
@@ -306,6 +320,7 @@ class Pipeline:
         return check_host_memory(
             self.config, layout, block_groups=options.block_groups or self.config.block_groups,
             dense_blocks=dense_blocks, itemsize=self.backend.float_dtype.itemsize,
+            **({} if max_new_tokens is None else {"answer_tokens": QUESTION_ROWS + max_new_tokens}),
         )
 
     def ask(

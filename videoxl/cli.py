@@ -7,13 +7,17 @@ The CLI prints; the library logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import videoxl
 from videoxl import logger
 from videoxl.layout import PREFILL_RULES
 from videoxl.presets import PRESETS
@@ -21,12 +25,75 @@ from videoxl.presets import PRESETS
 DEFAULT_QUESTION = "What happens in this video?"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, ``videoxl run: error: argument --fps: ...``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _dense_blocks(value: str) -> int | tuple[int, ...] | str:
+    """'all', a top-k like 4, or a block list like 3,7,9."""
     if value == "all":
         return "all"
-    if "," in value or value.startswith("["):
-        return tuple(int(v) for v in value.strip("[]").split(",") if v.strip())
-    return int(value)
+    try:
+        if "," in value or value.startswith("["):
+            blocks = tuple(int(v) for v in value.strip("[]").split(",") if v.strip())
+            if not blocks or min(blocks) < 0:
+                raise ValueError
+            return blocks
+        top_k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count K >= 0, a block list like 3,7,9, or 'all'; got {value!r}") from None
+    if top_k < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {top_k}")
+    return top_k
+
+
+def _int_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= least, refused with the value otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite(*, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if value < low or (low_open and value == low) or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {'in ' if math.isfinite(high) else ''}{bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _byte_size(text: str) -> int:
+    """An argparse type: a positive byte count like 16GiB."""
+    from videoxl.engines.profiles import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return value
 
 
 def _unit_list(value: str) -> tuple[int, ...]:
@@ -40,7 +107,9 @@ def _given(value, default):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "videoxl"
+    """$XDG_CACHE_HOME/videoxl; an empty or relative XDG_CACHE_HOME counts as unset (XDG spec)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "videoxl"
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
@@ -59,7 +128,7 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
 
 
 def add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="answer a question about a video")
+    p = sub.add_parser("run", help="answer a question about a video", description="Answer questions about a video.")
     p.add_argument("--checkpoint", type=Path, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
     p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
     p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
@@ -71,8 +140,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
     p.add_argument("--device", default="cpu", help="torch device of --backend torch, e.g. cuda (default: %(default)s)")
-    p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
-    p.add_argument("--fps", type=float, default=None, help="sampling rate (default 1; short videos up to 4)")
+    p.add_argument("--max-frames", type=_int_at_least(1), default=None, help="frames sampled at most (default: the config's)")
+    p.add_argument("--fps", type=_finite(low=0, low_open=True), default=None, help="sampling rate (default 1; short videos up to 4)")
     p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked",
                    help="chunked: sparse across chunks (the model's); dense: full causal (default: %(default)s)")
     p.add_argument("--prefill-rule", choices=PREFILL_RULES, default="evaluation",
@@ -93,16 +162,16 @@ def add_run_parser(sub) -> None:
                    help="an official evaluation setting: frames, C, P, S, and --eval; explicit flags override it")
     p.add_argument("--eval", action="store_true",
                    help="evaluation prompt and output: mm:ss in the question as 'N seconds', greedy, stripped answer")
-    p.add_argument("--chunk-groups", type=int, default=None, help="groups per prefill chunk (C; default: the config's)")
-    p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P; default: the config's)")
-    p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S; default: the config's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (1024 with --eval, as the evaluation)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--chunk-groups", type=_int_at_least(1), default=None, help="groups per prefill chunk (C; default: the config's)")
+    p.add_argument("--window", type=_int_at_least(0), default=None, help="previous chunks visible in full (P; default: the config's)")
+    p.add_argument("--block-groups", type=_int_at_least(1), default=None, help="groups per bi-level block (S; default: the config's)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default: 128 (1024 with --eval, as the evaluation)")
+    p.add_argument("--temperature", type=_finite(low=0), default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=_finite(low=0, high=1, low_open=True), default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the first-use export and of --backend torch (default: %(default)s)")
-    p.add_argument("--gpu-memory-budget", default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+    p.add_argument("--gpu-memory-budget", type=_byte_size, default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -113,8 +182,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="ONNX directory to write (replaced only on success)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="graph dtype; ONNX Runtime on the CPU runs fp32 (default: %(default)s)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--max-frames", type=int, default=None, help="longest video the graphs are meant for")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the vision graph, 18 to 23 (default: %(default)s)")
+    p.add_argument("--max-frames", type=_int_at_least(1), default=None, help="longest video the graphs are meant for")
     p.add_argument("--external-data", action="store_true", default=None, help="force weights into .data files (auto above 2 GB)")
     p.set_defaults(func=cmd_export)
 
@@ -122,7 +191,7 @@ def add_export_parser(sub) -> None:
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="tiny end to end run: checkpoint + video written, exported, answered on ONNX Runtime")
     p.add_argument("--workdir", type=Path, default=Path("artifacts/demo"), help="default: %(default)s")
-    p.add_argument("--seconds", type=float, default=24.0, help="length of the synthetic video (default: %(default)s)")
+    p.add_argument("--seconds", type=_finite(low=0, low_open=True), default=24.0, help="length of the synthetic video (default: %(default)s)")
     p.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
     p.set_defaults(func=cmd_demo)
 
@@ -143,10 +212,7 @@ def open_backend(args, *, checkpoint: Path | None):
 
         if not args.engines:
             raise SystemExit("--backend tensorrt needs --engines DIR (build them with `videoxl build`)")
-        from videoxl.engines.profiles import parse_bytes
-
-        budget = parse_bytes(args.gpu_memory_budget) if getattr(args, "gpu_memory_budget", None) else None
-        return TensorRTBackend(args.engines, gpu_memory_budget=budget)
+        return TensorRTBackend(args.engines, gpu_memory_budget=getattr(args, "gpu_memory_budget", None))
     if backend == "torch":
         from videoxl.export.torch_backend import TorchBackend
 
@@ -154,29 +220,86 @@ def open_backend(args, *, checkpoint: Path | None):
             raise SystemExit("--backend torch needs --checkpoint")
         return TorchBackend(checkpoint, dtype=args.dtype, device=args.device)
     try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
         from videoxl.runtime.ort_backend import OnnxRuntimeBackend
     except ImportError as err:  # neither extra installed
         raise SystemExit(f"ONNX Runtime is not installed ({err}): pip install 'videoxl[cpu]', or 'videoxl[gpu]' for its CUDA provider") from err
+    from videoxl.runtime.artifacts import ArtifactError
 
     onnx_dir = args.onnx
     if onnx_dir is None:
         if not checkpoint:
             raise SystemExit("--backend onnxruntime needs --onnx DIR or --checkpoint DIR")
-        onnx_dir = _cache_dir() / "onnx" / f"{checkpoint_fingerprint(checkpoint)}-{args.dtype}"
-        if not (onnx_dir / "export_manifest.json").is_file():
-            from videoxl.export.onnx_export import export_onnx
+        if args.dtype not in ("fp32", "fp16"):
+            raise ValueError(f"--dtype {args.dtype}: ONNX Runtime runs fp32 or fp16 graphs; use --dtype fp32, fp16 or --backend torch")
+        onnx_dir = cached_export(checkpoint, args.dtype)
+    try:
+        return OnnxRuntimeBackend(onnx_dir)
+    except (InvalidProtobuf, InvalidGraph, Fail) as err:  # a graph the manifest's checks could not catch
+        raise ArtifactError(f"{onnx_dir}: ONNX Runtime cannot load a graph ({str(err).splitlines()[0]}); re-export the directory") from err
 
-            print(f"exporting {checkpoint} to {onnx_dir} (once)", file=sys.stderr)
-            export_onnx(checkpoint, onnx_dir, dtype=args.dtype)
-    return OnnxRuntimeBackend(onnx_dir)
+
+@contextlib.contextmanager
+def _locked(path: Path, waiting_note: str) -> Iterator[None]:
+    """An exclusive flock on ``path``; says ``waiting_note`` when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting_note, file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached_export(checkpoint: Path, dtype: str) -> Path:
+    """The checkpoint's export in the cache: made once, verified, re-made when damaged.
+
+    Processes sharing the cache take a lock: one exports, the others wait and reuse it.
+    """
+    from videoxl.files import UnsafePathError
+    from videoxl.runtime.artifacts import MANIFEST, ArtifactError, load_onnx_artifacts
+
+    onnx_dir = _cache_dir() / "onnx" / f"{checkpoint_fingerprint(checkpoint)}-{dtype}"
+    with _locked(_cache_dir() / "locks" / f"{onnx_dir.name}.lock", f"waiting for another videoxl exporting into {onnx_dir}"):
+        if (onnx_dir / MANIFEST).is_file():
+            try:
+                load_onnx_artifacts(onnx_dir)
+                return onnx_dir
+            except (ArtifactError, UnsafePathError) as err:
+                print(f"the cached export is damaged ({err}); exporting again", file=sys.stderr)
+                _remove_cache_entry(onnx_dir)
+        elif onnx_dir.exists():
+            _remove_cache_entry(onnx_dir)
+        from videoxl.export.onnx_export import export_onnx
+
+        print(f"exporting {checkpoint} to {onnx_dir} (once)", file=sys.stderr)
+        export_onnx(checkpoint, onnx_dir, dtype=dtype)
+    return onnx_dir
+
+
+def _remove_cache_entry(onnx_dir: Path) -> None:
+    """The cache is videoxl's own: a damaged entry is moved aside, then deleted."""
+    import shutil
+
+    aside = onnx_dir.with_name(f".{onnx_dir.name}.damaged-{os.getpid()}")
+    onnx_dir.rename(aside)
+    shutil.rmtree(aside)
 
 
 def cmd_run(args) -> int:
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
     from videoxl.sampling import GenerationConfig
     from videoxl.text import load_tokenizer
-    from videoxl.video import open_video
 
+    questions = _questions(args)
+    first_question = next(questions, None)  # --interactive with empty input is known before any work
+    if first_question is None:
+        raise ValueError("--interactive: no question given (stdin ended before the first line) and no --question")
     backend = open_backend(args, checkpoint=args.checkpoint)
     cfg = backend.config
     tokenizer_dir = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
@@ -191,7 +314,7 @@ def cmd_run(args) -> int:
     )
     max_frames = _given(args.max_frames, preset.max_frames if preset else getattr(backend, "max_frames", cfg.max_frames))
     fps = _given(args.fps, preset.fps if preset else cfg.fps)
-    video = open_video(args.video, image_size=cfg.image_size, fps=fps, max_fps=cfg.max_fps, max_frames=max_frames)
+    video = _open_video(args.video, image_size=cfg.image_size, fps=fps, max_fps=cfg.max_fps, max_frames=max_frames)
     backend.check_frames(video.num_frames)
     block_groups, dense_blocks = _dense_block_choice(args, preset, cfg, video)
     options = InferenceOptions(
@@ -201,8 +324,8 @@ def cmd_run(args) -> int:
         block_groups=block_groups,
     )
     pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
-    prepared = pipeline.prepare(video, options=options)
-    for number, question in enumerate(_questions(args)):
+    prepared = pipeline.prepare(video, options=options, max_new_tokens=gen.max_new_tokens)
+    for number, question in enumerate(_chain(first_question, questions)):
         if number:
             print()
         report = _ask_and_stream(pipeline, prepared, question, gen, evaluating=evaluating)
@@ -246,6 +369,29 @@ def _dense_block_choice(args, preset, cfg, video) -> tuple[int | None, int | tup
     return block_groups, tuple(sorted(blocks))
 
 
+def _open_video(path, **sampling):
+    """open_video, with the input errors it lets through today turned into VideoError (one line).
+
+    PIL's DecompressionBombError (an image header claiming e.g. 30000x30000) and a damaged
+    container's AttributeError are not VideoErrors yet; video.py should raise those itself.
+    """
+    from PIL import Image
+
+    from videoxl.video import VideoError, open_video
+
+    try:
+        return open_video(path, **sampling)
+    except Image.DecompressionBombError as err:
+        raise VideoError(f"{path}: refusing an image this large ({err})") from err
+    except AttributeError as err:  # PyAV on a damaged container, raised while opening only
+        raise VideoError(f"{path}: not a readable video file ({err})") from err
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
 def _questions(args) -> Iterator[str]:
     """The --question flags (the default one if none and not interactive), then stdin lines with --interactive."""
     yield from args.question or ([] if args.interactive else [DEFAULT_QUESTION])
@@ -254,7 +400,7 @@ def _questions(args) -> Iterator[str]:
     while True:
         if sys.stdin.isatty():
             print("question (Ctrl-D to end)> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if sys.stdin is not None else ""
         if not line:
             return
         if line.strip():
@@ -319,7 +465,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="videoxl", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="videoxl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"videoxl {videoxl.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
@@ -342,11 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The `videoxl` command; returns the exit status (2 for usage errors, one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.verbose:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logger.setLevel(logging.INFO)
     from videoxl.config import ConfigError
+    from videoxl.outdir import Terminated, describe_os_error, is_filesystem_error
     from videoxl.runtime.artifacts import ArtifactError
     from videoxl.runtime.kv_store import HostMemoryError
     from videoxl.runtime.trt_backend import BackendUnavailable
@@ -360,9 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ArtifactError, VideoError, HostMemoryError, ValueError, FileNotFoundError) as err:
         print(f"videoxl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only, permission denied: one line; anything else is a bug
+        if not is_filesystem_error(err):
+            raise
+        print(f"videoxl {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C ends a long run or an interactive session without a traceback
         print(f"\nvideoxl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM during an export: its staging folder is already gone
+        print(f"videoxl {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from videoxl.export.llm import apply_rope
 from videoxl.export.onnx_export import GRAPH_FILES, export_onnx
+from videoxl.files import file_sha256
 from videoxl.export.reference import MixedCacheAttention, ReferenceInference
 from videoxl.layout import chunk_visibility, prefix_visibility
 from videoxl.ops import DOMAIN
@@ -159,7 +160,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
     target = tmp_path / "out"
     with pytest.raises(ValueError, match="--dtype"):
         export_onnx(tiny_checkpoint, target, dtype="int8")
-    with pytest.raises(ValueError, match="max_frames must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="--max-frames must be >= 1, got 0"):
         export_onnx(tiny_checkpoint, target, max_frames=0)
     broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken_ckpt")
     next(broken.glob("model-00002-*.safetensors")).write_bytes(b"junk")
@@ -175,5 +176,8 @@ def test_graphs_from_another_version_are_refused(tiny_onnx, tmp_path):
     for node in model.graph.node:
         node.input[:] = ["cache_len" if name == "past_len" else name for name in node.input]
     onnx.save(model, str(old / "decode.onnx"))
+    manifest = json.loads((old / "export_manifest.json").read_text())  # the older exporter's own inventory
+    manifest["files"]["decode.onnx"] = {"bytes": (old / "decode.onnx").stat().st_size, "sha256": file_sha256(old / "decode.onnx")}
+    (old / "export_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"decode.onnx: inputs differ .*missing \['past_len'\], unexpected \['cache_len'\]"):
         OnnxRuntimeBackend(old)
