@@ -213,3 +213,38 @@ class TwoTierKVStore:
         source_v = [np.concatenate([self.sparse_values[i]] + [self.dense_values[i][s:e] for _, (s, e) in reload]) for i in layers]
         keys, values = backend.gather_kv_layers(source_k, source_v, gather_index, gather_weight)
         return MixedKV(keys, values, mixed_rows + extra_capacity, bounds, dense_blocks)
+
+    # --- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array a question needs from a complete store (the tiers), by a stable name.
+
+        With `from_state` this is the only way a prepared video leaves the process: callers never
+        read the tiers' attributes, so the store's internals may change under them.
+        """
+        if self.filled != self.layout.suffix_start:
+            raise RuntimeError(f"prefill incomplete: {self.filled} of {self.layout.suffix_start} tokens")
+        arrays: dict[str, np.ndarray] = {}
+        for name in ("dense_keys", "dense_values", "sparse_keys", "sparse_values"):
+            for layer, array in enumerate(getattr(self, name)):
+                arrays[f"{name}.{layer}"] = array
+        return arrays
+
+    @classmethod
+    def from_state(
+        cls, config: VideoXLConfig, layout: TokenLayout, *, block_groups: int, dtype: np.dtype, state: dict[str, np.ndarray]
+    ) -> "TwoTierKVStore":
+        """A complete store from `state()`'s arrays (used as given, not copied); ValueError on a mismatch."""
+        store = cls(config, layout, block_groups=block_groups, dtype=dtype)
+        for name in ("dense_keys", "dense_values", "sparse_keys", "sparse_values"):
+            planned = getattr(store, name)  # np.empty placeholders: their pages were never touched
+            arrays = []
+            for layer, empty in enumerate(planned):
+                array = state.get(f"{name}.{layer}")
+                if array is None or array.shape != empty.shape or array.dtype != store.dtype:
+                    found = None if array is None else f"{array.dtype}{list(array.shape)}"
+                    raise ValueError(f"KV state {name}.{layer}: expected {store.dtype}{list(empty.shape)}, found {found}")
+                arrays.append(array)
+            setattr(store, name, arrays)
+        store.filled = layout.suffix_start
+        store._pooled_blocks = len(store.sparse_rows)
+        return store
