@@ -106,6 +106,16 @@ def backend_fingerprint(backend: Backend) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
+def sampling_settings(backend: Backend, *, fps: float | None, max_frames: int | None) -> dict[str, Any]:
+    """open_video's frame-sampling arguments for `backend` (None: the config's fps, the artifacts' frame limit).
+
+    They are part of the cache key: the same file sampled otherwise is another prepared video.
+    """
+    cfg = backend.config
+    return {"image_size": cfg.image_size, "fps": cfg.fps if fps is None else fps, "max_fps": cfg.max_fps,
+            "max_frames": getattr(backend, "max_frames", cfg.max_frames) if max_frames is None else max_frames}
+
+
 def prepared_key(*, model: str, video_hash: str, sampling: Mapping[str, Any], options: InferenceOptions) -> str:
     """The cache key of one prepared video (hex sha256)."""
     prefill = {name: getattr(options, name) for name in PREFILL_OPTION_FIELDS}

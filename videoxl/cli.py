@@ -1,4 +1,4 @@
-"""`videoxl` command line: run, export, build, check, plan, demo.
+"""`videoxl` command line: run, serve, export, build, check, plan, demo.
 
 Flags follow trtexec/polygraphy habits: --onnx, --engines, --fp16, --max-frames, --verbose.
 The CLI prints; the library logs.
@@ -51,18 +51,20 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="answer a question about a video")
+def _add_model_flags(p) -> None:
+    """Where the model comes from and which backend runs it (run and serve)."""
     p.add_argument("--checkpoint", type=Path, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
     p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
     p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
-    p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
-    p.add_argument("--question", action="append", default=None,
-                   help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
-    p.add_argument("--interactive", action="store_true",
-                   help="after the --question ones, read questions from stdin, one per line, until end of input")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the first-use export and of --backend torch (default: %(default)s)")
+    p.add_argument("--gpu-memory-budget", default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+
+
+def _add_prepare_flags(p) -> None:
+    """Frame sampling, prefill and block choice (run and serve; serve takes them as per-request defaults)."""
     p.add_argument("--max-frames", type=int, default=None, help="frames sampled at most (default: the config's)")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default 1; short videos up to 4)")
     p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked",
@@ -75,14 +77,40 @@ def add_run_parser(sub) -> None:
     p.add_argument("--window", type=int, default=None, help="previous chunks visible in full (P; default: the config's)")
     p.add_argument("--block-groups", type=int, default=None, help="groups per bi-level block (S; default: the config's)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="answer a question about a video")
+    _add_model_flags(p)
+    p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
+    p.add_argument("--question", action="append", default=None,
+                   help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
+    p.add_argument("--interactive", action="store_true",
+                   help="after the --question ones, read questions from stdin, one per line, until end of input")
+    _add_prepare_flags(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="dtype of the first-use export and of --backend torch (default: %(default)s)")
-    p.add_argument("--gpu-memory-budget", default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="prepared-video cache directory: a video prepared once (same file, settings and model) "
+                        "skips decoding, vision and prefill in later runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: chat completions about local videos")
+    _add_model_flags(p)
+    p.add_argument("--allow-dir", type=Path, action="append", required=True,
+                   help="repeatable: videos are read only from under these directories (symlinks and .. resolved)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--model-name", default="video-xl-2", help="the model id clients send (default: %(default)s)")
+    p.add_argument("--queue-size", type=int, default=8, help="requests waiting at most; more get HTTP 429 (default: %(default)s)")
+    p.add_argument("--cache", type=Path, default=None, help="prepared-video cache directory (kept across restarts)")
+    p.add_argument("--cache-memory", default="4GiB", help="prepared videos kept in memory, LRU by bytes (default: %(default)s)")
+    _add_prepare_flags(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def add_export_parser(sub) -> None:
@@ -146,36 +174,82 @@ def open_backend(args, *, checkpoint: Path | None):
     return OnnxRuntimeBackend(onnx_dir)
 
 
-def cmd_run(args) -> int:
-    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
-    from videoxl.sampling import GenerationConfig
-    from videoxl.text import load_tokenizer
-    from videoxl.video import open_video
-
-    backend = open_backend(args, checkpoint=args.checkpoint)
-    cfg = backend.config
-    tokenizer_dir = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
-    if tokenizer_dir is None:
+def tokenizer_dir(args, backend) -> Path:
+    """Where the tokenizer lives: the checkpoint, the ONNX directory or the backend's artifacts."""
+    found = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
+    if found is None:
         raise SystemExit("need --checkpoint or --onnx for the tokenizer")
-    limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
-    options = InferenceOptions(
+    return Path(found)
+
+
+def inference_options(args, backend):
+    """The prefill and block-choice options from the flags; engines fix the chunk geometry they were built for."""
+    from videoxl.runtime.pipeline import InferenceOptions
+
+    limits = getattr(backend, "limits", {})
+    return InferenceOptions(
         prefill=args.prefill, decode=args.decode, dense_blocks=args.dense_blocks,
         chunk_groups=_given(args.chunk_groups, limits.get("chunk_groups")),
         window_chunks=_given(args.window, limits.get("window_chunks")),
         block_groups=args.block_groups,
     )
+
+
+def cmd_run(args) -> int:
+    from videoxl.runtime.pipeline import Pipeline
+    from videoxl.runtime.prepared_cache import sampling_settings
+    from videoxl.sampling import GenerationConfig
+    from videoxl.text import load_tokenizer
+    from videoxl.video import open_video
+
+    backend = open_backend(args, checkpoint=args.checkpoint)
+    options = inference_options(args, backend)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    max_frames = _given(args.max_frames, getattr(backend, "max_frames", cfg.max_frames))
-    video = open_video(args.video, image_size=cfg.image_size, fps=_given(args.fps, cfg.fps), max_fps=cfg.max_fps, max_frames=max_frames)
+    sampling = sampling_settings(backend, fps=args.fps, max_frames=args.max_frames)
+    video = open_video(args.video, **sampling)
     backend.check_frames(video.num_frames)
-    pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
-    prepared = pipeline.prepare(video, options=options)
+    pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir(args, backend)), progress=not args.no_progress)
+    if args.cache is None:
+        prepared = pipeline.prepare(video, options=options)
+    else:
+        from videoxl.runtime.prepared_cache import PreparedCache, backend_fingerprint, video_content_hash
+
+        cache = PreparedCache(fingerprint=backend_fingerprint(backend), directory=args.cache)
+        key = cache.key(video_hash=video_content_hash(args.video), sampling=sampling, options=options)
+        prepared, tier = cache.get_or_prepare(key, backend, lambda: pipeline.prepare(video, options=options))
+        print(f"prepared video {'loaded from' if tier else 'saved to'} the cache {args.cache}", file=sys.stderr)
+        prepared.options = options  # decode-time choices are this run's, whatever the entry was saved with
     for number, question in enumerate(_questions(args)):
         if number:
             print()
         report = _ask_and_stream(pipeline, prepared, question, gen)
         print(f"backend           {backend.name}")
         print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from videoxl.server import ServeSettings, create_app
+    except ImportError as err:
+        raise SystemExit(f"videoxl serve needs the serve extra ({err.name} is missing): pip install 'videoxl[serve]'") from err
+    from videoxl.engines.profiles import parse_bytes
+    from videoxl.runtime.prepared_cache import PreparedCache, backend_fingerprint
+    from videoxl.text import load_tokenizer
+
+    backend = open_backend(args, checkpoint=args.checkpoint)
+    settings = ServeSettings(
+        model_name=args.model_name, allowed_dirs=tuple(args.allow_dir), queue_size=args.queue_size,
+        options=inference_options(args, backend), fps=args.fps, max_frames=args.max_frames,
+        max_new_tokens=args.max_new_tokens,
+    )
+    cache = PreparedCache(fingerprint=backend_fingerprint(backend), memory_budget_bytes=parse_bytes(args.cache_memory),
+                          directory=args.cache)
+    app = create_app(backend, load_tokenizer(tokenizer_dir(args, backend)), settings, cache)
+    print(f"serving {args.model_name} ({backend.name}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -245,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_export_parser(sub)
     add_demo_parser(sub)
+    add_serve_parser(sub)
     try:
         from videoxl.engines.cli import add_build_parser, add_check_parser
     except ImportError:
