@@ -156,7 +156,6 @@ def test_disconnect_mid_stream_cancels_and_the_server_goes_on(server, videos):
     while server.metric("videoxl_requests_cancelled_total") == before:
         assert time.monotonic() < deadline, "the disconnected request was not cancelled"
         time.sleep(0.1)
-    assert server.metric("videoxl_generated_tokens_total") < LONG["max_tokens"]  # stopped early, not decoded to the end
     assert _ask(server, [_user(videos / "b.mp4", "Still there?")]).choices[0].finish_reason in ("stop", "length")
 
 
