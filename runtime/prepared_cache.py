@@ -313,9 +313,14 @@ class PreparedCache:
         self.stats.misses += 1
         return None, None
 
-    def put(self, key: str, prepared: PreparedVideo) -> None:
-        """Keep `prepared` in memory (within the budget) and write it to disk when a directory is set."""
+    def put(self, key: str, prepared: PreparedVideo, *, to_disk: bool = True) -> None:
+        """Keep `prepared` in memory (within the budget) and, with `to_disk`, write it to disk when a directory is set."""
         self._remember(key, prepared)
+        if to_disk:
+            self.save(key, prepared)
+
+    def save(self, key: str, prepared: PreparedVideo) -> None:
+        """Write `prepared` to disk unless the entry exists (no directory: nothing to do)."""
         if self.directory is not None and not (self.directory / key).is_dir():
             started = time.perf_counter()
             write_entry(self.directory, key, prepared)

@@ -347,7 +347,7 @@ class Worker:
         if prepared is None:
             prepared = pipeline.prepare(video, options=request.options)
             self.metrics.add(cache_misses=1, vision_seconds=prepared.report.vision_s, prefill_seconds=prepared.report.prefill_s)
-            self.cache.put(key, prepared)
+            self.cache.put(key, prepared, to_disk=False)  # written after the answer: the disk write is off the first token's path
         else:
             self.metrics.add(**{f"cache_hits_{tier}": 1})
         # the entry is shared by every block choice and decode mode: this request's own on a shallow copy
@@ -359,12 +359,19 @@ class Worker:
                 raise Cancelled
             job.emit("text", piece)
 
-        if job.cancel.is_set():
-            raise Cancelled
-        answer = pipeline.ask(prepared, request.question, gen=request.gen, on_text=on_text)
-        self.metrics.add(decode_seconds=answer.report.decode_s, prompt_tokens=answer.report.prompt_tokens,
-                         generated_tokens=answer.report.new_tokens)
-        job.emit("done", answer, tier)
+        try:
+            if job.cancel.is_set():
+                raise Cancelled
+            answer = pipeline.ask(prepared, request.question, gen=request.gen, on_text=on_text)
+            self.metrics.add(decode_seconds=answer.report.decode_s, prompt_tokens=answer.report.prompt_tokens,
+                             generated_tokens=answer.report.new_tokens)
+            job.emit("done", answer, tier)
+        finally:
+            if tier != "disk":  # a cancelled request's video is worth keeping too
+                try:
+                    self.cache.save(key, prepared)
+                except OSError:  # the answer stands; the next request prepares the video again
+                    log.exception("could not write the prepared-video cache entry %s", key[:16])
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
