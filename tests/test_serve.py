@@ -225,3 +225,33 @@ def test_corrupted_cache_entry_is_rebuilt_after_a_restart(tiny_onnx, videos, tmp
             data.write_bytes(raw)
     assert [a[1:] for a in answers] == [("prepared", 0), ("prepared", 1), ("disk", 0)]
     assert answers[0][0] == answers[1][0] == answers[2][0]
+
+
+def test_readme_openai_client_example_runs(server, videos, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = re.findall(r"```py\n(.*?)```", readme, flags=re.S)
+    code = code.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace(
+        "file:///data/videos/talk.mp4", f"file://{videos / 'a.mp4'}")
+    assert server.url in code and str(videos) in code
+    before = server.metric('videoxl_requests_total{code="200"}')
+    exec(compile(code, "README.md", "exec"), {})
+    assert server.metric('videoxl_requests_total{code="200"}') == before + 1
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"fps": 0}, "fps must be > 0"),
+    ({"dense_blocks": "x"}, "dense_blocks must be"),
+    ({"decode": "sparse"}, "decode mode 'sparse'"),
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"n": 2}, "only n=1"),
+])
+def test_bad_request_fields_are_one_line_400s(server, videos, extra, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        _ask(server, [_user(videos / "a.mp4", "Hi")], extra_body=extra)
+
+
+def test_a_changed_system_prompt_is_refused(server, videos):
+    with pytest.raises(openai.BadRequestError, match="system prompt is fixed"):
+        _ask(server, [{"role": "system", "content": "Talk like a pirate."}, _user(videos / "a.mp4", "Hi")])

@@ -137,6 +137,12 @@ def _number(body: dict, name: str, kind: type, *, least: float | None = None) ->
     return kind(value)
 
 
+def _positive(value: float | None, name: str) -> float | None:
+    if value is not None and value <= 0:
+        raise RequestError(400, f"{name} must be > 0, got {value}", param=name)
+    return value
+
+
 @dataclass
 class ChatRequest:
     """One parsed chat completion request."""
@@ -158,7 +164,7 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     if body.get("model") != settings.model_name:
         raise RequestError(404, f"model {body.get('model')!r} is not served here; this server serves {settings.model_name!r}",
                            param="model")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise RequestError(400, "only n=1 is supported", param="n")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -214,7 +220,7 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     except ValueError as err:
         raise RequestError(400, str(err)) from err
     return ChatRequest(
-        video=video, question=question, options=options, fps=_number(body, "fps", float),
+        video=video, question=question, options=options, fps=_positive(_number(body, "fps", float), "fps"),
         max_frames=_number(body, "max_frames", int, least=1), gen=gen, stream=bool(body.get("stream", False)),
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
     )
@@ -502,6 +508,9 @@ class ChatService:
 
 def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServeSettings, cache: PreparedCache) -> Starlette:
     """The ASGI app: one worker thread starts with the app and stops with it."""
+    missing = [str(d) for d in settings.allowed_dirs if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"allowed video directories that are not directories: {', '.join(missing)}")
     settings = dataclasses.replace(settings, allowed_dirs=tuple(Path(d).resolve() for d in settings.allowed_dirs))
     service = ChatService(Pipeline(backend, tokenizer), cache, settings)
 
