@@ -198,20 +198,19 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     temperature = _number(body, "temperature", float, least=0)
     top_p = _number(body, "top_p", float)
     seed = _number(body, "seed", int)
-    options = settings.options
-    if body.get("dense_blocks") is not None:
-        blocks = body["dense_blocks"]
-        if isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
-            blocks = tuple(blocks)
-        elif not (blocks == "all" or (isinstance(blocks, int) and not isinstance(blocks, bool))):
-            raise RequestError(400, f"dense_blocks must be an integer, a list of block numbers or 'all', got {blocks!r}",
-                               param="dense_blocks")
-        options = dataclasses.replace(options, dense_blocks=blocks)
-    if body.get("decode") is not None:
-        options = dataclasses.replace(options, decode=body["decode"])
+    blocks = body.get("dense_blocks")
+    if isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+        blocks = tuple(blocks)
+    elif blocks is not None and not (blocks == "all" or (isinstance(blocks, int) and not isinstance(blocks, bool))):
+        raise RequestError(400, f"dense_blocks must be an integer, a list of block numbers or 'all', got {blocks!r}",
+                           param="dense_blocks")
     stream_options = body.get("stream_options") or {}
-    try:
-        options = dataclasses.replace(options)  # re-runs the checks on the request's values
+    try:  # InferenceOptions and GenerationConfig check the request's values
+        options = dataclasses.replace(
+            settings.options,
+            dense_blocks=settings.options.dense_blocks if blocks is None else blocks,
+            decode=body.get("decode") or settings.options.decode,
+        )
         gen = GenerationConfig(
             max_new_tokens=max_tokens or settings.max_new_tokens,
             temperature=0.0 if temperature is None else temperature,  # greedy unless asked, as `videoxl run`
