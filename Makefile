@@ -16,7 +16,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[cpu,export,test,tensorrt,cuda]'
+	$(PIP) -e '.[cpu,export,test,serve,tensorrt,cuda]'
 	$(BIN)/python -m videoxl.engines.trt_install
 	touch $@
 

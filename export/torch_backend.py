@@ -70,13 +70,14 @@ class _Rows:
 class TorchVideoCache(VideoCache):
     def __init__(self, backend: "TorchBackend", dense_rows: int, sparse_rows: int) -> None:
         self.dense_rows, self.sparse_rows = dense_rows, sparse_rows
+        self.dtype = backend.float_dtype
         self.rows = _Rows(backend, dense_rows + sparse_rows)
         self.positions = torch.from_numpy(self.source_position).to(backend.device)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {}
         for layer, (k, v) in enumerate(zip(self.rows.keys, self.rows.values)):
-            out[f"key.{layer}"], out[f"value.{layer}"] = k.float().cpu().numpy(), v.float().cpu().numpy()
+            out[f"key.{layer}"], out[f"value.{layer}"] = (t.float().cpu().numpy().astype(self.dtype) for t in (k, v))
         return out
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:

@@ -184,3 +184,37 @@ class TwoTierKVStore:
         cache = self.backend.new_decode_cache(plan.rows + extra_capacity)
         self.backend.gather(self.cache, plan, into=cache)
         return cache, bounds
+
+    # --- persistence ----------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both tiers, wherever the backend keeps them."""
+        return kv_bytes(self.config, self.cache.sparse_rows + self.cache.dense_rows, self.backend.float_dtype.itemsize)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Host copies of both tiers by a stable name ('key.{layer}', 'value.{layer}': [sparse | dense] rows).
+
+        With `from_state` this is the only way a prepared video leaves the process: callers never
+        read the tiers themselves, so the store's internals may change under them.
+        """
+        if self.filled != self.layout.suffix_start:
+            raise RuntimeError(f"prefill incomplete: {self.filled} of {self.layout.suffix_start} tokens")
+        return self.cache.arrays()
+
+    @classmethod
+    def from_state(
+        cls, backend: Backend, config: VideoXLConfig, layout: TokenLayout, *, block_groups: int, state: dict[str, np.ndarray]
+    ) -> "TwoTierKVStore":
+        """A complete store on `backend` from `state()`'s arrays; ValueError on a mismatch."""
+        store = cls(backend, config, layout, block_groups=block_groups)
+        shape = (store.cache.sparse_rows + store.cache.dense_rows, config.num_key_value_heads, config.head_dim)
+        for layer in range(config.num_hidden_layers):
+            for name in (f"key.{layer}", f"value.{layer}"):
+                array = state.get(name)
+                if array is None or array.shape != shape or array.dtype != backend.float_dtype:
+                    found = None if array is None else f"{array.dtype}{list(array.shape)}"
+                    raise ValueError(f"KV state {name}: expected {backend.float_dtype}{list(shape)}, found {found}")
+        store.cache.load(state)
+        store.filled = layout.suffix_start
+        store._pooled_blocks = len(store.sparse_plan)
+        return store

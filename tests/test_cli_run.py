@@ -162,3 +162,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "synthetic video" in out and "ONNX graphs" in out
     assert "Q: What happens in this video?\nA: " in out and "backend           onnxruntime" in out
     assert (tmp_path / "demo" / "onnx" / "export_manifest.json").is_file()
+
+
+def test_run_cache_skips_preparing_the_same_video_again(tiny_onnx, synthetic_video, tmp_path, capsys):
+    argv = ["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--question", "What colour?",
+            "--max-frames", "16", "--max-new-tokens", "6", "--no-progress", "--cache", str(tmp_path)]
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        outputs.append((captured.out, captured.err))
+    assert "saved to the cache" in outputs[0][1] and "loaded from the cache" in outputs[1][1]
+    answer = lambda text: text.split("\n\n")[0]  # noqa: E731
+    assert answer(outputs[0][0]) == answer(outputs[1][0])
+    assert main([*argv, "--fps", "2"]) == 0  # other sampling settings: another entry
+    assert "saved to the cache" in capsys.readouterr().err

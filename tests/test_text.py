@@ -157,3 +157,16 @@ def test_stream_detokenizer_special_tokens_and_incomplete_tail(tokenizer):
 
     keep = StreamDetokenizer(tokenizer, skip_special_tokens=False)
     assert keep.push(258) == "<|im_end|>"
+
+
+def test_chat_question_puts_earlier_turns_after_the_video():
+    from videoxl.text import PROMPT_SUFFIX, chat_question
+
+    assert chat_question([("user", "Q1")]) == "Q1"
+    question = chat_question([("user", "Q1"), ("assistant", "A1"), ("user", "Q2")])
+    assert PROMPT_SUFFIX.format(question=question) == (
+        "\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    )
+    for turns in ([], [("assistant", "A")], [("user", "Q"), ("user", "Q")], [("user", "Q"), ("assistant", "A")]):
+        with pytest.raises(ValueError):
+            chat_question(turns)

@@ -1,4 +1,4 @@
-"""`videoxl` command line: run, export, build, check, plan, demo.
+"""`videoxl` command line: run, serve, export, build, check, plan, demo.
 
 Flags follow trtexec/polygraphy habits: --onnx, --engines, --fp16, --max-frames, --verbose.
 The CLI prints; the library logs.
@@ -127,19 +127,21 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="answer a question about a video", description="Answer questions about a video.")
+def _add_model_flags(p) -> None:
+    """Where the model comes from and which backend runs it (run and serve)."""
     p.add_argument("--checkpoint", type=Path, help="Video-XL-2 checkpoint directory (Hugging Face layout)")
     p.add_argument("--onnx", type=Path, help="exported ONNX directory (default: exported on first use into the cache)")
     p.add_argument("--engines", type=Path, help="TensorRT engine directory (--backend tensorrt)")
-    p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
-    p.add_argument("--question", action="append", default=None,
-                   help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
-    p.add_argument("--interactive", action="store_true",
-                   help="after the --question ones, read questions from stdin, one per line, until end of input")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
                    help="default: tensorrt with --engines and a usable GPU, else onnxruntime")
     p.add_argument("--device", default="cpu", help="torch device of --backend torch, e.g. cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the first-use export and of --backend torch (default: %(default)s)")
+    p.add_argument("--gpu-memory-budget", type=_byte_size, default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+
+
+def _add_prepare_flags(p) -> None:
+    """Frame sampling, prefill and block choice (run and serve; serve takes them as per-request defaults)."""
     p.add_argument("--max-frames", type=_int_at_least(1), default=None, help="frames sampled at most (default: the config's)")
     p.add_argument("--fps", type=_finite(low=0, low_open=True), default=None, help="sampling rate (default 1; short videos up to 4)")
     p.add_argument("--prefill", choices=("chunked", "dense"), default="chunked",
@@ -152,6 +154,21 @@ def add_run_parser(sub) -> None:
                    help="bilevel: dense KV only for the chosen blocks; dense: the whole KV (default: %(default)s)")
     p.add_argument("--dense-blocks", type=_dense_blocks, default=None,
                    help="K (task-aware top-K), a list like 3,7,9 (explicit), or 'all' (default: 4)")
+    p.add_argument("--chunk-groups", type=_int_at_least(1), default=None, help="groups per prefill chunk (C; default: the config's)")
+    p.add_argument("--window", type=_int_at_least(0), default=None, help="previous chunks visible in full (P; default: the config's)")
+    p.add_argument("--block-groups", type=_int_at_least(1), default=None, help="groups per bi-level block (S; default: the config's)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default: 128 (1024 with --eval, as the evaluation)")
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="answer a question about a video", description="Answer questions about a video.")
+    _add_model_flags(p)
+    p.add_argument("--video", required=True, help="video file or folder of images (frames in name order)")
+    p.add_argument("--question", action="append", default=None,
+                   help=f"repeatable: later questions reuse the video's vision and prefill (default: {DEFAULT_QUESTION!r})")
+    p.add_argument("--interactive", action="store_true",
+                   help="after the --question ones, read questions from stdin, one per line, until end of input")
+    _add_prepare_flags(p)
     p.add_argument("--dense-units", type=_unit_list, default=None,
                    help="a published selection of 8-frame units, like 3,1,24 (block u // (S/2) + 1; '' = every block dense)")
     p.add_argument("--dense-units-file", type=Path, default=None,
@@ -162,18 +179,29 @@ def add_run_parser(sub) -> None:
                    help="an official evaluation setting: frames, C, P, S, and --eval; explicit flags override it")
     p.add_argument("--eval", action="store_true",
                    help="evaluation prompt and output: mm:ss in the question as 'N seconds', greedy, stripped answer")
-    p.add_argument("--chunk-groups", type=_int_at_least(1), default=None, help="groups per prefill chunk (C; default: the config's)")
-    p.add_argument("--window", type=_int_at_least(0), default=None, help="previous chunks visible in full (P; default: the config's)")
-    p.add_argument("--block-groups", type=_int_at_least(1), default=None, help="groups per bi-level block (S; default: the config's)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default: 128 (1024 with --eval, as the evaluation)")
     p.add_argument("--temperature", type=_finite(low=0), default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=_finite(low=0, high=1, low_open=True), default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="dtype of the first-use export and of --backend torch (default: %(default)s)")
-    p.add_argument("--gpu-memory-budget", type=_byte_size, default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="prepared-video cache directory: a video prepared once (same file, settings and model) "
+                        "skips decoding, vision and prefill in later runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: chat completions about local videos")
+    _add_model_flags(p)
+    p.add_argument("--allow-dir", type=Path, action="append", required=True,
+                   help="repeatable: videos are read only from under these directories (symlinks and .. resolved)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=_int_at_least(1), default=8000, help="default: %(default)s")
+    p.add_argument("--model-name", default="video-xl-2", help="the model id clients send (default: %(default)s)")
+    p.add_argument("--queue-size", type=_int_at_least(1), default=8, help="requests waiting at most; more get HTTP 429 (default: %(default)s)")
+    p.add_argument("--cache", type=Path, default=None, help="prepared-video cache directory (kept across restarts)")
+    p.add_argument("--cache-memory", type=_byte_size, default="4GiB", help="prepared videos kept in memory, LRU by bytes (default: %(default)s)")
+    _add_prepare_flags(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def add_export_parser(sub) -> None:
@@ -291,8 +319,32 @@ def _remove_cache_entry(onnx_dir: Path) -> None:
     shutil.rmtree(aside)
 
 
+def tokenizer_dir(args, backend) -> Path:
+    """Where the tokenizer lives: the checkpoint, the ONNX directory or the backend's artifacts."""
+    found = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
+    if found is None:
+        raise SystemExit("need --checkpoint or --onnx for the tokenizer")
+    return Path(found)
+
+
+def inference_options(args, backend, *, preset=None, dense_blocks=None, block_groups=None):
+    """The prefill and block-choice options from the flags (and a preset); engines fix the chunk
+    geometry they were built for."""
+    from videoxl.runtime.pipeline import InferenceOptions
+
+    limits = getattr(backend, "limits", {})
+    return InferenceOptions(
+        prefill=args.prefill, prefill_rule=args.prefill_rule, decode=args.decode,
+        dense_blocks=_given(dense_blocks, _given(args.dense_blocks, 4)),
+        chunk_groups=_given(args.chunk_groups, preset.chunk_groups if preset else limits.get("chunk_groups")),
+        window_chunks=_given(args.window, preset.window_chunks if preset else limits.get("window_chunks")),
+        block_groups=_given(block_groups, args.block_groups),
+    )
+
+
 def cmd_run(args) -> int:
-    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.runtime.pipeline import Pipeline
+    from videoxl.runtime.prepared_cache import sampling_settings
     from videoxl.sampling import GenerationConfig
     from videoxl.text import load_tokenizer
 
@@ -302,35 +354,62 @@ def cmd_run(args) -> int:
         raise ValueError("--interactive: no question given (stdin ended before the first line) and no --question")
     backend = open_backend(args, checkpoint=args.checkpoint)
     cfg = backend.config
-    tokenizer_dir = args.checkpoint or args.onnx or getattr(backend, "artifact_dir", None)
-    if tokenizer_dir is None:
-        raise SystemExit("need --checkpoint or --onnx for the tokenizer")
-    limits = getattr(backend, "limits", {})  # engines fix the chunk geometry they were built for
     preset = PRESETS.get(args.preset)
     evaluating = args.eval or preset is not None
     gen = GenerationConfig(
         max_new_tokens=_given(args.max_new_tokens, 1024 if evaluating else 128), temperature=args.temperature,
         top_p=args.top_p, seed=args.seed,
     )
-    max_frames = _given(args.max_frames, preset.max_frames if preset else getattr(backend, "max_frames", cfg.max_frames))
-    fps = _given(args.fps, preset.fps if preset else cfg.fps)
-    video = _open_video(args.video, image_size=cfg.image_size, fps=fps, max_fps=cfg.max_fps, max_frames=max_frames)
+    sampling = sampling_settings(
+        backend, fps=_given(args.fps, preset.fps if preset else None),
+        max_frames=_given(args.max_frames, preset.max_frames if preset else None),
+    )
+    video = _open_video(args.video, **sampling)
     backend.check_frames(video.num_frames)
     block_groups, dense_blocks = _dense_block_choice(args, preset, cfg, video)
-    options = InferenceOptions(
-        prefill=args.prefill, prefill_rule=args.prefill_rule, decode=args.decode, dense_blocks=dense_blocks,
-        chunk_groups=_given(args.chunk_groups, preset.chunk_groups if preset else limits.get("chunk_groups")),
-        window_chunks=_given(args.window, preset.window_chunks if preset else limits.get("window_chunks")),
-        block_groups=block_groups,
-    )
-    pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir), progress=not args.no_progress)
-    prepared = pipeline.prepare(video, options=options, max_new_tokens=gen.max_new_tokens)
+    options = inference_options(args, backend, preset=preset, dense_blocks=dense_blocks, block_groups=block_groups)
+    pipeline = Pipeline(backend, load_tokenizer(tokenizer_dir(args, backend)), progress=not args.no_progress)
+    if args.cache is None:
+        prepared = pipeline.prepare(video, options=options, max_new_tokens=gen.max_new_tokens)
+    else:
+        from videoxl.runtime.prepared_cache import PreparedCache, backend_fingerprint, video_content_hash
+
+        cache = PreparedCache(fingerprint=backend_fingerprint(backend), directory=args.cache)
+        key = cache.key(video_hash=video_content_hash(args.video), sampling=sampling, options=options)
+        prepared, tier = cache.get_or_prepare(
+            key, backend, lambda: pipeline.prepare(video, options=options, max_new_tokens=gen.max_new_tokens)
+        )
+        print(f"prepared video {'loaded from' if tier else 'saved to'} the cache {args.cache}", file=sys.stderr)
+        prepared.options = options  # decode-time choices are this run's, whatever the entry was saved with
     for number, question in enumerate(_chain(first_question, questions)):
         if number:
             print()
         report = _ask_and_stream(pipeline, prepared, question, gen, evaluating=evaluating)
         print(f"backend           {backend.name}")
         print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from videoxl.server import ServeSettings, create_app
+    except ImportError as err:
+        raise SystemExit(f"videoxl serve needs the serve extra ({err.name} is missing): pip install 'videoxl[serve]'") from err
+    from videoxl.runtime.prepared_cache import PreparedCache, backend_fingerprint
+    from videoxl.text import load_tokenizer
+
+    backend = open_backend(args, checkpoint=args.checkpoint)
+    settings = ServeSettings(
+        model_name=args.model_name, allowed_dirs=tuple(args.allow_dir), queue_size=args.queue_size,
+        options=inference_options(args, backend), fps=args.fps, max_frames=args.max_frames,
+        max_new_tokens=_given(args.max_new_tokens, 128),
+    )
+    cache = PreparedCache(fingerprint=backend_fingerprint(backend), memory_budget_bytes=args.cache_memory, directory=args.cache)
+    app = create_app(backend, load_tokenizer(tokenizer_dir(args, backend)), settings, cache)
+    print(f"serving {args.model_name} ({backend.name}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -470,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
+    add_serve_parser(sub)
     add_export_parser(sub)
     add_demo_parser(sub)
     try:

@@ -121,6 +121,26 @@ def build_prompt(
     return layout, special
 
 
+def chat_question(turns: Sequence[tuple[str, str]]) -> str:
+    """The ``{question}`` of PROMPT_SUFFIX for a conversation: earlier turns, then the last user turn.
+
+    ``turns`` alternate ``("user", text)`` and ``("assistant", text)``, starting and ending with
+    a user turn; the video sits before the first user turn. Earlier turns land in the suffix,
+    after the video, so they never touch the prefill of a prepared video::
+
+        \\n{user 1}<|im_end|>\\n<|im_start|>assistant\\n{assistant 1}<|im_end|>\\n<|im_start|>user\\n{user 2}...
+    """
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise ValueError("a conversation starts and ends with a user turn")
+    for (role, _), (next_role, _) in zip(turns, turns[1:]):
+        if role == next_role or {role, next_role} != {"user", "assistant"}:
+            raise ValueError(f"conversation turns must alternate user and assistant, got {role!r} then {next_role!r}")
+    parts = [turns[0][1]]
+    for role, text in turns[1:]:
+        parts.append(f"<|im_end|>\n<|im_start|>{role}\n{text}")
+    return "".join(parts)
+
+
 class StreamDetokenizer:
     """Turns generated token ids into text as they arrive.
 
