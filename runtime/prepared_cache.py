@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from videoxl.layout import TokenLayout
-from videoxl.runtime.backend import Backend
+from videoxl.backend import Backend
 from videoxl.runtime.kv_store import TwoTierKVStore
 from videoxl.runtime.pipeline import InferenceOptions, PreparedVideo, RunReport
 

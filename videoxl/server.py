@@ -36,7 +36,7 @@ from starlette.routing import Route
 from tokenizers import Tokenizer
 
 from videoxl.runtime.artifacts import ArtifactError
-from videoxl.runtime.backend import Backend
+from videoxl.backend import Backend
 from videoxl.runtime.kv_store import HostMemoryError
 from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 from videoxl.runtime.prepared_cache import PreparedCache, sampling_settings, video_content_hash
