@@ -551,11 +551,12 @@ class TensorRTBackend(Backend):
             mirror.adopt(owner, rows)  # the mixed cache the gathers just wrote, copied by the loop
             return
         log.debug("uploading %d past rows x %d layers (not mirrored on the device)", rows, slabs.layers)
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            k, v = np.ascontiguousarray(k, self.float_dtype), np.ascontiguousarray(v, self.float_dtype)
+        # converted copies are temporaries: all of them must outlive the copies that read them
+        staged = [(np.ascontiguousarray(k, self.float_dtype), np.ascontiguousarray(v, self.float_dtype)) for k, v in zip(keys, values)]
+        for layer, (k, v) in enumerate(staged):
             copy_async(slabs.key(layer), host_pointer(k), k.nbytes, "HostToDevice", self.compute)
             copy_async(slabs.value(layer), host_pointer(v), v.nbytes, "HostToDevice", self.compute)
-        self.compute.synchronize()  # the host arrays may be pageable temporaries
+        self.compute.synchronize()  # before the temporaries (and the caller's pageable arrays) may go
         mirror.adopt(owner, rows)
         mirror.signature = None
 

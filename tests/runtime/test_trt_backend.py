@@ -479,3 +479,48 @@ def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simul
         backend.decode(np.array([1], np.int64), past, past)
     with pytest.raises(Exception, match="built for at most 64"):
         backend.check_frames(68)
+
+
+# --- ordering: each test below fails when one synchronisation of the backend is missing ---------------
+@pytest.mark.parametrize("lagging", ["upload", "compute", "download"])
+def test_simulated_gather_is_right_whichever_stream_lags(make_simulated, tiny_onnx, lagging):
+    """The pipelined gather over 4 layers (both pinned slots reused) with one stream 4 ms behind the
+    others: a missing event wait or record lets the next stage read what is not there yet, a missing
+    host wait lets the host overwrite an upload slot or read a download slot too early."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+    reference = OnnxRuntimeBackend(tiny_onnx)
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=3)
+    backend = make_simulated(device, layers=4)
+    device.set_delay(getattr(backend, lagging).handle, 4.0)
+    cfg, rng = backend.config, np.random.default_rng(7)
+    shape = (40, cfg.num_key_value_heads, cfg.head_dim)
+    for _ in range(2):  # the second call finds the first call's rows on the device: stale reads still differ
+        keys = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        values = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        index, weight = rng.integers(0, 40, size=(30, 1)), rng.uniform(0.5, 1.5, size=(30, 1)).astype(np.float32)
+        got_k, got_v = backend.gather_kv_layers(keys, values, index, weight)
+        for layer in range(4):
+            want_k, want_v = reference.gather_kv(keys[layer], values[layer], index, weight)
+            np.testing.assert_array_equal(got_k[layer], want_k, err_msg=f"key, layer {layer}")
+            np.testing.assert_array_equal(got_v[layer], want_v, err_msg=f"value, layer {layer}")
+
+
+def test_simulated_decode_uploads_a_past_given_in_another_dtype(make_simulated, tiny_onnx):
+    """A past the backend did not produce, in float64: converted to float32 temporaries and uploaded
+    on a slow compute stream. The temporaries die when the upload function returns, so the upload
+    must have run by then."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=4)
+    backend = make_simulated(device)
+    device.set_delay(backend.compute.handle, 3.0)
+    cfg, rng = backend.config, np.random.default_rng(8)
+    shape = (48, cfg.num_key_value_heads, cfg.head_dim)
+    keys = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
+    values = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
+    ids = np.array([65, 66], np.int64)
+    got = backend.decode(ids, keys, values)
+    want = OnnxRuntimeBackend(tiny_onnx).decode(ids, [k.astype(np.float32) for k in keys], [v.astype(np.float32) for v in values])
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.attention_mass, want.attention_mass, rtol=1e-5, atol=1e-6)
