@@ -94,6 +94,7 @@ def _api(values: int = 0):
             name = method.__name__
             with self._cv:
                 self.calls[name] += 1
+                self.history.append(name)
                 injected = self._fail_next.pop(name, None)
             error = injected or self.fault_code
             if error is not None and name in _RELEASES:
@@ -204,9 +205,11 @@ class FakeCudart:
         self._all_streams: list[_Stream] = []
         self._fail_next: dict[str, cudaError_t] = {}
         self.calls: collections.Counter[str] = collections.Counter()
+        self.history: list[str] = []  # every call's name, in order
         self.release_attempts: list[tuple[str, int]] = []  # (call, handle) of releases that failed
         self.fault_code: cudaError_t | None = None
         self.fault: BaseException | None = None
+        self.fault_injected = False
         self.bytes_to_device = self.bytes_to_host = self.graph_launches = 0
 
     # --- the simulation's own controls (not CUDA calls) --------------------------------------------
@@ -224,6 +227,7 @@ class FakeCudart:
 
     def inject_sticky_error(self, code: cudaError_t = cudaError_t.cudaErrorIllegalAddress) -> None:
         """From now on every call returns ``code`` and no queued work runs (a corrupted context)."""
+        self.fault_injected = True
         self._set_fault(RuntimeError(f"injected {code.name}"), "inject_sticky_error", code)
 
     def fail_next(self, call: str, code: cudaError_t = cudaError_t.cudaErrorInvalidValue) -> None:

@@ -362,8 +362,11 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
     yield make
     for backend, device in made:
         backend.close()
-        assert device.fault is None, f"the simulated device faulted: {device.fault!r}"
-        assert device.live_resources() == dict.fromkeys(device.live_resources(), 0)  # everything freed
+        if device.fault_injected:  # nothing can be freed any more; every release must have been tried
+            assert device.unreleased() == []
+        else:
+            assert device.fault is None, f"the simulated device faulted: {device.fault!r}"
+            assert device.live_resources() == dict.fromkeys(device.live_resources(), 0)  # everything freed
         assert device.shutdown() == []  # every stream thread stopped
 
 
@@ -524,3 +527,50 @@ def test_simulated_decode_uploads_a_past_given_in_another_dtype(make_simulated, 
     want = OnnxRuntimeBackend(tiny_onnx).decode(ids, [k.astype(np.float32) for k in keys], [v.astype(np.float32) for v in values])
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.attention_mass, want.attention_mass, rtol=1e-5, atol=1e-6)
+
+
+# --- close() after CUDA errors ----------------------------------------------------------------------------
+def _capture_a_decode_graph(backend) -> None:
+    """Two decodes of the same key: the second captures a graph, so close() has one to destroy."""
+    cfg, rng = backend.config, np.random.default_rng(9)
+    past = [rng.standard_normal((8, cfg.num_key_value_heads, cfg.head_dim)).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
+    for _ in range(2):
+        backend.decode(np.array([65], np.int64), past, past)
+    assert len(backend._graphs.graphs) == 1
+
+
+def test_simulated_close_after_a_sticky_error_tries_every_release_once(make_simulated, caplog):
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=5)
+    backend = make_simulated(device)
+    _capture_a_decode_graph(backend)
+    device.inject_sticky_error()
+    before = len(device.history)
+    with caplog.at_level("WARNING", logger="videoxl.runtime.trt_backend"):
+        backend.close()  # must not raise
+    assert device.unreleased() == []  # arena, pinned pool, 3 streams, 6 events, the graph: all tried
+    assert sorted(name for name, _ in device.release_attempts) == sorted(
+        ["cudaFree", "cudaFreeHost", "cudaGraphExecDestroy"] + ["cudaStreamDestroy"] * 3 + ["cudaEventDestroy"] * 6
+    )
+    closing = device.history[before:]
+    assert closing[:3] == ["cudaStreamSynchronize"] * 3  # waited for (tried to) every stream before freeing anything
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == len(set(failures)) == 3 + 12  # three waits, twelve releases: each logged once
+    assert all("cudaErrorIllegalAddress" in message for message in failures)
+    calls = len(device.history)
+    backend.close()  # idempotent: nothing is tried twice
+    assert len(device.history) == calls
+
+
+def test_simulated_close_goes_on_after_a_failed_free(make_simulated, caplog):
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=6)
+    backend = make_simulated(device)
+    device.fail_next("cudaFreeHost")
+    pinned = next(iter(device.pinned))
+    with caplog.at_level("WARNING", logger="videoxl.runtime.trt_backend"):
+        backend.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "closing the TensorRT backend: freeing the pinned host pool failed: cudaFreeHost(pinned pool) failed: cudaErrorInvalidValue (1)"
+    ]
+    assert list(device.buffers) == [pinned]  # only the pool whose free failed is left; the arena went after it
+    assert device.live_resources()["streams"] == device.live_resources()["events"] == 0
+    assert device.cudaFreeHost(pinned) == (0,)  # freed here, so the fixture finds nothing left
