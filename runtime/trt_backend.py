@@ -463,23 +463,43 @@ class TensorRTBackend(Backend):
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
 
     def close(self) -> None:
-        """Free everything: graphs and contexts, engines (their weights live in the arena), pinned
-        memory, events and streams, then the arena itself. Safe to call twice."""
-        if self._graphs is not None:
-            for _context, graph in self._graphs.clear():
-                graph.close()
+        """Free everything, also after a sticky CUDA error; never raises; safe to call twice.
+
+        Queued work is waited for first (pinned buffers and the arena may still be read or written
+        by it), then graphs and contexts, engines (their weights live in the arena), pinned memory,
+        events, streams and the arena are released in that order. Every release is attempted even
+        when an earlier one failed (after a sticky error they all fail: the process must restart to
+        get the memory back); each failure is logged once and the handle is dropped, so a second
+        call does nothing.
+        """
+
+        def attempt(what: str, release) -> None:
+            try:
+                release()
+            except Exception as err:  # noqa: BLE001 - close must reach every resource; the error is logged
+                log.warning("closing the TensorRT backend: %s failed: %s", what, err)
+
+        for stream in self._streams:
+            attempt(f"waiting for the {stream.name} stream", stream.synchronize)
+        graphs = self._graphs.clear() if self._graphs is not None else []
+        for _context, graph in graphs:
+            attempt(f"destroying CUDA graph {graph.name}", graph.close)
         for engine in self.engines.values():
             engine.context = None
             engine.engine = None
         self.engines = {}
         self._runtime = self._allocator = None
-        if self.pinned is not None:
-            self.pinned.close()
-        for handle in (*self._events, *self._streams):
-            handle.close()
-        self._events, self._streams = [], []
-        if self.arena is not None:
-            self.arena.close()
+        pinned, self.pinned = self.pinned, None
+        if pinned is not None:
+            attempt("freeing the pinned host pool", pinned.close)
+        events, streams, self._events, self._streams = self._events, self._streams, [], []
+        for index, event in enumerate(events):
+            attempt(f"destroying event {index}", event.close)
+        for stream in streams:
+            attempt(f"destroying the {stream.name} stream", stream.close)
+        arena, self.arena = self.arena, None
+        if arena is not None:
+            attempt("freeing the device arena", arena.close)
 
     def __enter__(self) -> "TensorRTBackend":
         return self
@@ -551,11 +571,12 @@ class TensorRTBackend(Backend):
             mirror.adopt(owner, rows)  # the mixed cache the gathers just wrote, copied by the loop
             return
         log.debug("uploading %d past rows x %d layers (not mirrored on the device)", rows, slabs.layers)
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            k, v = np.ascontiguousarray(k, self.float_dtype), np.ascontiguousarray(v, self.float_dtype)
+        # converted copies are temporaries: all of them must outlive the copies that read them
+        staged = [(np.ascontiguousarray(k, self.float_dtype), np.ascontiguousarray(v, self.float_dtype)) for k, v in zip(keys, values)]
+        for layer, (k, v) in enumerate(staged):
             copy_async(slabs.key(layer), host_pointer(k), k.nbytes, "HostToDevice", self.compute)
             copy_async(slabs.value(layer), host_pointer(v), v.nbytes, "HostToDevice", self.compute)
-        self.compute.synchronize()  # the host arrays may be pageable temporaries
+        self.compute.synchronize()  # before the temporaries (and the caller's pageable arrays) may go
         mirror.adopt(owner, rows)
         mirror.signature = None
 

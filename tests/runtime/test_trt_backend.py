@@ -12,9 +12,8 @@ when there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import json
-import types
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from videoxl.config import VideoXLConfig
 from videoxl.runtime.cuda_memory import ALIGNMENT
 from videoxl.runtime.device import gpu_problem, gpu_usable
 from videoxl.runtime.trt_backend import (
+    GRAPHS,
     BackendUnavailable,
     DecodeGraphCache,
     TensorRTBackend,
@@ -31,6 +31,8 @@ from videoxl.runtime.trt_backend import (
     fit_gather_width,
     one_line,
 )
+
+from fake_cuda import FakeCudart, FakeEngine, TensorSpec, fake_tensorrt
 
 no_gpu = pytest.mark.skipif(gpu_usable(), reason="checks the behaviour on a machine without a usable GPU")
 needs_gpu = pytest.mark.skipif(not gpu_usable(), reason=f"needs an NVIDIA GPU: {gpu_problem()}")
@@ -271,234 +273,108 @@ def test_gather_layers_equals_layer_by_layer(trt_backend):
 
 
 # --- the backend's orchestration on a simulated device (CPU) ----------------------------------------------
-# A fake cuda runtime whose "device" memory is host memory (copies are memmoves, streams run in
-# program order, graphs record and replay), and a fake TensorRT whose engines run the exported
-# ONNX graphs with ONNX Runtime. Everything between them is the real backend: arena, regions,
-# pinned staging, 2-D copies, mirrors, the pipelined gather and the decode graph cache.
+# The fake device (fake_cuda.py) runs every stream on its own thread with random delays, so the
+# streams and the host really race; its fake TensorRT engines run the exported ONNX graphs with
+# ONNX Runtime on the bytes in fake device memory. Everything between them is the real backend:
+# arena, regions, pinned staging, 2-D copies, mirrors, the pipelined gather and the decode graphs.
 FAKE_LIMITS = dict(max_frames=64, chunk_groups=2, window_chunks=1)
 ONNX_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 9: "BOOL"}
 
 
-def _view(ptr: int, shape, dtype) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    if count == 0:
-        return np.empty(shape, dtype)
-    raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr)
-    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
+    """A fake engine for one exported graph: ONNX Runtime computes it, the profile is the build's."""
+    import onnx
+    import onnxruntime as ort
 
+    from videoxl.engines.profiles import BuildLimits, dimension_ranges, input_profile
 
-class FakeCudart:
-    """The cuda.bindings.runtime calls the backend makes, on host memory."""
+    spec = json.loads(data)
+    graph, cfg = spec["graph"], VideoXLConfig.load(spec["config"])
+    model = onnx.load(spec["onnx"], load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in model.graph.input if vi.name not in initializers}
+    profile = input_profile(graph, dims, dimension_ranges(cfg, BuildLimits(**FAKE_LIMITS))[graph])
+    dtype = {vi.name: ONNX_TYPES[vi.type.tensor_type.elem_type] for vi in (*model.graph.input, *model.graph.output)}
+    outputs = [vi.name for vi in model.graph.output]
+    tensors = [TensorSpec(n, dtype[n], profile=profile[n]) for n in dims] + [TensorSpec(n, dtype[n], is_input=False) for n in outputs]
+    session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
 
-    cudaStreamNonBlocking, cudaEventDefault, cudaEventDisableTiming = 1, 0, 2
-    cudaMemcpyKind = types.SimpleNamespace(
-        cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
-    )
-    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, np.ndarray] = {}
-        self.capturing: dict[int, list] = {}
-        self.bytes_to_device = 0
-        self._handles = 100
-
-    def _handle(self) -> tuple[int, int]:
-        self._handles += 1
-        return 0, self._handles
-
-    def _submit(self, stream: int, op) -> tuple[int]:
-        if stream in self.capturing:
-            self.capturing[stream].append(op)
-        else:
-            op()
-        return (0,)
-
-    def cudaSetDevice(self, device): return (0,)  # noqa: E301, E704
-    def cudaMemGetInfo(self): return 0, 1 << 30, 2 << 30  # noqa: E301, E704
-
-    def cudaMalloc(self, nbytes):
-        buffer = np.zeros(nbytes, np.uint8)
-        self.buffers[buffer.ctypes.data] = buffer
-        return 0, buffer.ctypes.data
-
-    cudaMallocHost = cudaMalloc
-
-    def cudaFree(self, ptr):
-        self.buffers.pop(ptr)
-        return (0,)
-
-    cudaFreeHost = cudaFree
-
-    def cudaStreamCreateWithFlags(self, flags): return self._handle()  # noqa: E301, E704
-    def cudaEventCreateWithFlags(self, flags): return self._handle()  # noqa: E301, E704
-    def cudaStreamDestroy(self, stream): return (0,)  # noqa: E301, E704
-    def cudaEventDestroy(self, event): return (0,)  # noqa: E301, E704
-    def cudaStreamSynchronize(self, stream): return (0,)  # noqa: E301, E704
-    def cudaEventSynchronize(self, event): return (0,)  # noqa: E301, E704
-    def cudaEventRecord(self, event, stream): return (0,)  # noqa: E301, E704
-    def cudaStreamWaitEvent(self, stream, event, flags): return (0,)  # noqa: E301, E704
-
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        def op():
-            self.bytes_to_device += nbytes if kind == 1 else 0
-            ctypes.memmove(dst, src, nbytes)
-        return self._submit(stream, op)
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        def op():
-            for row in range(height):
-                ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
-        return self._submit(stream, op)
-
-    def cudaStreamBeginCapture(self, stream, mode):
-        self.capturing[stream] = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream): return 0, self.capturing.pop(stream)  # noqa: E301, E704
-    def cudaGraphInstantiate(self, graph, flags): return 0, list(graph)  # noqa: E301, E704
-    def cudaGraphDestroy(self, graph): return (0,)  # noqa: E301, E704
-    def cudaGraphExecDestroy(self, graph): return (0,)  # noqa: E301, E704
-
-    def cudaGraphLaunch(self, graph, stream):
-        for op in graph:
-            op()
-        return (0,)
-
-
-class FakeContext:
-    def __init__(self, engine) -> None:
-        self.engine, self.shapes, self.addresses = engine, {}, {}
-
-    def set_device_memory(self, ptr, nbytes): pass  # noqa: E301, E704
-    def is_stream_capturable(self, stream): return True  # noqa: E301, E704
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return True
-
-    def get_tensor_shape(self, name):
-        return self.engine.output_shape(name, self.shapes)
-
-    def execute_async_v3(self, stream):
-        shapes, addresses = dict(self.shapes), dict(self.addresses)  # what a capture bakes in
-        self.engine.cudart._submit(stream, lambda: self.engine.run(shapes, addresses))
-        return True
-
-
-class FakeEngine:
-    """A 'deserialized engine' that runs one exported ONNX graph with ONNX Runtime."""
-
-    def __init__(self, spec: dict, cudart: FakeCudart) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        from videoxl.engines.profiles import BuildLimits, dimension_ranges, input_profile
-
-        self.graph, self.cudart, self.cfg = spec["graph"], cudart, VideoXLConfig.load(spec["config"])
-        model = onnx.load(spec["onnx"], load_external_data=False)
-        initializers = {t.name for t in model.graph.initializer}
-        dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
-                for vi in model.graph.input if vi.name not in initializers}
-        ranges = dimension_ranges(self.cfg, BuildLimits(**FAKE_LIMITS))[self.graph]
-        self.profile = input_profile(self.graph, dims, ranges)
-        self.types = {vi.name: ONNX_TYPES[vi.type.tensor_type.elem_type] for vi in (*model.graph.input, *model.graph.output)}
-        self.inputs = list(dims)
-        self.outputs = [vi.name for vi in model.graph.output]
-        self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
-
-    num_io_tensors = property(lambda self: len(self.inputs) + len(self.outputs))
-
-    def get_tensor_name(self, i): return (self.inputs + self.outputs)[i]  # noqa: E301, E704
-    def get_tensor_mode(self, name): return "in" if name in self.inputs else "out"  # noqa: E301, E704
-    def get_tensor_dtype(self, name): return types.SimpleNamespace(name=self.types[name])  # noqa: E301, E704
-    def get_tensor_profile_shape(self, name, profile): return self.profile[name]  # noqa: E301, E704
-    def get_device_memory_size_for_profile_v2(self, profile): return 1 << 20  # noqa: E301, E704
-    def create_execution_context(self, strategy): return FakeContext(self)  # noqa: E301, E704
-
-    def output_shape(self, name, shapes):
-        cfg = self.cfg
-        if self.graph == "vision":
-            return (shapes["pixel_values"][0] // 4, cfg.tokens_per_group, cfg.hidden_size)
+    def output_shape(name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        if graph == "vision":
+            return (shapes["pixel_values"][0] // cfg.frames_per_group, cfg.tokens_per_group, cfg.hidden_size)
         if name == "logits":
             return (1, cfg.vocab_size)
-        if self.graph == "kv_gather":
+        if graph == "kv_gather":
             return (shapes["gather_index"][0], cfg.num_key_value_heads, cfg.head_dim)
         new = shapes["input_ids"][0]
         if name == "attention_mass":
             return (shapes["past_key.0"][0] + new,)
         return (new, cfg.num_key_value_heads, cfg.head_dim)
 
-    def run(self, shapes, addresses):
-        dtypes = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "BOOL": np.bool_}
-        feed = {n: _view(addresses[n], shapes[n], dtypes[self.types[n]]).copy() for n in self.inputs}
-        for name, value in zip(self.outputs, self.session.run(None, feed)):
-            expected = self.output_shape(name, shapes)
-            assert value.shape == expected, (self.graph, name, value.shape, expected)
-            _view(addresses[name], value.shape, value.dtype)[...] = value
-
-
-def fake_trt(cudart: FakeCudart):
-    class ILogger:
-        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-
-        def __init__(self) -> None:
-            pass
-
-    class IGpuAllocator:
-        def __init__(self) -> None:
-            pass
-
-    class Runtime:
-        def __init__(self, logger) -> None:
-            self.gpu_allocator = None
-
-        def deserialize_cuda_engine(self, data: bytes):
-            engine = FakeEngine(json.loads(data), cudart)
-            if self.gpu_allocator is not None:  # the weights, from the arena
-                assert self.gpu_allocator.allocate_async(300_000, 256, 0, 0) is not None
-            return engine
-
-    return types.SimpleNamespace(
-        __name__="tensorrt", ILogger=ILogger, IGpuAllocator=IGpuAllocator, Runtime=Runtime,
-        TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
-        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED=2),
+    return FakeEngine(
+        device, tensors, name=graph, weights_bytes=300_000,
+        output_shapes=lambda shapes: {name: output_shape(name, shapes) for name in outputs},
+        compute=lambda inputs: dict(zip(outputs, session.run(None, inputs))),
     )
 
 
 @pytest.fixture
-def simulated(tiny_onnx, tmp_path, monkeypatch):
-    """TensorRTBackend over fake engines (ONNX Runtime inside) on a fake device (host memory)."""
+def make_simulated(tiny_onnx, tmp_path, monkeypatch):
+    """make_simulated(device, layers=None) -> TensorRTBackend over ONNX Runtime engines on ``device``.
+
+    ``layers`` overrides the config's layer count (the per-layer gather engine does not depend on
+    it), so the pipelined gather can be run over more layers than the tiny model has. Teardown
+    closes every backend and checks that everything was freed, no fault happened and every
+    stream thread stopped.
+    """
     import shutil
 
     from videoxl.engines.profiles import BuildLimits
-    from videoxl.runtime import cuda_memory, device, trt_backend
+    from videoxl.runtime import cuda_memory, device as device_module, trt_backend
 
-    cudart = FakeCudart()
-    trt = fake_trt(cudart)
-    engines = tmp_path / "engines"
-    engines.mkdir()
-    shutil.copy(tiny_onnx / "config.json", engines / "config.json")
-    for graph in ("vision", "prefill_chunk", "decode", "kv_gather"):
-        spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json")}
-        (engines / f"{graph}.engine").write_text(json.dumps(spec))
-    manifest = {
-        "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
-        "engines": {g: {"file": f"{g}.engine"} for g in ("vision", "prefill_chunk", "decode", "kv_gather")},
-        "model": {"onnx_dir": str(tiny_onnx)},
-    }
-    monkeypatch.setattr(device, "gpu_problem", lambda: None)
-    monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
-    monkeypatch.setattr(cuda_memory, "cudart", lambda: cudart)
-    monkeypatch.setattr(trt_backend, "cudart", lambda: cudart)
-    backend = TensorRTBackend(engines, gpu_memory_budget=256 << 20)
-    yield backend, cudart
-    backend.close()
-    assert not cudart.buffers  # the arena and the pinned pool were freed
+    made = []
+
+    def make(device: FakeCudart, *, layers: int | None = None) -> TensorRTBackend:
+        engines = tmp_path / f"engines{len(made)}"
+        engines.mkdir()
+        config = VideoXLConfig.load(tiny_onnx / "config.json")
+        if layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=layers)
+        config.save(engines / "config.json")
+        for graph in GRAPHS:
+            spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json")}
+            (engines / f"{graph}.engine").write_text(json.dumps(spec))
+        manifest = {
+            "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
+            "engines": {g: {"file": f"{g}.engine"} for g in GRAPHS},
+            "model": {"onnx_dir": str(tiny_onnx)},
+        }
+        trt = fake_tensorrt(device, lambda data: onnx_engine(device, data))
+        monkeypatch.setattr(device_module, "gpu_problem", lambda: None)
+        monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
+        monkeypatch.setattr(cuda_memory, "cudart", lambda: device)
+        monkeypatch.setattr(trt_backend, "cudart", lambda: device)
+        backend = TensorRTBackend(engines, gpu_memory_budget=256 << 20)
+        made.append((backend, device))
+        return backend
+
+    yield make
+    for backend, device in made:
+        backend.close()
+        if device.fault_injected:  # nothing can be freed any more; every release must have been tried
+            assert device.unreleased() == []
+        else:
+            assert device.fault is None, f"the simulated device faulted: {device.fault!r}"
+            assert device.live_resources() == dict.fromkeys(device.live_resources(), 0)  # everything freed
+        assert device.shutdown() == []  # every stream thread stopped
+
+
+@pytest.fixture
+def simulated(make_simulated):
+    """A backend on a device whose streams each delay every item by 0-2 ms at random."""
+    device = FakeCudart(delay_ms=(0.0, 2.0), seed=0)
+    return make_simulated(device), device
 
 
 GEOMETRY_SIM = dict(chunk_groups=2, window_chunks=1, block_groups=2)
@@ -606,3 +482,95 @@ def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simul
         backend.decode(np.array([1], np.int64), past, past)
     with pytest.raises(Exception, match="built for at most 64"):
         backend.check_frames(68)
+
+
+# --- ordering: each test below fails when one synchronisation of the backend is missing ---------------
+@pytest.mark.parametrize("lagging", ["upload", "compute", "download"])
+def test_simulated_gather_is_right_whichever_stream_lags(make_simulated, tiny_onnx, lagging):
+    """The pipelined gather over 4 layers (both pinned slots reused) with one stream 4 ms behind the
+    others: a missing event wait or record lets the next stage read what is not there yet, a missing
+    host wait lets the host overwrite an upload slot or read a download slot too early."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+    reference = OnnxRuntimeBackend(tiny_onnx)
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=3)
+    backend = make_simulated(device, layers=4)
+    device.set_delay(getattr(backend, lagging).handle, 4.0)
+    cfg, rng = backend.config, np.random.default_rng(7)
+    shape = (40, cfg.num_key_value_heads, cfg.head_dim)
+    for _ in range(2):  # the second call finds the first call's rows on the device: stale reads still differ
+        keys = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        values = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        index, weight = rng.integers(0, 40, size=(30, 1)), rng.uniform(0.5, 1.5, size=(30, 1)).astype(np.float32)
+        got_k, got_v = backend.gather_kv_layers(keys, values, index, weight)
+        for layer in range(4):
+            want_k, want_v = reference.gather_kv(keys[layer], values[layer], index, weight)
+            np.testing.assert_array_equal(got_k[layer], want_k, err_msg=f"key, layer {layer}")
+            np.testing.assert_array_equal(got_v[layer], want_v, err_msg=f"value, layer {layer}")
+
+
+def test_simulated_decode_uploads_a_past_given_in_another_dtype(make_simulated, tiny_onnx):
+    """A past the backend did not produce, in float64: converted to float32 temporaries and uploaded
+    on a slow compute stream. The temporaries die when the upload function returns, so the upload
+    must have run by then."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=4)
+    backend = make_simulated(device)
+    device.set_delay(backend.compute.handle, 3.0)
+    cfg, rng = backend.config, np.random.default_rng(8)
+    shape = (48, cfg.num_key_value_heads, cfg.head_dim)
+    keys = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
+    values = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
+    ids = np.array([65, 66], np.int64)
+    got = backend.decode(ids, keys, values)
+    want = OnnxRuntimeBackend(tiny_onnx).decode(ids, [k.astype(np.float32) for k in keys], [v.astype(np.float32) for v in values])
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.attention_mass, want.attention_mass, rtol=1e-5, atol=1e-6)
+
+
+# --- close() after CUDA errors ----------------------------------------------------------------------------
+def _capture_a_decode_graph(backend) -> None:
+    """Two decodes of the same key: the second captures a graph, so close() has one to destroy."""
+    cfg, rng = backend.config, np.random.default_rng(9)
+    past = [rng.standard_normal((8, cfg.num_key_value_heads, cfg.head_dim)).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
+    for _ in range(2):
+        backend.decode(np.array([65], np.int64), past, past)
+    assert len(backend._graphs.graphs) == 1
+
+
+def test_simulated_close_after_a_sticky_error_tries_every_release_once(make_simulated, caplog):
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=5)
+    backend = make_simulated(device)
+    _capture_a_decode_graph(backend)
+    device.inject_sticky_error()
+    before = len(device.history)
+    with caplog.at_level("WARNING", logger="videoxl.runtime.trt_backend"):
+        backend.close()  # must not raise
+    assert device.unreleased() == []  # arena, pinned pool, 3 streams, 6 events, the graph: all tried
+    assert sorted(name for name, _ in device.release_attempts) == sorted(
+        ["cudaFree", "cudaFreeHost", "cudaGraphExecDestroy"] + ["cudaStreamDestroy"] * 3 + ["cudaEventDestroy"] * 6
+    )
+    closing = device.history[before:]
+    assert closing[:3] == ["cudaStreamSynchronize"] * 3  # waited for (tried to) every stream before freeing anything
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == len(set(failures)) == 3 + 12  # three waits, twelve releases: each logged once
+    assert all("cudaErrorIllegalAddress" in message for message in failures)
+    calls = len(device.history)
+    backend.close()  # idempotent: nothing is tried twice
+    assert len(device.history) == calls
+
+
+def test_simulated_close_goes_on_after_a_failed_free(make_simulated, caplog):
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=6)
+    backend = make_simulated(device)
+    device.fail_next("cudaFreeHost")
+    pinned = next(iter(device.pinned))
+    with caplog.at_level("WARNING", logger="videoxl.runtime.trt_backend"):
+        backend.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "closing the TensorRT backend: freeing the pinned host pool failed: cudaFreeHost(pinned pool) failed: cudaErrorInvalidValue (1)"
+    ]
+    assert list(device.buffers) == [pinned]  # only the pool whose free failed is left; the arena went after it
+    assert device.live_resources()["streams"] == device.live_resources()["events"] == 0
+    assert device.cudaFreeHost(pinned) == (0,)  # freed here, so the fixture finds nothing left
