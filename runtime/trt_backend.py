@@ -1,36 +1,32 @@
-"""TensorRT backend: the four engines on one GPU, with explicit CUDA memory.
+"""TensorRT backend: the five engines on one GPU, with explicit CUDA memory; the KV never leaves it.
 
     engines_dir/manifest.json --check_manifest(this GPU, this TensorRT)--> ok, else BackendUnavailable
-    {vision,prefill_chunk,decode,kv_gather}.engine --deserialize--> one execution context each
+    {vision,prefill_chunk,decode,score,kv_gather}.engine --deserialize--> one execution context each
     (optimization profile 0; device memory supplied by us, shared: they run one at a time)
 
 All device memory is ONE arena (cuda_memory.DeviceArena, ``gpu_memory_budget`` bytes, default
 90% of the free memory), carved once at start-up::
 
     weights       TensorRT's weights, through an IGpuAllocator over the region, then trimmed
-    activations   one scratch for all four contexts (they run one after another on one stream)
-    io            every other engine input/output at its profile maximum (ids, logits, ...)
-    prefill_past  per layer K/V of the prompt so far, pre-RoPE: the prefill engine reads rows
-                  [0, P) and writes the chunk's rows [P, P+Q) in place
-    kv_source     per layer the gather's source: sparse tier + reloaded dense blocks
-    mixed         per layer the mixed decode cache: kv_gather writes rows [0, M), decode reads
-                  [0, P) and writes its rows [P, P+T) in place
+    activations   one scratch for all five contexts (one stream, one engine at a time)
+    io            every non-KV engine input/output at its profile maximum (ids, index lists, logits, ...)
+    video         per layer [sparse tier | dense tier] of the prepared video: a prefill chunk reads
+                  dense rows [0, P) and writes its rows [P, P+Q) in place; kv_gather pools finished
+                  blocks into the sparse tier (device to device)
+    decode        per layer the question's decode cache: kv_gather builds it from the video region
+                  (first the all-sparse scoring cache, then the chosen blocks), decode appends to it
 
-The three KV regions are sized by the memory planner for the engines' frame limit (the largest
-frame count that fits when the budget is smaller, see ``max_frames``); what is left goes to
-kv_source and mixed, so more dense blocks fit. Nothing is allocated after start-up. The prefill
-past is the *whole* past, not only the visible part (DESIGN §2): the exported prefill graph
-rotates its past keys at positions 0..P-1, so it cannot take a gathered past.
+The two KV regions are sized by the memory planner for the engines' frame limit (the largest
+frame count that fits when the budget is smaller, see ``max_frames``). Nothing is allocated after
+start-up, and no KV row crosses the bus: the runtime loop hands this backend index plans (its
+small inputs are staged in pinned memory and copied up), and gets logits and attention mass back.
+The dense tier stays on the device whole (the evaluation rule's timestamp queries read all of it);
+moving it to pinned host memory under a smaller budget is not implemented.
 
-The runtime loop hands numpy arrays across the Backend interface. Behind them the backend keeps
-device mirrors: past rows it produced itself are not uploaded again (``_Mirror``), so a chunk
-or a decode step moves only its new rows to the host. Streams: ``compute`` runs the engines;
-``upload`` / ``download`` move gather sources and results. Given every layer at once
-(``gather_kv_layers``), upload(l+1) | gather(l) | download(l-1) overlap through double-buffered
-pinned memory; ``gather_kv`` (one layer per call, what the KV store calls today) runs the same
-path with nothing to overlap.
-
-Decode steps can replay CUDA graphs, see ``DecodeGraphCache`` for the bucketing.
+One stream (``compute``) runs everything in order; a public call returns after synchronising it,
+so its pinned staging may be rewritten by the next call. Decode steps replay CUDA graphs: the
+decode engine reads a capacity bucket of the cache plus a valid length (``past_len``), so one
+graph per (new tokens, bucket) serves every step of that bucket, see ``DecodeGraphCache``.
 """
 
 from __future__ import annotations
@@ -46,12 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
 from videoxl.config import VideoXLConfig
 from videoxl.engines.profiles import format_bytes
 from videoxl.engines.trt_module import trt_logger
+from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError
-from videoxl.runtime.backend import Backend, DecodeOutput, PrefillOutput
 from videoxl.runtime.cuda_memory import (
     ALIGNMENT,
     ArenaOverflowError,
@@ -64,7 +61,6 @@ from videoxl.runtime.cuda_memory import (
     Stream,
     align_up,
     check,
-    copy_2d_async,
     copy_async,
     cudart,
     host_pointer,
@@ -74,7 +70,7 @@ from videoxl.runtime.memory_plan import fit_kv_rows
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("vision", "prefill_chunk", "decode", "kv_gather")
+DECODE_BUCKET_ROWS = 256  # smallest decode-cache bucket; buckets double up to the region's capacity
 DEFAULT_BUDGET_FRACTION = 0.9  # of the free device memory, when no budget is given
 WEIGHTS_SLACK_BYTES = 64 << 20  # at most this much is kept after the weights for allocations TensorRT makes later
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_, "UINT8": np.uint8}
@@ -96,52 +92,41 @@ def unavailable(reason: str) -> BackendUnavailable:
 
 
 # --- pure bookkeeping (tested on the CPU) ---------------------------------------------------------
-def fit_gather_width(
-    gather_index: np.ndarray, gather_weight: np.ndarray, low: int, high: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(M, S) gather rows made acceptable to an engine built for S in [low, high].
-
-    The runtime loop copies rows with S = 1 (pooling happened when the sparse tier was
-    filled); an engine built for S = kv_pool_stride only gets them widened with zero weights:
-    the padding repeats the first index with weight 0, which adds exactly nothing.
-    """
-    rows, given = gather_index.shape
-    if given > high:
-        raise ValueError(f"gather rows pool {given} source rows; the kv_gather engine takes at most {high}")
-    if given >= low:
-        return np.ascontiguousarray(gather_index, np.int64), np.ascontiguousarray(gather_weight, np.float32)
-    width = low
-    index = np.repeat(np.asarray(gather_index[:, :1], np.int64), width, axis=1)
-    index[:, :given] = gather_index
-    weight = np.zeros((rows, width), np.float32)
-    weight[:, :given] = gather_weight
-    return index, weight
+def capacity_bucket(rows: int, *, granule: int, capacity: int) -> int:
+    """The decode-cache rows a step binds: `rows` rounded up to a power-of-two multiple of `granule`,
+    at most the region's `capacity`. Few buckets, so few CUDA graphs, each replayed over many steps."""
+    if rows > capacity:
+        raise ValueError(f"{rows} rows exceed the decode region's {capacity}")
+    bucket = granule
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, capacity)
 
 
 class DecodeGraphCache:
     """Which decode steps replay a CUDA graph: bookkeeping only, entries are opaque.
 
-    Bucketing: a captured graph bakes its shapes and tensor addresses, so it is valid for one
-    key ``(new_tokens, past_tokens)``. The exported decode graph attends to every past row it
-    is given (it has no valid-length input), so the past cannot be padded to a coarser bucket
-    without changing the result: the bucket is exactly one past length. A key seen ``min_uses``
-    times is captured (the step runs plainly once more, which TensorRT needs after a shape change,
-    then the capture is recorded); later steps with that key replay it. Each graph owns its own
-    execution context, so the shapes it was captured with are never changed under it. At most
-    ``max_graphs`` are kept (least recently used evicted). Generation grows the past by one
-    token a step, so in the answer loop every key is new and runs plainly; repeats come from
-    re-decoding the same past (benchmarks, re-asking at the same cache length).
+    A captured graph bakes its shapes and tensor addresses, so it is valid for one key
+    ``(new_tokens, bucket_rows)``: the decode engine reads a bucket of the cache and masks rows
+    at or past its ``past_len`` input (a device tensor the graph reads when it runs), so every
+    step whose cache fits the bucket replays the same graph. The first use of a key runs plainly
+    (TensorRT needs a plain run after a shape change) and then records the capture; later uses
+    replay it. Each graph owns its own execution context, so the shapes it was captured with are
+    never changed under it. At most ``max_graphs`` are kept (least recently used evicted).
+    ``replays`` counts the replayed steps (tests and benchmarks read it).
     """
 
-    def __init__(self, *, max_graphs: int = 4, min_uses: int = 2, remember: int = 256) -> None:
+    def __init__(self, *, max_graphs: int = 8, min_uses: int = 1, remember: int = 256) -> None:
         self.max_graphs, self.min_uses, self.remember = max_graphs, min_uses, remember
         self.graphs: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._uses: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.replays = 0
 
     def action(self, key: tuple[int, int]) -> str:
         """'replay', 'capture' (run plainly, then record) or 'plain'."""
         if key in self.graphs:
             self.graphs.move_to_end(key)
+            self.replays += 1
             return "replay"
         uses = self._uses.pop(key, 0) + 1
         self._uses[key] = uses
@@ -165,33 +150,26 @@ class DecodeGraphCache:
         return entries
 
 
-class _Mirror:
-    """Which host KV arrays the device rows [0, valid) stand for.
+class TrtVideoCache(VideoCache):
+    """A handle on the backend's video region; only the newest one is live (one region)."""
 
-    ``owner`` are the host arrays' data pointers: the runtime loop passes views of the same
-    preallocated buffers each call, growing by the rows this backend returned. Rows the caller
-    changes in place behind the backend's back are not detected; anything else (other arrays,
-    more rows than mirrored) makes the backend upload the past again.
-    """
+    def __init__(self, backend: "TensorRTBackend", dense_rows: int, sparse_rows: int, generation: int) -> None:
+        self.backend, self.dense_rows, self.sparse_rows, self.generation = backend, dense_rows, sparse_rows, generation
 
-    def __init__(self) -> None:
-        self.owner: tuple[int, ...] | None = None
-        self.valid = 0
-        self.signature: list[tuple[np.ndarray, ...]] | None = None  # mixed: rows the gather returned
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self.backend._download_video(self)
 
-    def covers(self, owner: tuple[int, ...], rows: int) -> bool:
-        return self.owner == owner and rows <= self.valid
-
-    def adopt(self, owner: tuple[int, ...] | None, rows: int) -> None:
-        self.owner, self.valid = owner, rows
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        self.backend._upload_video(self, arrays)
 
 
-def _owner(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[int, ...]:
-    return tuple(a.__array_interface__["data"][0] for a in (*keys, *values))
+@dataclass
+class TrtDecodeCache(DecodeCache):
+    """A handle on the backend's decode region; only the newest one is live."""
 
-
-def _signature(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
-    return (k[0].copy(), k[-1].copy(), v[0].copy(), v[-1].copy()) if len(k) else ()
+    capacity: int
+    generation: int
+    length: int = 0
 
 
 # --- TensorRT plumbing ------------------------------------------------------------------------------
@@ -256,6 +234,9 @@ class _Engine:
             if is_input:
                 low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
             self.tensors[name] = _Tensor(name, is_input, np.dtype(NUMPY_DTYPES[dtype_name]), low, high)
+        # shape tensors (a plugin-free body may use a length input in Range) must be given in host memory
+        shape_io = getattr(self.engine, "is_shape_inference_io", lambda name: False)
+        self.host_inputs = frozenset(n for n, t in self.tensors.items() if t.is_input and shape_io(n))
         self.context = self.new_context()
         self._infer_output_maxima()
 
@@ -350,7 +331,7 @@ class TensorRTBackend(Backend):
         self.artifact_dir = _tokenizer_dir(self.engines_dir, self.manifest)
         precision = self.manifest["precision"]
         if precision not in ("fp16", "fp32"):
-            raise unavailable(f"{precision} engines cannot exchange KV with the numpy runtime loop; build fp16 or fp32 engines")
+            raise unavailable(f"{precision} engines are not supported by this backend yet; build fp16 or fp32 engines")
         self.float_dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
         self.limits: dict[str, int] = dict(self.manifest["limits"])
         self._graphs: DecodeGraphCache | None = None
@@ -358,6 +339,9 @@ class TensorRTBackend(Backend):
         self._runtime = self._allocator = self.pinned = self.arena = None
         self._streams: list[Stream] = []
         self._events: list[Event] = []
+        self._video: TrtVideoCache | None = None
+        self._decode_cache: TrtDecodeCache | None = None
+        self._generation = 0
         try:
             self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena)
         except BaseException:
@@ -372,10 +356,8 @@ class TensorRTBackend(Backend):
             from videoxl.plugins.trt_plugins import register_plugins
 
             register_plugins(trt)
-        self._streams = [Stream("compute"), Stream("upload"), Stream("download")]
-        self.compute, self.upload, self.download = self._streams
-        self._events = [Event() for _ in range(6)]
-        self._up_done, self._down_done, self._gathered = self._events[0:2], self._events[2:4], self._events[4:6]
+        self._streams = [Stream("compute")]
+        self.compute = self._streams[0]
 
         free, total = mem_get_info()
         if budget is None:
@@ -430,36 +412,20 @@ class TensorRTBackend(Backend):
         self.max_frames, rows = fit_kv_rows(
             cfg, self.limits, available_bytes=self.arena.layout.free, row_bytes=self._row_bytes, dense_blocks=plan_dense_blocks
         )
-        layers = cfg.num_hidden_layers
         self._kv = {}
-        for name, capacity in (("prefill_past", rows.prefill), ("kv_source", rows.source), ("mixed", rows.mixed)):
-            region = self.arena.add(name, KVSlabs.nbytes(layers, capacity, self._row_bytes))
-            self._kv[name] = KVSlabs(region.ptr, layers, capacity, self._row_bytes)
+        for name, capacity in (("video", rows.video), ("decode", rows.decode)):
+            region = self.arena.add(name, KVSlabs.nbytes(cfg.num_hidden_layers, capacity, self._row_bytes))
+            self._kv[name] = KVSlabs(region.ptr, cfg.num_hidden_layers, capacity, self._row_bytes)
         if self.max_frames < self.limits["max_frames"]:
             log.warning(
                 "the %s budget holds the KV cache of %d frames; the engines accept %d", format_bytes(budget),
                 self.max_frames, self.limits["max_frames"],
             )
 
-        # pinned host memory: staging for every I/O tensor and the KV rows that cross the bus
-        chunk_rows = self.engines["prefill_chunk"].tensors["input_ids"].max[0]
-        new_rows = self.engines["decode"].tensors["input_ids"].max[0]
-        kv_staging = {
-            "prefill_out": (2, layers, chunk_rows),
-            "decode_out": (2, layers, new_rows),
-            "gather_up": (2, 2, rows.source),  # [slot][K/V] rows
-            "gather_down": (2, 2, rows.mixed),
-        }
-        kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
-        pinned_bytes = sum(align_up(_max_bytes(t)) for _, t in io_tensors)
-        pinned_bytes += sum(align_up(int(np.prod(s)) * self._row_bytes) for s in kv_staging.values())
-        self.pinned = PinnedHostPool(pinned_bytes)
+        # pinned host memory: staging for every non-KV I/O tensor (the only bytes that cross the bus)
+        self.pinned = PinnedHostPool(sum(align_up(_max_bytes(t)) for _, t in io_tensors))
         self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in io_tensors}
-        self._stage = {name: self.pinned.array(name, shape + kv_shape, self.float_dtype) for name, shape in kv_staging.items()}
-
-        self._prefill_mirror, self._mixed_mirror = _Mirror(), _Mirror()
-        self._gather_next = 0
-        self._graphs = DecodeGraphCache(max_graphs=4 if cuda_graphs else 0)
+        self._graphs = DecodeGraphCache(max_graphs=8 if cuda_graphs else 0)
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
 
     def close(self) -> None:
@@ -527,25 +493,24 @@ class TensorRTBackend(Backend):
         return report
 
     # --- transfers ----------------------------------------------------------------------------------
-    def _put(self, graph: str, name: str, array: np.ndarray, stream: Stream) -> int:
-        """Stage ``array`` in pinned memory, copy it to its device buffer; returns the device pointer."""
+    def _put(self, graph: str, name: str, array: np.ndarray) -> int:
+        """Stage ``array`` in pinned memory and queue its copy to the device; returns the address to bind.
+
+        A shape tensor stays in host memory (TensorRT reads it there): its pinned address is returned.
+        """
         host, device = self._host[(graph, name)], self._io[(graph, name)]
         flat = host[: array.size]
         np.copyto(flat, np.asarray(array).reshape(-1), casting="same_kind")
-        copy_async(device.ptr, host_pointer(host), flat.nbytes, "HostToDevice", stream)
+        if name in self.engines[graph].host_inputs:
+            return host_pointer(host)
+        copy_async(device.ptr, host_pointer(host), flat.nbytes, "HostToDevice", self.compute)
         return device.ptr
 
-    def _fetch(self, graph: str, name: str, count: int, stream: Stream) -> np.ndarray:
+    def _fetch(self, graph: str, name: str, count: int) -> np.ndarray:
         """Queue the copy of an output's first ``count`` elements to pinned memory; read after sync."""
         host, device = self._host[(graph, name)], self._io[(graph, name)]
-        copy_async(host_pointer(host), device.ptr, count * host.itemsize, "DeviceToHost", stream)
+        copy_async(host_pointer(host), device.ptr, count * host.itemsize, "DeviceToHost", self.compute)
         return host[:count]
-
-    def _fetch_rows(self, slabs: KVSlabs, first_row: int, rows: int, staging: np.ndarray, stream: Stream) -> None:
-        """Rows [first_row, first_row + rows) of every layer's K and V into staging[2, layers, rows_max]."""
-        width, host_pitch = rows * slabs.row_bytes, staging.shape[2] * slabs.row_bytes
-        for kind, first in enumerate((slabs.key(0, first_row), slabs.value(0, first_row))):
-            copy_2d_async(host_pointer(staging[kind]), host_pitch, first, slabs.pitch, width, slabs.layers, "DeviceToHost", stream)
 
     def _require_rows(self, region: str, rows: int, what: str) -> None:
         slabs = self._kv[region]
@@ -556,29 +521,45 @@ class TensorRTBackend(Backend):
                 f"({format_bytes(missing)}) missing; lower --dense-blocks or --max-frames, or raise --gpu-memory-budget"
             )
 
-    def _sync_mirror(self, mirror: _Mirror, slabs: KVSlabs, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        """Make device rows [0, P) equal the host past, uploading only when they are not ours."""
-        rows, owner = keys[0].shape[0], _owner(keys, values)
-        if rows == 0:
-            mirror.adopt(owner, 0)  # a new prompt
-            return
-        if mirror.covers(owner, rows):
-            return
-        if mirror.owner is None and mirror.signature is not None and rows == mirror.valid and all(
-            len(sig) == 4 and all(np.array_equal(a, b) for a, b in zip(sig, _signature(k, v)))
-            for sig, k, v in zip(mirror.signature, keys, values)
-        ):
-            mirror.adopt(owner, rows)  # the mixed cache the gathers just wrote, copied by the loop
-            return
-        log.debug("uploading %d past rows x %d layers (not mirrored on the device)", rows, slabs.layers)
-        # converted copies are temporaries: all of them must outlive the copies that read them
-        staged = [(np.ascontiguousarray(k, self.float_dtype), np.ascontiguousarray(v, self.float_dtype)) for k, v in zip(keys, values)]
-        for layer, (k, v) in enumerate(staged):
-            copy_async(slabs.key(layer), host_pointer(k), k.nbytes, "HostToDevice", self.compute)
-            copy_async(slabs.value(layer), host_pointer(v), v.nbytes, "HostToDevice", self.compute)
-        self.compute.synchronize()  # before the temporaries (and the caller's pageable arrays) may go
-        mirror.adopt(owner, rows)
-        mirror.signature = None
+    def _live(self, cache) -> None:
+        """Only the newest video (and decode) cache owns its region; an older handle is refused."""
+        live = self._video if isinstance(cache, TrtVideoCache) else self._decode_cache
+        if cache is not live:
+            kind = "video" if isinstance(cache, TrtVideoCache) else "decode"
+            raise RuntimeError(
+                f"this {kind} cache's GPU memory now holds a newer one (the TensorRT backend keeps one prepared "
+                "video on the device); prepare the video again"
+            )
+
+    def _bind_rows(self, shapes: dict, address: dict, prefix: str, slabs: KVSlabs, first_row: int, rows: int) -> None:
+        """Bind every layer's K/V rows [first_row, first_row + rows) of `slabs` as `{prefix}_key.i` / `{prefix}_value.i`."""
+        cfg = self.config
+        for layer in range(cfg.num_hidden_layers):
+            key, value = kv_names(prefix, layer)
+            shapes[key] = shapes[value] = (rows, cfg.num_key_value_heads, cfg.head_dim)
+            address[key], address[value] = slabs.key(layer, first_row), slabs.value(layer, first_row)
+
+    def _download_video(self, cache: TrtVideoCache) -> dict[str, np.ndarray]:
+        """Host copies of both tiers (a prepared video saved to disk); the one synchronous D2H path."""
+        self._live(cache)
+        slabs, rows, cfg = self._kv["video"], cache.sparse_rows + cache.dense_rows, self.config
+        shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
+        out = {}
+        for layer in range(cfg.num_hidden_layers):
+            for name, ptr in ((f"key.{layer}", slabs.key(layer)), (f"value.{layer}", slabs.value(layer))):
+                out[name] = np.empty(shape, self.float_dtype)
+                copy_async(host_pointer(out[name]), ptr, out[name].nbytes, "DeviceToHost", self.compute)
+        self.compute.synchronize()
+        return out
+
+    def _upload_video(self, cache: TrtVideoCache, arrays: dict[str, np.ndarray]) -> None:
+        self._live(cache)
+        slabs, staged = self._kv["video"], []
+        for layer in range(self.config.num_hidden_layers):
+            for name, ptr in ((f"key.{layer}", slabs.key(layer)), (f"value.{layer}", slabs.value(layer))):
+                staged.append(np.ascontiguousarray(arrays[name], self.float_dtype))  # alive until the copies ran
+                copy_async(ptr, host_pointer(staged[-1]), staged[-1].nbytes, "HostToDevice", self.compute)
+        self.compute.synchronize()
 
     # --- Backend interface --------------------------------------------------------------------------
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
@@ -592,192 +573,179 @@ class TensorRTBackend(Backend):
             batch = pixels[start : start + batch_frames]
             groups = batch.shape[0] // per_group
             engine.set_shapes(engine.context, {"pixel_values": batch.shape})  # validates before staging
-            address = {
-                "pixel_values": self._put("vision", "pixel_values", batch, self.compute),
-                "visual_embeds": self._io[("vision", "visual_embeds")].ptr,
-            }
+            address = {"pixel_values": self._put("vision", "pixel_values", batch), "visual_embeds": self._io[("vision", "visual_embeds")].ptr}
             engine.enqueue(engine.context, address, self.compute)
             shape = (groups, cfg.tokens_per_group, cfg.hidden_size)
-            embeds = self._fetch("vision", "visual_embeds", int(np.prod(shape)), self.compute)
+            embeds = self._fetch("vision", "visual_embeds", int(np.prod(shape)))
             self.compute.synchronize()
             out.append(embeds.reshape(shape).copy())
         return np.concatenate(out)
 
-    def prefill_chunk(self, input_ids, visual_embeds, vis: ChunkVisibility, past_keys, past_values) -> PrefillOutput:
-        engine, slabs = self.engines["prefill_chunk"], self._kv["prefill_past"]
-        q, past = len(input_ids), past_keys[0].shape[0]
-        if past != vis.start:
-            raise ValueError(f"prefill chunk starts at token {vis.start} but {past} past rows were given")
-        self._require_rows("prefill_past", past + q, f"a prompt of {past + q} tokens")
-        self._gather_next = 0
-        self._sync_mirror(self._prefill_mirror, slabs, past_keys, past_values)
+    def new_video_cache(self, *, dense_rows: int, sparse_rows: int) -> TrtVideoCache:
+        self._require_rows("video", dense_rows + sparse_rows, f"a video of {dense_rows} prompt rows and {sparse_rows} sparse rows")
+        self._generation += 1
+        self._video = TrtVideoCache(self, dense_rows, sparse_rows, self._generation)
+        # the gathers' source positions: sparse rows were pooled before RoPE (0), dense row p sits at p
+        positions = self._video.source_position
+        self._positions = (self._put("kv_gather", "source_position", positions), len(positions))
+        self.compute.synchronize()  # the staging buffer is not touched again while this cache lives
+        return self._video
+
+    def new_decode_cache(self, capacity: int) -> TrtDecodeCache:
+        self._require_rows("decode", capacity, f"a decode cache of {capacity} rows")
+        self._generation += 1
+        self._decode_cache = TrtDecodeCache(capacity, self._generation)
+        return self._decode_cache
+
+    def prefill_chunk(self, cache: TrtVideoCache, input_ids, visual_embeds, vis: ChunkVisibility) -> np.ndarray:
+        self._live(cache)
+        engine, slabs = self.engines["prefill_chunk"], self._kv["video"]
         feeds = {
             "input_ids": np.asarray(input_ids, np.int64),
             "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
-            "position_ids": np.arange(vis.start, vis.end, dtype=np.int64),
+            "past_len": np.array([vis.start], np.int64),
+            "visible_past_index": vis.visible_past_index,
             "timestamp_query_index": vis.timestamp_query_index,
-            "prefix_len": np.array([vis.prefix_len], np.int64),
-            "window_start": np.array([vis.window_start], np.int64),
-            "past_timestamp_index": np.asarray(vis.past_timestamp_index, np.int64),
         }
-        unknown = [t.name for t in engine.inputs() if t.name not in feeds and not _is_kv("prefill_chunk", t.name)]
-        if unknown:
-            raise ValueError(f"prefill_chunk engine wants inputs {unknown} this runtime does not feed; rebuild from a current export")
         shapes = {name: value.shape for name, value in feeds.items()}
-        engine.check_shapes(shapes)
-        address = {name: self._put("prefill_chunk", name, value, self.compute) for name, value in feeds.items()}
+        engine.check_shapes(shapes)  # before anything is staged
+        address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        for layer in range(self.config.num_hidden_layers):
-            shapes[f"past_key.{layer}"] = shapes[f"past_value.{layer}"] = (past, *past_keys[0].shape[1:])
-            address[f"past_key.{layer}"], address[f"past_value.{layer}"] = slabs.key(layer), slabs.value(layer)
-            address[f"present_key.{layer}"], address[f"present_value.{layer}"] = slabs.key(layer, past), slabs.value(layer, past)
+        dense = cache.sparse_rows  # dense row p is region row sparse_rows + p
+        self._bind_rows(shapes, address, "past", slabs, dense, vis.start)
+        self._bind_rows({}, address, "present", slabs, dense + vis.start, vis.end - vis.start)
         engine.set_shapes(engine.context, shapes)
         engine.enqueue(engine.context, address, self.compute)
-        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size, self.compute)
-        staging = self._stage["prefill_out"]
-        self._fetch_rows(slabs, past, q, staging, self.compute)
+        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
         self.compute.synchronize()
-        self._prefill_mirror.valid = past + q
-        layers = range(self.config.num_hidden_layers)
-        return PrefillOutput(
-            logits.reshape(1, -1).copy(), [staging[0, i, :q].copy() for i in layers], [staging[1, i, :q].copy() for i in layers]
-        )
+        return logits.reshape(1, -1).copy()
 
-    def decode(self, input_ids, past_keys, past_values) -> DecodeOutput:
-        slabs, t, past = self._kv["mixed"], len(input_ids), past_keys[0].shape[0]
-        self.engines["decode"].check_shapes({"input_ids": (t,), "past_key.0": (past, *past_keys[0].shape[1:])})
-        self._require_rows("mixed", past + t, f"a decode cache of {past + t} tokens")
-        self._gather_next = 0
-        self._sync_mirror(self._mixed_mirror, slabs, past_keys, past_values)
+    def gather(self, cache: TrtVideoCache, plan: GatherPlan, *, into: TrtDecodeCache | None = None) -> None:
+        """kv_gather per layer, region to region on the device: source [sparse | dense] of the video region."""
+        self._live(cache)
+        if into is not None:
+            self._live(into)
+        engine, source = self.engines["kv_gather"], self._kv["video"]
+        target = source if into is None else self._kv["decode"]
+        limit = cache.sparse_rows if into is None else into.capacity
+        if plan.out_start + plan.rows > limit:
+            raise ValueError(f"gather rows [{plan.out_start}, {plan.out_start + plan.rows}) past the destination's {limit} rows")
+        n = cache.sparse_rows + cache.dense_rows
+        feeds = {"gather_index": plan.gather_index, "gather_weight": plan.gather_weight, "target_position": plan.target_position}
+        shapes = {name: value.shape for name, value in feeds.items()}
+        shapes["source_position"] = (n,)
+        engine.check_shapes(shapes)
+        address = {name: self._put("kv_gather", name, np.ascontiguousarray(value)) for name, value in feeds.items()}
+        address["source_position"] = self._positions[0]
+        kv = (n, self.config.num_key_value_heads, self.config.head_dim)
+        shapes.update(key=kv, value=kv)
+        engine.set_shapes(engine.context, shapes)
+        for layer in range(self.config.num_hidden_layers):
+            address.update(
+                key=source.key(layer), value=source.value(layer),
+                mixed_key=target.key(layer, plan.out_start), mixed_value=target.value(layer, plan.out_start),
+            )
+            engine.enqueue(engine.context, address, self.compute)
+        self.compute.synchronize()
+        if into is not None:
+            into.length = plan.out_start + plan.rows
+
+    def score(self, cache: TrtDecodeCache, input_ids) -> np.ndarray:
+        self._live(cache)
+        engine, slabs = self.engines["score"], self._kv["decode"]
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "past_len": np.array([cache.length], np.int64)}
+        shapes = {name: value.shape for name, value in feeds.items()}
+        engine.check_shapes(shapes)
+        address = {name: self._put("score", name, value) for name, value in feeds.items()}
+        address["attention_mass"] = self._io[("score", "attention_mass")].ptr
+        self._bind_rows(shapes, address, "past", slabs, 0, cache.length)
+        engine.set_shapes(engine.context, shapes)
+        engine.enqueue(engine.context, address, self.compute)
+        mass = self._fetch("score", "attention_mass", cache.length)
+        self.compute.synchronize()
+        return mass.copy()
+
+    def decode(self, cache: TrtDecodeCache, input_ids) -> np.ndarray:
+        """One step: replays the captured graph of its (tokens, bucket) after the first use, then moves
+        the new rows from the engine's output staging to the cache (their row changes every step)."""
+        self._live(cache)
+        slabs, t, past = self._kv["decode"], len(input_ids), cache.length
+        if past + t > cache.capacity:
+            raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
+        bucket = capacity_bucket(past + t, granule=DECODE_BUCKET_ROWS, capacity=slabs.capacity)
+        self.engines["decode"].check_shapes({"input_ids": (t,), "past_key.0": (bucket, *self._kv_shape)})
         np.copyto(self._host[("decode", "input_ids")][:t], np.asarray(input_ids, np.int64))
-        self._host[("decode", "position_ids")][:t] = np.arange(past, past + t, dtype=np.int64)
-
-        key = (t, past)
+        self._host[("decode", "past_len")][0] = past
+        key = (t, bucket)
         action = self._graphs.action(key)
         if action == "replay":
-            _, graph = self._graphs.graphs[key]
-            graph.launch(self.compute)
+            self._graphs.graphs[key][1].launch(self.compute)
         else:
             engine = self.engines["decode"]
             context = engine.new_context() if action == "capture" else engine.context
             if action == "capture":
                 context.set_device_memory(*self._activations)
-            self._decode_step(context, t, past)
+            self._decode_step(context, t, bucket)
             if action == "capture":
-                self._capture_decode(key, context, t, past)
+                self._capture_decode(key, context, t, bucket)
+        self._append_new_rows(slabs, past, t)
         self.compute.synchronize()
-        self._mixed_mirror.valid = past + t
-        staging, layers = self._stage["decode_out"], range(self.config.num_hidden_layers)
-        logits = self._host[("decode", "logits")][: self.config.vocab_size]
-        mass = self._host[("decode", "attention_mass")][: past + t]
-        return DecodeOutput(
-            logits.reshape(1, -1).copy(), mass.copy(),
-            [staging[0, i, :t].copy() for i in layers], [staging[1, i, :t].copy() for i in layers],
-        )
+        cache.length = past + t
+        return self._host[("decode", "logits")][: self.config.vocab_size].reshape(1, -1).copy()
 
-    def _decode_step(self, context, t: int, past: int) -> None:
-        """Everything one decode step queues on the compute stream (also what a graph records)."""
-        engine, slabs, cfg = self.engines["decode"], self._kv["mixed"], self.config
-        shapes = {"input_ids": (t,), "position_ids": (t,)}
-        address = {name: self._io[("decode", name)].ptr for name in ("input_ids", "position_ids", "logits", "attention_mass")}
-        for layer in range(cfg.num_hidden_layers):
-            shapes[f"past_key.{layer}"] = shapes[f"past_value.{layer}"] = (past, cfg.num_key_value_heads, cfg.head_dim)
-            address[f"past_key.{layer}"], address[f"past_value.{layer}"] = slabs.key(layer), slabs.value(layer)
-            address[f"present_key.{layer}"], address[f"present_value.{layer}"] = slabs.key(layer, past), slabs.value(layer, past)
-        for name in ("input_ids", "position_ids"):
+    @property
+    def _kv_shape(self) -> tuple[int, int]:
+        return (self.config.num_key_value_heads, self.config.head_dim)
+
+    def _decode_step(self, context, t: int, bucket: int) -> None:
+        """Everything one decode step queues with fixed addresses (what a graph records): the small
+        inputs up, the engine over decode rows [0, bucket), the new KV into staging, the logits down."""
+        engine, slabs, cfg = self.engines["decode"], self._kv["decode"], self.config
+        shapes = {"input_ids": (t,), "past_len": (1,)}
+        address = {}
+        for name in ("input_ids", "past_len"):
             host = self._host[("decode", name)]
-            copy_async(self._io[("decode", name)].ptr, host_pointer(host), t * host.itemsize, "HostToDevice", self.compute)
+            if name in engine.host_inputs:
+                address[name] = host_pointer(host)
+            else:
+                copy_async(self._io[("decode", name)].ptr, host_pointer(host), shapes[name][0] * host.itemsize, "HostToDevice", self.compute)
+                address[name] = self._io[("decode", name)].ptr
+        address["logits"] = self._io[("decode", "logits")].ptr
+        self._bind_rows(shapes, address, "past", slabs, 0, bucket)
+        for layer in range(cfg.num_hidden_layers):
+            for name in kv_names("present", layer):
+                address[name] = self._io[("decode", name)].ptr
         engine.set_shapes(context, shapes)
         engine.enqueue(context, address, self.compute)
-        self._fetch("decode", "logits", cfg.vocab_size, self.compute)
-        self._fetch("decode", "attention_mass", past + t, self.compute)
-        self._fetch_rows(slabs, past, t, self._stage["decode_out"], self.compute)
+        self._fetch("decode", "logits", cfg.vocab_size)
 
-    def _capture_decode(self, key: tuple[int, int], context, t: int, past: int) -> None:
+    def _append_new_rows(self, slabs: KVSlabs, row: int, t: int) -> None:
+        """The step's new K/V from the engine's staging outputs to rows [row, row + t) of every layer."""
+        for layer in range(self.config.num_hidden_layers):
+            for name, dst in zip(kv_names("present", layer), (slabs.key(layer, row), slabs.value(layer, row))):
+                copy_async(dst, self._io[("decode", name)].ptr, t * slabs.row_bytes, "DeviceToDevice", self.compute)
+
+    def _capture_decode(self, key: tuple[int, int], context, t: int, bucket: int) -> None:
         capturable = getattr(context, "is_stream_capturable", None)
         if capturable is not None and not capturable(self.compute.handle):
             log.info("decode context is not stream-capturable: CUDA graphs off")
             self._graphs.max_graphs = 0
             return
         self.compute.synchronize()  # the plain run above flushed TensorRT's shape-dependent state
-        graph = CudaGraph(f"decode t={t} past={past}")
+        graph = CudaGraph(f"decode t={t} rows={bucket}")
         with graph.capture(self.compute):
-            self._decode_step(context, t, past)
+            self._decode_step(context, t, bucket)
         for _old_context, old_graph in self._graphs.add(key, (context, graph)):
             old_graph.close()
 
-    def gather_kv(self, keys, values, gather_index, gather_weight):
-        """One layer of BilevelKVGather; successive calls fill layers 0, 1, ... of the mixed cache."""
-        layer = self._gather_next
-        self._gather_next = (layer + 1) % self.config.num_hidden_layers
-        (k,), (v,) = self._gather([layer], [keys], [values], gather_index, gather_weight)
-        return k, v
-
-    def gather_kv_layers(self, keys: list[np.ndarray], values: list[np.ndarray], gather_index, gather_weight):
-        """All layers at once, with uploads and downloads overlapping the gathers of other layers."""
-        if len(keys) != self.config.num_hidden_layers:
-            raise ValueError(f"{len(keys)} layers given, the model has {self.config.num_hidden_layers}")
-        self._gather_next = 0
-        return self._gather(list(range(len(keys))), keys, values, gather_index, gather_weight)
-
-    def _gather(self, layers: list[int], keys, values, gather_index, gather_weight):
-        """upload(j) on `upload` | gather(j) on `compute` | download(j) on `download`, 2 pinned slots each."""
-        engine, source, mixed = self.engines["kv_gather"], self._kv["kv_source"], self._kv["mixed"]
-        pool = engine.tensors["gather_index"]
-        index, weight = fit_gather_width(gather_index, gather_weight, pool.min[1], pool.max[1])
-        n, m = keys[0].shape[0], index.shape[0]
-        engine.check_shapes({"key": keys[0].shape, "gather_index": index.shape})
-        self._require_rows("kv_source", n, f"a gather source of {n} rows (sparse tier + reloaded dense blocks)")
-        self._require_rows("mixed", m, f"a mixed cache of {m} rows")
-        if layers[0] == 0 or self._mixed_mirror.signature is None:  # a new series of gathers
-            self._mixed_mirror.adopt(None, 0)
-            self._mixed_mirror.signature = [() for _ in range(self.config.num_hidden_layers)]
-        address = {
-            "gather_index": self._put("kv_gather", "gather_index", index, self.compute),
-            "gather_weight": self._put("kv_gather", "gather_weight", weight, self.compute),
-        }
-        shapes = {"key": keys[0].shape, "value": keys[0].shape, "gather_index": index.shape, "gather_weight": index.shape}
-        engine.set_shapes(engine.context, shapes)
-        up, down = self._stage["gather_up"], self._stage["gather_down"]
-        out_k: list[np.ndarray | None] = [None] * len(layers)
-        out_v: list[np.ndarray | None] = [None] * len(layers)
-
-        def collect(j: int) -> None:
-            slot = j % 2
-            self._down_done[slot].synchronize()
-            out_k[j], out_v[j] = down[slot, 0, :m].copy(), down[slot, 1, :m].copy()
-
-        for j, layer in enumerate(layers):
-            slot = j % 2
-            if j >= 2:
-                self._up_done[slot].synchronize()  # slot's previous upload has left the pinned buffer
-            np.copyto(up[slot, 0, :n], keys[j], casting="same_kind")
-            np.copyto(up[slot, 1, :n], values[j], casting="same_kind")
-            copy_async(source.key(layer), host_pointer(up[slot, 0]), n * source.row_bytes, "HostToDevice", self.upload)
-            copy_async(source.value(layer), host_pointer(up[slot, 1]), n * source.row_bytes, "HostToDevice", self.upload)
-            self._up_done[slot].record(self.upload)
-            self.compute.wait(self._up_done[slot])
-            address.update(key=source.key(layer), value=source.value(layer), mixed_key=mixed.key(layer), mixed_value=mixed.value(layer))
-            engine.enqueue(engine.context, address, self.compute)
-            self._gathered[slot].record(self.compute)
-            if j >= 2:
-                collect(j - 2)  # frees the slot's download buffer
-            self.download.wait(self._gathered[slot])
-            copy_async(host_pointer(down[slot, 0]), mixed.key(layer), m * mixed.row_bytes, "DeviceToHost", self.download)
-            copy_async(host_pointer(down[slot, 1]), mixed.value(layer), m * mixed.row_bytes, "DeviceToHost", self.download)
-            self._down_done[slot].record(self.download)
-        for j in range(max(0, len(layers) - 2), len(layers)):
-            collect(j)
-        for j, layer in enumerate(layers):
-            self._mixed_mirror.signature[layer] = _signature(out_k[j], out_v[j])
-        if layers[-1] == self.config.num_hidden_layers - 1:
-            self._mixed_mirror.valid = m  # every layer holds rows [0, m): adopted by the first decode
-        return out_k, out_v
-
 
 def _is_kv(graph: str, name: str) -> bool:
+    """KV tensors live in the KV regions (bound in place), except decode's new rows: they go to
+    fixed staging buffers, so that a captured graph's addresses stay valid every step."""
     if graph == "kv_gather":
         return name in ("key", "value", "mixed_key", "mixed_value")
+    if graph == "decode" and name.startswith("present_"):
+        return False
     return bool(_KV_NAME.match(name))
 
 
