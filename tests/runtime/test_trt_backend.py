@@ -1,10 +1,10 @@
 """TensorRT backend: one-line failures without a GPU, its bookkeeping, a simulated device, and (GPU) the real thing.
 
 CPU: the BackendUnavailable line (and the CLI printing exactly it), the manifest check folded
-into one line, gather widening, the decode-graph policy, and
-the whole backend driven by the runtime loop on a simulated device (fake cuda runtime on host
-memory, fake engines running the exported graphs in ONNX Runtime): same tokens as ONNX Runtime,
-no past re-uploaded, graph replay equal to the plain step.
+into one line, the decode buckets and graph policy, and the whole backend driven by the runtime
+loop on a simulated device (fake cuda runtime on host memory whose streams run on their own
+threads with random delays, fake engines running the exported graphs in ONNX Runtime): same
+tokens as ONNX Runtime, no KV row crossing the bus, graph replays equal to plain steps.
 
 GPU (marker ``gpu``): the tiny model's engines built for the GPU present; skipped, with the reason,
 when there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs on RTX-class GPUs).
@@ -21,14 +21,14 @@ import pytest
 from videoxl.config import VideoXLConfig
 from videoxl.runtime.cuda_memory import ALIGNMENT
 from videoxl.runtime.device import gpu_problem, gpu_usable
+from videoxl.graphs import GRAPHS
 from videoxl.runtime.trt_backend import (
-    GRAPHS,
+    DECODE_BUCKET_ROWS,
     BackendUnavailable,
     DecodeGraphCache,
     TensorRTBackend,
     _checked_manifest,
-    _Mirror,
-    fit_gather_width,
+    capacity_bucket,
     one_line,
 )
 
@@ -96,50 +96,30 @@ def test_one_line_folds_bullets():
 
 
 # --- pure bookkeeping -----------------------------------------------------------------------------------
-def _gather(source, index, weight):
-    return np.einsum("ms,msd->md", weight, source[index])
+def test_capacity_buckets_double_from_the_granule_up_to_the_region():
+    assert [capacity_bucket(r, granule=256, capacity=3000) for r in (1, 256, 257, 1000, 1025, 2049, 3000)] == [
+        256, 256, 512, 1024, 2048, 3000, 3000]
+    with pytest.raises(ValueError, match="exceed the decode region's 3000"):
+        capacity_bucket(3001, granule=256, capacity=3000)
+    # a 300-token answer after a 2,000-row cache crosses one bucket boundary: two graphs, not 300
+    assert len({capacity_bucket(2000 + t, granule=256, capacity=10**6) for t in range(1, 301)}) == 2
 
 
-def test_gather_rows_are_widened_with_zero_weights():
-    rng = np.random.default_rng(0)
-    source = rng.standard_normal((20, 8)).astype(np.float32)
-    index = rng.integers(0, 20, size=(7, 1))
-    weight = np.ones((7, 1), np.float32)
-    wide_index, wide_weight = fit_gather_width(index, weight, 4, 4)
-    assert wide_index.shape == wide_weight.shape == (7, 4) and wide_index.dtype == np.int64
-    np.testing.assert_array_equal(_gather(source, wide_index, wide_weight), _gather(source, index, weight))
-
-    same_index, _ = fit_gather_width(index, weight, 1, 4)  # an engine that takes S = 1 gets the rows as they are
-    assert same_index.shape == (7, 1)
-    with pytest.raises(ValueError, match="at most 4"):
-        fit_gather_width(np.zeros((3, 8), np.int64), np.zeros((3, 8), np.float32), 1, 4)
-
-
-def test_decode_graphs_capture_on_the_second_use_and_evict_the_oldest():
-    cache = DecodeGraphCache(max_graphs=2, min_uses=2)
-    assert cache.action((1, 100)) == "plain"
-    assert cache.action((1, 100)) == "capture"
-    assert cache.add((1, 100), "g100") == []
-    assert cache.action((1, 100)) == "replay"
-    for past in (101, 102):
-        cache.action((1, past))
-        assert cache.action((1, past)) == "capture"
-        evicted = cache.add((1, past), f"g{past}")
-    assert evicted == ["g100"] and list(cache.graphs) == [(1, 101), (1, 102)]
-    assert cache.action((1, 100)) == "plain"  # evicted: counted again from the start
-    assert sorted(cache.clear()) == ["g101", "g102"]
-
-    growing = DecodeGraphCache(max_graphs=4)
-    assert {growing.action((1, past)) for past in range(1000)} == {"plain"}  # the answer loop: every key is new
+def test_decode_graphs_capture_on_first_use_replay_after_and_evict_the_oldest():
+    cache = DecodeGraphCache(max_graphs=2)
+    assert cache.action((1, 256)) == "capture"
+    assert cache.add((1, 256), "g256") == []
+    assert [cache.action((1, 256)) for _ in range(5)] == ["replay"] * 5 and cache.replays == 5
+    for rows in (512, 1024):
+        assert cache.action((1, rows)) == "capture"
+        evicted = cache.add((1, rows), f"g{rows}")
+    assert evicted == ["g256"] and list(cache.graphs) == [(1, 512), (1, 1024)]
+    assert cache.action((1, 256)) == "capture"  # evicted: captured again
+    assert sorted(cache.clear()) == ["g1024", "g512"]
     off = DecodeGraphCache(max_graphs=0)
-    assert [off.action((1, 5)) for _ in range(3)] == ["plain"] * 3
-
-
-def test_mirror_covers_only_its_own_rows():
-    mirror = _Mirror()
-    mirror.adopt((1, 2), 10)
-    assert mirror.covers((1, 2), 10) and mirror.covers((1, 2), 3)
-    assert not mirror.covers((1, 2), 11) and not mirror.covers((1, 3), 5)
+    assert [off.action((1, 256)) for _ in range(3)] == ["plain"] * 3
+    twice = DecodeGraphCache(min_uses=2)
+    assert [twice.action((1, 256)) for _ in range(2)] == ["plain", "capture"]
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------
@@ -211,14 +191,15 @@ def test_vision_matches_onnxruntime(trt_backend, tiny_onnx):
     np.testing.assert_allclose(ours, reference, rtol=5e-3, atol=5e-3)
 
 
-def _mixed_cache(backend, tokenizer, layout, visual, extra: int):
+def _decode_cache(backend, tokenizer, layout, visual, extra: int, geometry=GEOMETRY):
+    """Prefill, block choice and the question's decode cache with room for `extra` more rows."""
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 
     pipeline = Pipeline(backend, tokenizer)
-    options = InferenceOptions(dense_blocks=1, **GEOMETRY)
+    options = InferenceOptions(dense_blocks=1, **geometry)
     store = pipeline.prefill(layout, visual, options)
     chosen, _ = pipeline.choose_dense_blocks(store, layout, options)
-    return pipeline, store.build_mixed(backend, chosen, extra_capacity=extra)
+    return pipeline, store.build_decode_cache(chosen, extra_capacity=extra)[0]
 
 
 @pytest.mark.gpu
@@ -229,10 +210,10 @@ def test_device_memory_is_flat_over_100_decode_steps(trt_backend, tiny_tokenizer
 
     layout, visual = case
     suffix = layout.input_ids[layout.suffix_start :]
-    pipeline, mixed = _mixed_cache(trt_backend, tiny_tokenizer, layout, visual, extra=len(suffix) + 110)
-    pipeline.decode(mixed, suffix, GenerationConfig(max_new_tokens=5, stop_at_eos=False))  # warm up
+    pipeline, cache = _decode_cache(trt_backend, tiny_tokenizer, layout, visual, extra=len(suffix) + 110)
+    pipeline.decode(cache, suffix, GenerationConfig(max_new_tokens=5, stop_at_eos=False))  # warm up
     before = mem_get_info()[0]
-    tokens = pipeline.decode(mixed, np.array([65], np.int64), GenerationConfig(max_new_tokens=100, stop_at_eos=False))
+    tokens = pipeline.decode(cache, np.array([65], np.int64), GenerationConfig(max_new_tokens=100, stop_at_eos=False))
     after = mem_get_info()[0]
     assert len(tokens) == 100
     assert after == before, f"device memory moved by {before - after} bytes over 100 decode steps"
@@ -240,36 +221,31 @@ def test_device_memory_is_flat_over_100_decode_steps(trt_backend, tiny_tokenizer
 
 @pytest.mark.gpu
 @needs_gpu
-def test_cuda_graph_replay_gives_the_plain_logits(trt_backend, tiny_tokenizer, case):
+def test_decode_steps_replay_their_bucket_graph_with_the_plain_logits(trt_backend, tiny_tokenizer, case):
+    _check_replays_equal_plain_steps(trt_backend, tiny_tokenizer, case)
+
+
+def _check_replays_equal_plain_steps(backend, tokenizer, case, geometry=GEOMETRY) -> None:
+    """Every one-token step after the first of its bucket replays; its logits equal a plain run's."""
     layout, visual = case
     suffix = layout.input_ids[layout.suffix_start :]
-    _, mixed = _mixed_cache(trt_backend, tiny_tokenizer, layout, visual, extra=len(suffix) + 4)
-    keys, values = mixed.views()
-    plain = trt_backend.decode(suffix, keys, values)  # first use: plain
-    captured = trt_backend.decode(suffix, keys, values)  # second use: plain run, then captured
-    assert (len(suffix), len(keys[0])) in trt_backend._graphs.graphs
-    replayed = trt_backend.decode(suffix, keys, values)  # replay
-    np.testing.assert_array_equal(captured.logits, plain.logits)
-    np.testing.assert_array_equal(replayed.logits, plain.logits)
-    np.testing.assert_array_equal(replayed.attention_mass, plain.attention_mass)
-    for a, b in zip(replayed.keys, plain.keys):
+    steps = 6
+    _, cache = _decode_cache(backend, tokenizer, layout, visual, extra=len(suffix) + steps, geometry=geometry)
+    backend.decode(cache, suffix)
+    start, replays = cache.length, backend._graphs.replays
+    tokens = np.arange(60, 60 + steps, dtype=np.int64)
+    graphed = [backend.decode(cache, tokens[i : i + 1]) for i in range(steps)]
+    buckets = {capacity_bucket(start + i + 1, granule=DECODE_BUCKET_ROWS, capacity=backend._kv["decode"].capacity) for i in range(steps)}
+    assert backend._graphs.replays - replays == steps - len(buckets)  # all but the first step of each bucket
+    assert cache.length == start + steps
+    max_graphs, backend._graphs.max_graphs = backend._graphs.max_graphs, 0  # the same steps, plainly
+    try:
+        cache.length = start
+        plain = [backend.decode(cache, tokens[i : i + 1]) for i in range(steps)]
+    finally:
+        backend._graphs.max_graphs = max_graphs
+    for a, b in zip(graphed, plain):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gather_layers_equals_layer_by_layer(trt_backend):
-    cfg, rng = trt_backend.config, np.random.default_rng(5)
-    layers, shape = cfg.num_hidden_layers, (40, cfg.num_key_value_heads, cfg.head_dim)
-    keys = [rng.standard_normal(shape).astype(trt_backend.float_dtype) for _ in range(layers)]
-    values = [rng.standard_normal(shape).astype(trt_backend.float_dtype) for _ in range(layers)]
-    index = rng.integers(0, 40, size=(30, 1))
-    weight = np.ones((30, 1), np.float32)
-    together = trt_backend.gather_kv_layers(keys, values, index, weight)
-    one_by_one = [trt_backend.gather_kv(k, v, index, weight) for k, v in zip(keys, values)]
-    for layer in range(layers):
-        np.testing.assert_array_equal(together[0][layer], one_by_one[layer][0])
-        np.testing.assert_array_equal(together[1][layer], one_by_one[layer][1])
 
 
 # --- the backend's orchestration on a simulated device (CPU) ----------------------------------------------
@@ -308,8 +284,8 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
         if graph == "kv_gather":
             return (shapes["gather_index"][0], cfg.num_key_value_heads, cfg.head_dim)
         new = shapes["input_ids"][0]
-        if name == "attention_mass":
-            return (shapes["past_key.0"][0] + new,)
+        if name == "attention_mass":  # the score graph: mass on each past row
+            return (shapes["past_key.0"][0],)
         return (new, cfg.num_key_value_heads, cfg.head_dim)
 
     return FakeEngine(
@@ -383,34 +359,39 @@ GEOMETRY_SIM = dict(chunk_groups=2, window_chunks=1, block_groups=2)
 def test_simulated_backend_places_everything_in_one_arena(simulated, tiny_onnx):
     backend, cudart = simulated
     regions = backend.arena.layout.regions
-    assert list(regions) == ["weights", "activations", "io", "prefill_past", "kv_source", "mixed"]
+    assert list(regions) == ["weights", "activations", "io", "video", "decode"]
     assert all(r.offset % ALIGNMENT == 0 for r in regions.values())
-    assert regions["weights"].nbytes >= 4 * 300_000  # four engines' weights, then trimmed
+    assert regions["weights"].nbytes >= 5 * 300_000  # five engines' weights, then trimmed
     assert regions["weights"].nbytes < 8 * 300_000
     assert backend.max_frames == 64 and backend.artifact_dir == tiny_onnx
     assert len(cudart.buffers) == 2  # one device arena, one pinned pool
 
 
-def test_simulated_backend_gives_the_onnxruntime_tokens_without_reuploading_the_past(simulated, tiny_onnx, tiny_tokenizer, make_layout, caplog):
+def test_simulated_backend_gives_the_onnxruntime_tokens_and_no_kv_crosses_the_bus(simulated, tiny_onnx, tiny_tokenizer, make_layout):
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
     from videoxl.sampling import GenerationConfig
 
     backend, cudart = simulated
+    cfg = backend.config
     layout = make_layout(10, "Which colour comes last?")
     rng = np.random.default_rng(11)
-    visual = rng.standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    visual = rng.standard_normal((10, cfg.tokens_per_group, cfg.hidden_size)).astype(np.float32)
     gen = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
     reference = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
     ours = Pipeline(backend, tiny_tokenizer)
-    for dense_blocks in (1, (3,)):
-        options = InferenceOptions(dense_blocks=dense_blocks, **GEOMETRY_SIM)
-        with caplog.at_level("DEBUG", logger="videoxl.runtime.trt_backend"):
+    for rule in ("evaluation", "streaming"):
+        for dense_blocks in (1, (3,)):
+            options = InferenceOptions(dense_blocks=dense_blocks, prefill_rule=rule, **GEOMETRY_SIM)
+            down = cudart.bytes_to_host
             answer = ours.answer_tokens(layout, visual, options=options, gen=gen)
-        expected = reference.answer_tokens(layout, visual, options=options, gen=gen)
-        assert answer.token_ids == expected.token_ids
-        assert answer.report.dense_blocks == expected.report.dense_blocks
-        assert not [r for r in caplog.records if "uploading" in r.getMessage()]  # mirrors always matched
+            expected = reference.answer_tokens(layout, visual, options=options, gen=gen)
+            assert answer.token_ids == expected.token_ids
+            assert answer.report.dense_blocks == expected.report.dense_blocks
+            # what came back: logits per chunk and per decode call, the block scores' mass; never KV rows
+            chunks = answer.report.chunks + 1
+            calls = chunks + (len(answer.token_ids) + 1)
+            assert cudart.bytes_to_host - down <= calls * cfg.vocab_size * 4 + layout.suffix_start * 4
 
     pixels = rng.uniform(-1, 1, (12, 3, 384, 384)).astype(np.float32)  # 12 frames: batches of the engine's max
     np.testing.assert_allclose(backend.encode_frames(pixels), reference.backend.encode_frames(pixels), rtol=1e-5, atol=1e-5)
@@ -435,107 +416,58 @@ def test_simulated_backend_answers_follow_up_questions(simulated, tiny_onnx, tin
         assert answer.report.dense_blocks == expected.report.dense_blocks
 
 
-def test_simulated_decode_graph_replays_the_plain_step(simulated, tiny_tokenizer, make_layout):
-    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
-
+def test_simulated_decode_steps_replay_their_bucket_graph(simulated, tiny_tokenizer, make_layout):
     backend, cudart = simulated
     layout = make_layout(6)
     visual = np.random.default_rng(2).standard_normal((6, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
-    pipeline = Pipeline(backend, tiny_tokenizer)
-    options = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM)
-    store = pipeline.prefill(layout, visual, options)
-    mixed = store.build_mixed(backend, {0, 1}, extra_capacity=8)
-    keys, values = mixed.views()
-    suffix = layout.input_ids[layout.suffix_start :]
-    plain = backend.decode(suffix, keys, values)
-    backend.decode(suffix, keys, values)  # captured
-    assert (len(suffix), len(keys[0])) in backend._graphs.graphs
-    uploaded = cudart.bytes_to_device
-    replayed = backend.decode(suffix, keys, values)
-    assert cudart.bytes_to_device - uploaded == 2 * len(suffix) * 8  # only ids and positions cross the bus
-    np.testing.assert_array_equal(replayed.logits, plain.logits)
-    np.testing.assert_array_equal(replayed.attention_mass, plain.attention_mass)
-    for a, b in zip(replayed.keys + replayed.values, plain.keys + plain.values):
-        np.testing.assert_array_equal(a, b)
+    launches = cudart.graph_launches
+    _check_replays_equal_plain_steps(backend, tiny_tokenizer, (layout, visual), GEOMETRY_SIM)
+    assert cudart.graph_launches > launches  # the replays really launched captured graphs
 
 
-def test_simulated_gather_layers_equals_layer_by_layer(simulated):
+def test_simulated_tiers_round_trip_through_the_host(simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """A prepared video's tiers as host arrays (the disk cache's path) equal ONNX Runtime's, and load back."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+
     backend, _ = simulated
-    cfg, rng = backend.config, np.random.default_rng(5)
-    shape = (40, cfg.num_key_value_heads, cfg.head_dim)
-    keys = [rng.standard_normal(shape).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
-    values = [rng.standard_normal(shape).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
-    index, weight = rng.integers(0, 40, size=(30, 1)), np.ones((30, 1), np.float32)
-    together = backend.gather_kv_layers(keys, values, index, weight)
-    for layer in range(cfg.num_hidden_layers):
-        k, v = backend.gather_kv(keys[layer], values[layer], index, weight)
-        np.testing.assert_array_equal(together[0][layer], k)
-        np.testing.assert_array_equal(together[1][layer], v)
+    layout = make_layout(6)
+    visual = np.random.default_rng(4).standard_normal((6, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    options = InferenceOptions(**GEOMETRY_SIM)
+    ours = Pipeline(backend, tiny_tokenizer).prefill(layout, visual, options).state()
+    theirs = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer).prefill(layout, visual, options).state()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    cache = backend.new_video_cache(dense_rows=layout.suffix_start, sparse_rows=ours["key.0"].shape[0] - layout.suffix_start)
+    cache.load(ours)
+    for name, array in cache.arrays().items():
+        np.testing.assert_array_equal(array, ours[name])
 
 
 def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simulated):
     backend, _ = simulated
-    cfg = backend.config
-    rows = backend._kv["mixed"].capacity + 1
-    past = [np.zeros((rows, cfg.num_key_value_heads, cfg.head_dim), np.float32)] * cfg.num_hidden_layers
-    with pytest.raises(ValueError, match="outside its profile|'mixed' arena region"):
-        backend.decode(np.array([1], np.int64), past, past)
+    with pytest.raises(ValueError, match="'decode' arena region"):
+        backend.new_decode_cache(backend._kv["decode"].capacity + 1)
+    with pytest.raises(ValueError, match="'video' arena region"):
+        backend.new_video_cache(dense_rows=backend._kv["video"].capacity, sparse_rows=1)
     with pytest.raises(Exception, match="built for at most 64"):
         backend.check_frames(68)
 
 
-# --- ordering: each test below fails when one synchronisation of the backend is missing ---------------
-@pytest.mark.parametrize("lagging", ["upload", "compute", "download"])
-def test_simulated_gather_is_right_whichever_stream_lags(make_simulated, tiny_onnx, lagging):
-    """The pipelined gather over 4 layers (both pinned slots reused) with one stream 4 ms behind the
-    others: a missing event wait or record lets the next stage read what is not there yet, a missing
-    host wait lets the host overwrite an upload slot or read a download slot too early."""
-    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
-
-    reference = OnnxRuntimeBackend(tiny_onnx)
-    device = FakeCudart(delay_ms=(0.0, 0.3), seed=3)
-    backend = make_simulated(device, layers=4)
-    device.set_delay(getattr(backend, lagging).handle, 4.0)
-    cfg, rng = backend.config, np.random.default_rng(7)
-    shape = (40, cfg.num_key_value_heads, cfg.head_dim)
-    for _ in range(2):  # the second call finds the first call's rows on the device: stale reads still differ
-        keys = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
-        values = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
-        index, weight = rng.integers(0, 40, size=(30, 1)), rng.uniform(0.5, 1.5, size=(30, 1)).astype(np.float32)
-        got_k, got_v = backend.gather_kv_layers(keys, values, index, weight)
-        for layer in range(4):
-            want_k, want_v = reference.gather_kv(keys[layer], values[layer], index, weight)
-            np.testing.assert_array_equal(got_k[layer], want_k, err_msg=f"key, layer {layer}")
-            np.testing.assert_array_equal(got_v[layer], want_v, err_msg=f"value, layer {layer}")
-
-
-def test_simulated_decode_uploads_a_past_given_in_another_dtype(make_simulated, tiny_onnx):
-    """A past the backend did not produce, in float64: converted to float32 temporaries and uploaded
-    on a slow compute stream. The temporaries die when the upload function returns, so the upload
-    must have run by then."""
-    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
-
-    device = FakeCudart(delay_ms=(0.0, 0.3), seed=4)
-    backend = make_simulated(device)
-    device.set_delay(backend.compute.handle, 3.0)
-    cfg, rng = backend.config, np.random.default_rng(8)
-    shape = (48, cfg.num_key_value_heads, cfg.head_dim)
-    keys = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
-    values = [rng.standard_normal(shape) for _ in range(cfg.num_hidden_layers)]
-    ids = np.array([65, 66], np.int64)
-    got = backend.decode(ids, keys, values)
-    want = OnnxRuntimeBackend(tiny_onnx).decode(ids, [k.astype(np.float32) for k in keys], [v.astype(np.float32) for v in values])
-    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got.attention_mass, want.attention_mass, rtol=1e-5, atol=1e-6)
+def test_simulated_an_older_cache_handle_is_refused(simulated):
+    backend, _ = simulated
+    first = backend.new_decode_cache(16)
+    backend.new_decode_cache(16)
+    with pytest.raises(RuntimeError, match="holds a newer one"):
+        backend.decode(first, np.array([1], np.int64))
 
 
 # --- close() after CUDA errors ----------------------------------------------------------------------------
 def _capture_a_decode_graph(backend) -> None:
-    """Two decodes of the same key: the second captures a graph, so close() has one to destroy."""
-    cfg, rng = backend.config, np.random.default_rng(9)
-    past = [rng.standard_normal((8, cfg.num_key_value_heads, cfg.head_dim)).astype(np.float32) for _ in range(cfg.num_hidden_layers)]
-    for _ in range(2):
-        backend.decode(np.array([65], np.int64), past, past)
+    """A decode step captures its bucket's graph, so close() has one to destroy."""
+    cache = backend.new_decode_cache(8)
+    backend.decode(cache, np.array([65], np.int64))
     assert len(backend._graphs.graphs) == 1
 
 
@@ -547,14 +479,14 @@ def test_simulated_close_after_a_sticky_error_tries_every_release_once(make_simu
     before = len(device.history)
     with caplog.at_level("WARNING", logger="videoxl.runtime.trt_backend"):
         backend.close()  # must not raise
-    assert device.unreleased() == []  # arena, pinned pool, 3 streams, 6 events, the graph: all tried
+    assert device.unreleased() == []  # arena, pinned pool, the stream, the graph: all tried
     assert sorted(name for name, _ in device.release_attempts) == sorted(
-        ["cudaFree", "cudaFreeHost", "cudaGraphExecDestroy"] + ["cudaStreamDestroy"] * 3 + ["cudaEventDestroy"] * 6
+        ["cudaFree", "cudaFreeHost", "cudaGraphExecDestroy", "cudaStreamDestroy"]
     )
     closing = device.history[before:]
-    assert closing[:3] == ["cudaStreamSynchronize"] * 3  # waited for (tried to) every stream before freeing anything
+    assert closing[:1] == ["cudaStreamSynchronize"]  # waited for (tried to) the stream before freeing anything
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failures) == len(set(failures)) == 3 + 12  # three waits, twelve releases: each logged once
+    assert len(failures) == len(set(failures)) == 1 + 4  # the wait, four releases: each logged once
     assert all("cudaErrorIllegalAddress" in message for message in failures)
     calls = len(device.history)
     backend.close()  # idempotent: nothing is tried twice
@@ -572,5 +504,5 @@ def test_simulated_close_goes_on_after_a_failed_free(make_simulated, caplog):
         "closing the TensorRT backend: freeing the pinned host pool failed: cudaFreeHost(pinned pool) failed: cudaErrorInvalidValue (1)"
     ]
     assert list(device.buffers) == [pinned]  # only the pool whose free failed is left; the arena went after it
-    assert device.live_resources()["streams"] == device.live_resources()["events"] == 0
+    assert device.live_resources()["streams"] == 0
     assert device.cudaFreeHost(pinned) == (0,)  # freed here, so the fixture finds nothing left
