@@ -4,7 +4,9 @@ cuda_host/include emulates the few CUDA features the kernels use: each block's t
 real threads, so the tiling, the query partition, the shuffles, barriers and atomics all run
 as written; only the `<<<>>>` launches and `extern __shared__` declarations are rewritten.
 The launchers (argument checks, dispatch) are the real ones, so the library has the GPU
-library's C interface and takes host pointers. It cannot see GPU-only problems (shared-memory
+library's C interface and takes host pointers. The emulated device reports compute capability
+7.5, so the dispatchers take their SIMT paths; the tensor-core attention kernel (inline PTX) is
+compiled out under VIDEOXL_HOST_EMULATION and its launcher answers "unsupported". It cannot see GPU-only problems (shared-memory
 limits, alignment, speed); the GPU run of test_kernels.py covers those.
 """
 
@@ -50,7 +52,7 @@ def emulated_kernels_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     library = work / "libvideoxl_kernels_emulated.so"
     command = [
         compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing",
-        "-Wno-unknown-pragmas", "-I", str(EMULATION_INCLUDE), *units, "-o", str(library),
+        "-Wno-unknown-pragmas", "-DVIDEOXL_HOST_EMULATION", "-I", str(EMULATION_INCLUDE), *units, "-o", str(library),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
