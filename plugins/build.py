@@ -289,8 +289,8 @@ def translate_for_host(source: str) -> str:
 
 def build_host_emulation(emulation_include: Path, out_dir: Path) -> Path:
     """The kernel sources compiled by the host C++ compiler against a CUDA emulation (whose
-    headers live in `emulation_include`): same C launchers, host pointers. The tensor-core
-    kernel is compiled out (VIDEOXL_HOST_EMULATION); the emulated device reports sm_75."""
+    headers live in `emulation_include`): same C launchers, host pointers. Under
+    VIDEOXL_HOST_EMULATION the tensor-core kernel's PTX is replaced by the emulation's."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise BuildError("no host C++ compiler (g++) to build the kernel emulation")

@@ -39,10 +39,10 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
     cases = results["attention"]["cases"]
     assert {(c["past_len"], c["timestamp_queries"]) for c in cases} == {(150, 3), (150, 0), (300, 3), (300, 0)}
     for case in cases:
-        simt = case["rows"]["ours simt"]
-        assert simt["ms"] > 0, simt
-        assert "unsupported" in case["rows"]["ours mma"]["error"]  # the emulated device is an sm_75 one
+        for variant in ("ours simt", "ours mma"):  # the emulated device has (emulated) tensor cores
+            row = case["rows"][variant]
+            assert row.get("ms", 0) > 0, row
+            if case["timestamp_queries"] == 0:  # same pairs as SDPA: the outputs agree to fp16 rounding
+                assert row["max_abs_diff_vs_sdpa"] < 2e-3, row
         assert case["rows"]["sdpa mask (official)"]["ms"] > 0
-        if case["timestamp_queries"] == 0:  # same pairs as SDPA: the outputs agree to fp16 rounding
-            assert simt["max_abs_diff_vs_sdpa"] < 2e-3
     assert any(t["outcome"] == "skipped" for t in results["gpu_tests"])  # collected, skipped without a GPU

@@ -18,6 +18,7 @@
 // output directly. No allocation, no host synchronisation.
 
 #include <limits.h>
+#include <string.h>
 
 #include <algorithm>
 
@@ -87,7 +88,6 @@ size_t chunk_attention_mma_workspace_bytes(int64_t num_queries, int64_t past_cap
                                          num_q_heads, num_kv_heads, head_dim).workspace_bytes);
 }
 
-#ifndef VIDEOXL_HOST_EMULATION
 namespace {
 
 // The chunk query of rank `rank` within a kind: the rank-th timestamp query, or the rank-th
@@ -104,8 +104,23 @@ __device__ __forceinline__ int kind_query(int kind, int64_t rank, const int64_t*
     return qi;
 }
 
-// --- PTX wrappers ------------------------------------------------------------------------------
+// --- PTX wrappers (the host emulation of the tests supplies the same instructions) -----------
 
+#ifdef VIDEOXL_HOST_EMULATION
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    if (src_bytes) memcpy(dst, src, 16);
+    else memset(dst, 0, 16);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::ldmatrix_x4(r, p, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::ldmatrix_x4(r, p, true); }
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    emu::mma_m16n8k16<T>(c, a, b0, b1);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -129,39 +144,41 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                  : "r"(smem_addr(p)));
 }
 
+// c += a (16x16, row) * b (16x8, col), fp32 accumulators
 template <typename T>
-struct Mma;
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
 template <>
-struct Mma<__half> {
-    // c += a (16x16, row) * b (16x8, col), fp32 accumulators
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<const uint32_t*>(&h);
-    }
-};
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 template <>
-struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<const uint32_t*>(&h);
-    }
-};
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                          uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// Two floats rounded to T, packed as one 32-bit register (lo in the low half), the A-fragment
+// form of the probabilities.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const T l = from_float<T>(lo);
+    const T h = from_float<T>(hi);
+    uint16_t lb, hb;
+    memcpy(&lb, &l, 2);
+    memcpy(&hb, &h, 2);
+    return static_cast<uint32_t>(lb) | (static_cast<uint32_t>(hb) << 16);
+}
 
 // --- the attention kernel ------------------------------------------------------------------------
 
@@ -223,7 +240,10 @@ __global__ void __launch_bounds__(kMmaThreads) chunk_attention_mma_kernel(const 
     if (tid == 0) s.last_query = -1;
     __syncthreads();
     if (tid < kTileRows) atomicMax(&s.last_query, s.row_query[tid]);
-    // Q rows -> shared (zeros for empty rows)
+    __syncthreads();
+    const int last_query = s.last_query;
+    if (last_query < 0) return;  // block-uniform: an empty tile
+    // Q rows -> shared (zeros for empty rows); waited for with the first K/V tile
     for (int c = tid; c < kTileRows * kChunksPerRow; c += kMmaThreads) {
         const int row = c / kChunksPerRow;
         const int col = (c % kChunksPerRow) * 8;
@@ -232,9 +252,6 @@ __global__ void __launch_bounds__(kMmaThreads) chunk_attention_mma_kernel(const 
         cp_async_16(&s.q[row][col], src, qi >= 0 ? 16 : 0);
     }
     cp_async_commit();
-    __syncthreads();
-    const int last_query = s.last_query;
-    if (last_query < 0) return;  // block-uniform: an empty tile
 
     // --- this split's part of the key sequence [past keys][chunk keys 0..last_query]
     const int64_t past_len = min(max(*p.past_len, int64_t{0}), p.past_capacity);
@@ -317,8 +334,8 @@ __global__ void __launch_bounds__(kMmaThreads) chunk_attention_mma_kernel(const 
             for (int n = 0; n < kTileKeys / 8; n += 2) {
                 uint32_t b[4];  // keys n*8.. (d kk*16 +0/+8), keys (n+1)*8.. (d +0/+8)
                 ldmatrix_x4(b, &s.k[buf][n * 8 + (lane / 16) * 8 + (lane % 8)][kk * 16 + ((lane / 8) % 2) * 8]);
-                Mma<T>::run(score[n], q_frag[kk], b[0], b[1]);
-                Mma<T>::run(score[n + 1], q_frag[kk], b[2], b[3]);
+                mma_m16n8k16<T>(score[n], q_frag[kk], b[0], b[1]);
+                mma_m16n8k16<T>(score[n + 1], q_frag[kk], b[2], b[3]);
             }
         }
 
@@ -368,16 +385,16 @@ __global__ void __launch_bounds__(kMmaThreads) chunk_attention_mma_kernel(const 
 #pragma unroll
         for (int kk = 0; kk < kTileKeys / 16; ++kk) {
             uint32_t a[4];
-            a[0] = Mma<T>::pack(score[2 * kk][0], score[2 * kk][1]);
-            a[1] = Mma<T>::pack(score[2 * kk][2], score[2 * kk][3]);
-            a[2] = Mma<T>::pack(score[2 * kk + 1][0], score[2 * kk + 1][1]);
-            a[3] = Mma<T>::pack(score[2 * kk + 1][2], score[2 * kk + 1][3]);
+            a[0] = pack2<T>(score[2 * kk][0], score[2 * kk][1]);
+            a[1] = pack2<T>(score[2 * kk][2], score[2 * kk][3]);
+            a[2] = pack2<T>(score[2 * kk + 1][0], score[2 * kk + 1][1]);
+            a[3] = pack2<T>(score[2 * kk + 1][2], score[2 * kk + 1][3]);
 #pragma unroll
             for (int n = 0; n < D / 8; n += 2) {
                 uint32_t b[4];  // keys kk*16 + 0..15, d n*8.. and (n+1)*8..
                 ldmatrix_x4_trans(b, &s.v[buf][kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8][n * 8 + (lane / 16) * 8]);
-                Mma<T>::run(acc[n], a, b[0], b[1]);
-                Mma<T>::run(acc[n + 1], a, b[2], b[3]);
+                mma_m16n8k16<T>(acc[n], a, b[0], b[1]);
+                mma_m16n8k16<T>(acc[n + 1], a, b[2], b[3]);
             }
         }
 
@@ -509,7 +526,6 @@ int dispatch_mma_head_dim(const ChunkAttentionArgs& a, const MmaPlan& plan) {
 }
 
 }  // namespace
-#endif  // VIDEOXL_HOST_EMULATION
 
 int chunk_attention_mma(const ChunkAttentionArgs& a) {
     if (!chunk_attention_mma_supports(a.dtype, a.head_dim)) return VIDEOXL_STATUS_UNSUPPORTED;
@@ -519,13 +535,9 @@ int chunk_attention_mma(const ChunkAttentionArgs& a) {
     if (a.workspace_bytes < static_cast<size_t>(plan.workspace_bytes) || (plan.workspace_bytes > 0 && !a.workspace)) {
         return VIDEOXL_STATUS_WORKSPACE_TOO_SMALL;
     }
-#ifdef VIDEOXL_HOST_EMULATION
-    return VIDEOXL_STATUS_UNSUPPORTED;  // inline PTX: GPU only
-#else
     if (current_device_major() < 8) return VIDEOXL_STATUS_UNSUPPORTED;
     if (a.dtype == VIDEOXL_DTYPE_FLOAT16) return dispatch_mma_head_dim<__half>(a, plan);
     return dispatch_mma_head_dim<__nv_bfloat16>(a, plan);
-#endif
 }
 
 }  // namespace videoxl

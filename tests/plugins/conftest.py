@@ -5,9 +5,10 @@ real threads, so the tiling, the query partition, the shuffles, barriers and ato
 as written; only the `<<<>>>` launches and `extern __shared__` declarations are rewritten.
 The launchers (argument checks, dispatch) are the real ones, so the library has the GPU
 library's C interface and takes host pointers. The emulated device reports compute capability
-7.5, so the dispatchers take their SIMT paths; the tensor-core attention kernel (inline PTX) is
-compiled out under VIDEOXL_HOST_EMULATION and its launcher answers "unsupported". It cannot see GPU-only problems (shared-memory
-limits, alignment, speed); the GPU run of test_kernels.py covers those.
+8.0; the tensor-core kernel's inline PTX (cp.async, ldmatrix, mma.sync) is replaced under
+VIDEOXL_HOST_EMULATION by lane-by-lane emulations written from the PTX ISA's fragment layouts.
+It cannot see GPU-only problems (shared-memory limits, alignment, the hardware's own fragment
+layouts, speed); the GPU run of test_kernels.py covers those.
 """
 
 from __future__ import annotations

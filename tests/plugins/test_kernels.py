@@ -113,21 +113,21 @@ def make_layout(groups: int, tokens_per_group: int, stamp_len: int, prefix: int 
 
 # --- chunk attention -----------------------------------------------------------------------------
 
-# The attention kernels: "simt" runs everywhere (the emulated device is an sm_75 one); "mma"
-# (tensor cores, fp16/bf16, head_dim 64/128) needs sm_80+, so it is a GPU case only; "auto" is
-# the dispatching launcher. The mma kernel rounds the probabilities P to the input dtype before
-# P.V (as FlashAttention does): its error is about one unit roundoff u of the dtype times a
-# convex combination of |V|, which TOLERANCE (fp16 2e-3 ~ 4u, u = 2^-11; bf16 2e-2 ~ 5u,
-# u = 2^-8) covers with the output rounding (u/2 relative).
+# The attention kernels: "simt" (every dtype and head_dim), "mma" (tensor cores: fp16/bf16 at
+# head_dim 64/128, sm_80+) and "auto", the dispatching launcher. The emulated device is an
+# sm_80 one whose ldmatrix / mma.sync are emulated lane by lane from the PTX ISA's fragment
+# layouts (cuda_host/include), so both kernels' logic runs here; only the GPU checks that the
+# hardware agrees with those layouts. The mma kernel rounds the probabilities P to the input
+# dtype before P.V (as FlashAttention does): its error is about one unit roundoff u of the
+# dtype times a convex combination of |V|, which TOLERANCE (fp16 2e-3 ~ 4u, u = 2^-11; bf16
+# 2e-2 ~ 5u, u = 2^-8) covers together with the output rounding (u/2 relative).
 VARIANTS = ["simt", "mma", "auto"]
 MMA_HEAD_DIMS = (64, 128)
 
 
 def skip_unless_runnable(target: Target, variant: str, dtype: torch.dtype, head_dim: int) -> None:
-    if variant == "mma" and target.name == "emulated":
-        pytest.skip("the tensor-core kernel is inline PTX: GPU only (test_mma_kernel_refuses_the_emulated_device)")
     if variant == "mma" and (dtype == torch.float32 or head_dim not in MMA_HEAD_DIMS):
-        pytest.skip(f"the tensor-core kernel takes fp16/bf16 at head_dim {MMA_HEAD_DIMS}")
+        pytest.skip(f"the tensor-core kernel takes fp16/bf16 at head_dim {MMA_HEAD_DIMS} (test_mma_kernel_refuses_other_shapes)")
 
 
 def past_buffer(rows: torch.Tensor, spare_rows: int) -> torch.Tensor:
@@ -222,16 +222,51 @@ def test_chunk_attention_query_kinds(target, case, dtype, variant) -> None:
 
 
 @pytest.mark.parametrize("target", ["emulated"], indirect=True)
-def test_mma_kernel_refuses_the_emulated_device(target) -> None:
-    """The emulation is an sm_75 device: the tensor-core launcher says so, auto falls back to SIMT."""
-    q = torch.zeros(3, 2, 64, dtype=torch.float16)
-    k = torch.zeros(3, 1, 64, dtype=torch.float16)
-    with pytest.raises(kernel_module.KernelError, match="unsupported"):
-        kernel_module.chunk_attention_torch(
-            q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[], variant="mma"
-        )
-    out = kernel_module.chunk_attention_torch(q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[])
-    assert torch.equal(out, torch.zeros_like(q))
+def test_mma_kernel_refuses_other_shapes(target) -> None:
+    """fp32 and head_dim 32 are the SIMT kernel's: the tensor-core launcher says so, auto falls back."""
+    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32)):
+        q = torch.zeros(3, 2, head_dim, dtype=dtype)
+        k = torch.zeros(3, 1, head_dim, dtype=dtype)
+        with pytest.raises(kernel_module.KernelError, match="unsupported"):
+            kernel_module.chunk_attention_torch(
+                q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[], variant="mma"
+            )
+        out = kernel_module.chunk_attention_torch(q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[])
+        assert torch.equal(out, torch.zeros_like(q))
+
+
+# (past_len, queries, timestamp queries): pasts long enough for the mma kernel to split the
+# sweep (partial states merged by the second kernel), with the list and the whole past
+SPLIT_CASES = [(1500, 20, 3), (1100, 9, 0)]
+
+
+@pytest.mark.parametrize("variant", ["mma", "simt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@targets_with(SPLIT_CASES)
+def test_chunk_attention_split_sweeps(target, case, dtype, variant) -> None:
+    past_len, num_queries, num_ts = case
+    rng = np.random.default_rng(past_len)
+    gen = torch.Generator().manual_seed(past_len)
+    q, q64 = random((num_queries, 14, 64), dtype, gen, target)
+    k, k64 = random((num_queries, 2, 64), dtype, gen, target)
+    v, v64 = random((num_queries, 2, 64), dtype, gen, target)
+    past_k, past_k64 = random((past_len + 3, 2, 64), dtype, gen, target)
+    past_v, past_v64 = random((past_len + 3, 2, 64), dtype, gen, target)
+    visible = np.sort(rng.choice(past_len, size=past_len * 2 // 3, replace=False)).astype(np.int64)
+    ts_queries = np.sort(rng.choice(num_queries, size=num_ts, replace=False)).astype(np.int64)
+    size = kernel_module.chunk_attention_workspace_bytes(
+        num_queries=num_queries, past_capacity=past_len + 3, num_visible=len(visible), num_timestamp_queries=num_ts,
+        num_q_heads=14, num_kv_heads=2, head_dim=64, dtype="bf16",
+    )
+    assert size > 0, "this case is meant to split the sweep"
+    want = ref.chunk_sparse_attention(q64, k64, v64, past_k64, past_v64, past_len, visible, ts_queries, 0.125)
+    out = poisoned(q.shape, dtype, target)
+    kernel_module.chunk_attention_torch(
+        q, k, v, past_k, past_v, past_len=past_len, visible_past_index=visible, timestamp_query_index=ts_queries,
+        scale=0.125, out=out, variant=variant,
+    )
+    target.synchronize()
+    assert_close(out, want, dtype, f"{variant}: split sweep {case}")
 
 
 # Video-XL-2 at scale (GPU only): 28/4 heads, head_dim 128, pasts of 2k / 20k / 80k keys, chunks
