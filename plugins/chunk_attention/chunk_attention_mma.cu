@@ -39,8 +39,7 @@ constexpr int kMinKeysPerSplit = 512;
 // Splits aim at this many CTAs per kind (about two waves on a 132-SM H100). A shape-only
 // constant, so the workspace size never depends on the GPU a plan was made on.
 constexpr int64_t kTargetCtas = 264;
-constexpr int kKindTimestamp = 0;
-constexpr int kKindOther = 1;
+constexpr int kKindTimestamp = 0;  // kind 1: every other query
 
 struct MmaPlan {
     int64_t rows[2];  // (query, head) rows of each kind: queries of the kind x Hq
