@@ -1,6 +1,6 @@
 // ChunkSparseAttention (op contract v2), SIMT kernel: online softmax over the keys a chunk
-// query may see, float32 accumulation, no tensor cores. It serves fp32, sm_75 and the host
-// emulation of the tests; chunk_attention_mma.cu is the tensor-core kernel for fp16/bf16 on
+// query may see, float32 accumulation, no tensor cores. It serves fp32, head_dim 16/32 and
+// sm_75; chunk_attention_mma.cu is the tensor-core kernel for fp16/bf16 at head_dim 64/128 on
 // sm_80+. The C launchers at the end of this file choose between them.
 //
 // Grid: x = query head, y = query tile of 32 queries. Tiles hold one kind of query, so that
