@@ -36,6 +36,8 @@ typedef enum cudaError {
 } cudaError_t;
 typedef void* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
+                      cudaDevAttrComputeCapabilityMinor = 76 };
 
 struct dim3 {
     unsigned int x, y, z;
@@ -77,6 +79,9 @@ inline float __bfloat162float(__nv_bfloat16 b) {
     memcpy(&f, &u, 4);
     return f;
 }
+inline float to_float_emulated(__half h) { return __half2float(h); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x);
+inline float to_float_emulated(__nv_bfloat16 b);
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -84,6 +89,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return {static_cast<uint16_t>(u >> 16)};
 }
+
+inline float to_float_emulated(__nv_bfloat16 b) { return __bfloat162float(b); }
 
 // --- integer min/max as CUDA declares them ---------------------------------------------------
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -184,6 +191,94 @@ inline unsigned int __ballot_sync(unsigned int, int predicate) {
 
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
+inline int atomicMax(int* address, int value) {
+    std::lock_guard<std::mutex> lock(emu::atomic_mutex);
+    const int old = *address;
+    if (value > old) *address = value;
+    return old;
+}
+
+// --- warp-level matrix instructions (sm_80 PTX), emulated lane by lane ---------------------------
+// Fragment layouts as the PTX ISA describes them for ldmatrix.m8n8.x4(.trans).b16 and
+// mma.sync.m16n8k16.row.col.f32.{f16,bf16}: g = lane / 4, t = lane % 4.
+namespace emu {
+
+// Every lane's 64-bit value, gathered through the warp's exchange slots.
+inline void warp_all_gather(uint64_t mine, uint64_t (&all)[32]) {
+    uint64_t* slots = warp_slots();
+    slots[threadIdx.x % 32] = mine;
+    warp_barrier().arrive_and_wait();
+    for (int l = 0; l < 32; ++l) all[l] = slots[l];
+    warp_barrier().arrive_and_wait();
+}
+
+// ldmatrix .x4: lanes 8i..8i+7 give the row addresses of matrix i. Without .trans lane L gets,
+// of each matrix, the 2 elements (row g, cols 2t, 2t+1); with .trans (rows 2t, 2t+1, col g).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* address, bool trans) {
+    uint64_t rows[32];
+    warp_all_gather(reinterpret_cast<uint64_t>(address), rows);
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t* row = reinterpret_cast<const uint16_t*>(rows[8 * i + g]);
+            lo = row[2 * t];
+            hi = row[2 * t + 1];
+        } else {
+            lo = reinterpret_cast<const uint16_t*>(rows[8 * i + 2 * t])[g];
+            hi = reinterpret_cast<const uint16_t*>(rows[8 * i + 2 * t + 1])[g];
+        }
+        r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+}
+
+// mma.m16n8k16, row-major A (16x16), column-major B (16x8), float accumulators. Lane L holds
+// a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..][g]; c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1].
+template <typename T>
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    uint64_t a01[32], a23[32], b[32];
+    warp_all_gather(a[0] | (static_cast<uint64_t>(a[1]) << 32), a01);
+    warp_all_gather(a[2] | (static_cast<uint64_t>(a[3]) << 32), a23);
+    warp_all_gather(b0 | (static_cast<uint64_t>(b1) << 32), b);
+    auto element = [](uint32_t word, int which) {
+        T x;
+        const uint16_t bits = static_cast<uint16_t>(which ? word >> 16 : word & 0xffffu);
+        memcpy(&x, &bits, 2);
+        return to_float_emulated(x);
+    };
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        const uint32_t regs[4] = {static_cast<uint32_t>(a01[l]), static_cast<uint32_t>(a01[l] >> 32),
+                                  static_cast<uint32_t>(a23[l]), static_cast<uint32_t>(a23[l] >> 32)};
+        for (int e = 0; e < 2; ++e) {
+            A[g][2 * t + e] = element(regs[0], e);
+            A[g + 8][2 * t + e] = element(regs[1], e);
+            A[g][2 * t + 8 + e] = element(regs[2], e);
+            A[g + 8][2 * t + 8 + e] = element(regs[3], e);
+            B[2 * t + e][g] = element(static_cast<uint32_t>(b[l]), e);
+            B[2 * t + 8 + e][g] = element(static_cast<uint32_t>(b[l] >> 32), e);
+        }
+    }
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + (e % 2);
+        float sum = c[e];
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+        c[e] = sum;
+    }
+}
+
+}  // namespace emu
+
 inline float atomicAdd(float* address, float value) {
     std::lock_guard<std::mutex> lock(emu::atomic_mutex);
     const float old = *address;
@@ -197,6 +292,16 @@ inline const char* cudaGetErrorString(cudaError_t err) { return err == cudaSucce
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
     return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;  // sm_90's opt-in limit
+}
+// The emulated device reports compute capability 8.0 (its tensor-core instructions are the
+// emulated ones below) and 4 multiprocessors.
+inline cudaError_t cudaGetDevice(int* device) {
+    *device = 0;
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+    *value = attr == cudaDevAttrComputeCapabilityMajor ? 8 : attr == cudaDevAttrComputeCapabilityMinor ? 0 : 4;
+    return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
     memset(ptr, value, count);
