@@ -275,6 +275,44 @@ def build_library(
     return library
 
 
+# --- host build against a CUDA emulation (tests, the CPU dry run of bench/gpu_session.sh) -------
+
+_LAUNCH = re.compile(r"(\w+(?:<[\w, ]+>)?)<<<([^;]*?)>>>\(")
+_DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+
+
+def translate_for_host(source: str) -> str:
+    """CUDA launch and dynamic-shared syntax -> calls into the host emulation."""
+    source = _LAUNCH.sub(lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, ", source)
+    return _DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared());", source)
+
+
+def build_host_emulation(emulation_include: Path, out_dir: Path) -> Path:
+    """The kernel sources compiled by the host C++ compiler against a CUDA emulation (whose
+    headers live in `emulation_include`): same C launchers, host pointers. The tensor-core
+    kernel is compiled out (VIDEOXL_HOST_EMULATION); the emulated device reports sm_75."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise BuildError("no host C++ compiler (g++) to build the kernel emulation")
+    out_dir = Path(out_dir)
+    units = []
+    for path in kernel_sources() + kernel_headers():
+        target = out_dir / "src" / path.relative_to(PLUGIN_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = path.read_text()
+        if path.suffix == ".cu":
+            target = target.with_suffix(".cpp")
+            text = translate_for_host(text)
+            units.append(str(target))
+        target.write_text(text)
+    library = out_dir / "libvideoxl_kernels_emulated.so"
+    _run([
+        compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing",
+        "-Wno-unknown-pragmas", "-DVIDEOXL_HOST_EMULATION", "-I", str(emulation_include), *units, "-o", str(library),
+    ])
+    return library
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m videoxl.plugins.build", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", action="append", metavar="SM",

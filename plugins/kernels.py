@@ -2,8 +2,8 @@
 
 Two layers:
 
-* raw launchers (`chunk_attention`, `bilevel_kv_gather`, `pool_kv`, `block_scores`,
-  `top_k_blocks`): device pointers as ints, sizes, a stream handle (int, 0 = legacy default
+* raw launchers (`chunk_attention` with its `variant` and `chunk_attention_workspace_bytes`,
+  `bilevel_kv_gather`, `pool_kv`, `block_scores`, `top_k_blocks`): device pointers as ints, sizes, a stream handle (int, 0 = legacy default
   stream). They mirror the C declarations in ``*/*.h`` argument for argument and raise
   `KernelError` on a non-zero status. No torch.
 * torch wrappers (`*_torch`): take CUDA tensors, check shapes, allocate outputs and launch on
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "VIDEOXL_KERNELS_LIBRARY"  # explicit path to a prebuilt library
-KERNELS_VERSION = 1  # VIDEOXL_KERNELS_VERSION these bindings are written for
+KERNELS_VERSION = 2  # VIDEOXL_KERNELS_VERSION these bindings are written for
 
 
 class DType(enum.IntEnum):
@@ -70,22 +70,35 @@ _p = ctypes.c_void_p
 _i32 = ctypes.c_int32
 _i64 = ctypes.c_int64
 _f32 = ctypes.c_float
+_size = ctypes.c_size_t
+
+# Attention kernel choice -> C launcher: "auto" lets the library pick (tensor cores for
+# fp16/bf16 at head_dim 64/128 on sm_80+, else SIMT); the others force one kernel.
+ATTENTION_LAUNCHERS = {
+    "auto": "videoxl_chunk_attention",
+    "simt": "videoxl_chunk_attention_simt",
+    "mma": "videoxl_chunk_attention_mma",
+}
 
 # C signature of every launcher (argument types in declaration order); return type is int.
 SIGNATURES: dict[str, list[Any]] = {
-    "videoxl_chunk_attention": [
-        _p, _p, _p,  # query, key, value
-        _p, _p,  # prefix_len, window_start (device int64)
-        _p, _i64,  # past_timestamp_index, num_past_timestamps
-        _p, _i64,  # timestamp_query_index, num_timestamp_queries
-        _p,  # output
-        _i64, _i64,  # num_queries, num_keys
-        _i32, _i32, _i32,  # num_q_heads, num_kv_heads, head_dim
-        _f32, ctypes.c_int, _p,  # scale, dtype, stream
-    ],
+    **{
+        name: [
+            _p, _p, _p,  # query, key, value (the chunk)
+            _p, _p, _p,  # past_key, past_value, past_len (device int64)
+            _p, _i64,  # visible_past_index, num_visible
+            _p, _i64,  # timestamp_query_index, num_timestamp_queries
+            _p, _p, _size,  # output, workspace, workspace_bytes
+            _i64, _i64,  # num_queries, past_capacity
+            _i32, _i32, _i32,  # num_q_heads, num_kv_heads, head_dim
+            _f32, ctypes.c_int, _p,  # scale, dtype, stream
+        ]
+        for name in ATTENTION_LAUNCHERS.values()
+    },
     "videoxl_bilevel_kv_gather": [
         _p, _p,  # key, value
         _p, _p,  # gather_index, gather_weight
+        _p, _p,  # source_position, target_position
         _p, _p,  # mixed_key, mixed_value
         _i64, _i64, _i32,  # num_source, num_mixed, gather_width
         _i32, _i32,  # num_kv_heads, head_dim
@@ -107,7 +120,8 @@ SIGNATURES: dict[str, list[Any]] = {
         _i32, _i32, _p,  # num_blocks, k, stream
     ],
 }
-LAUNCHERS = tuple(SIGNATURES)
+LAUNCHERS = (*SIGNATURES, "videoxl_chunk_attention_workspace_bytes")
+WORKSPACE_SIGNATURE = [_i64, _i64, _i64, _i64, _i32, _i32, _i32, ctypes.c_int]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -198,6 +212,8 @@ def _open(path: Path, *, host_memory: bool) -> ctypes.CDLL:
         function = getattr(library, name)
         function.argtypes = argtypes
         function.restype = ctypes.c_int
+    library.videoxl_chunk_attention_workspace_bytes.argtypes = WORKSPACE_SIGNATURE
+    library.videoxl_chunk_attention_workspace_bytes.restype = ctypes.c_int64
     library.videoxl_kernels_status_string.argtypes = [ctypes.c_int]
     library.videoxl_kernels_status_string.restype = ctypes.c_char_p
     library.videoxl_kernels_version.restype = ctypes.c_int
@@ -226,29 +242,47 @@ def _call(name: str, *args: Any) -> None:
 
 
 def chunk_attention(
-    *, query: int, key: int, value: int, prefix_len: int, window_start: int,
-    past_timestamp_index: int, num_past_timestamps: int, timestamp_query_index: int,
-    num_timestamp_queries: int, output: int,
-    num_queries: int, num_keys: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    scale: float, dtype: DTypeLike, stream: int = 0,
+    *, query: int, key: int, value: int, past_key: int, past_value: int, past_len: int,
+    visible_past_index: int, num_visible: int, timestamp_query_index: int, num_timestamp_queries: int,
+    output: int, workspace: int, workspace_bytes: int, num_queries: int, past_capacity: int,
+    num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: DTypeLike, stream: int = 0,
+    variant: str = "auto",
 ) -> None:
-    """videoxl_chunk_attention; prefix_len/window_start point to one device int64 each."""
+    """videoxl_chunk_attention (or its _simt / _mma form); past_len points to one device int64."""
+    if variant not in ATTENTION_LAUNCHERS:
+        raise ValueError(f"unknown attention kernel {variant!r}; expected one of {sorted(ATTENTION_LAUNCHERS)}")
     _call(
-        "videoxl_chunk_attention", query, key, value, prefix_len, window_start, past_timestamp_index,
-        num_past_timestamps, timestamp_query_index, num_timestamp_queries, output, num_queries, num_keys, num_q_heads, num_kv_heads,
-        head_dim, scale, DType.of(dtype), stream,
+        ATTENTION_LAUNCHERS[variant], query, key, value, past_key, past_value, past_len, visible_past_index,
+        num_visible, timestamp_query_index, num_timestamp_queries, output, workspace, workspace_bytes,
+        num_queries, past_capacity, num_q_heads, num_kv_heads, head_dim, scale, DType.of(dtype), stream,
     )
 
 
+def chunk_attention_workspace_bytes(
+    *, num_queries: int, past_capacity: int, num_visible: int, num_timestamp_queries: int,
+    num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: DTypeLike,
+) -> int:
+    """Workspace bytes a chunk_attention launch with these shapes needs (shapes only, no GPU)."""
+    library = load_library()
+    size = library.videoxl_chunk_attention_workspace_bytes(
+        num_queries, past_capacity, num_visible, num_timestamp_queries, num_q_heads, num_kv_heads, head_dim,
+        DType.of(dtype),
+    )
+    if size < 0:
+        raise KernelError(f"videoxl_chunk_attention_workspace_bytes: {library.videoxl_kernels_status_string(size).decode()}")
+    return int(size)
+
+
 def bilevel_kv_gather(
-    *, key: int, value: int, gather_index: int, gather_weight: int, mixed_key: int, mixed_value: int,
-    num_source: int, num_mixed: int, gather_width: int, num_kv_heads: int, head_dim: int,
-    rope_theta: float, dtype: DTypeLike, stream: int = 0,
+    *, key: int, value: int, gather_index: int, gather_weight: int, source_position: int, target_position: int,
+    mixed_key: int, mixed_value: int, num_source: int, num_mixed: int, gather_width: int, num_kv_heads: int,
+    head_dim: int, rope_theta: float, dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_bilevel_kv_gather."""
     _call(
-        "videoxl_bilevel_kv_gather", key, value, gather_index, gather_weight, mixed_key, mixed_value,
-        num_source, num_mixed, gather_width, num_kv_heads, head_dim, rope_theta, DType.of(dtype), stream,
+        "videoxl_bilevel_kv_gather", key, value, gather_index, gather_weight, source_position, target_position,
+        mixed_key, mixed_value, num_source, num_mixed, gather_width, num_kv_heads, head_dim, rope_theta,
+        DType.of(dtype), stream,
     )
 
 
@@ -311,52 +345,69 @@ def _check_device(**tensors: torch.Tensor) -> None:
 
 
 def chunk_attention_torch(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, prefix_len: int | torch.Tensor,
-    window_start: int | torch.Tensor, past_timestamp_index: Any, timestamp_query_index: Any,
-    scale: float | None = None, out: torch.Tensor | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+    *, past_len: int | torch.Tensor, visible_past_index: Any, timestamp_query_index: Any,
+    scale: float | None = None, out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
+    variant: str = "auto",
 ) -> torch.Tensor:
-    """query (Q, Hq, D), key/value (K, Hkv, D) -> (Q, Hq, D), per ops.CHUNK_SPARSE_ATTENTION."""
+    """Per ops.CHUNK_SPARSE_ATTENTION: query (Q, Hq, D), key/value (Q, Hkv, D) the chunk,
+    past_key/past_value (P, Hkv, D) the past buffer -> (Q, Hq, D). A missing workspace is
+    allocated here (at its queried size); pass one to launch without allocating."""
     import torch
 
-    _check_device(query=query, key=key, value=value)
+    _check_device(query=query, key=key, value=value, past_key=past_key, past_value=past_value)
     num_queries, num_q_heads, head_dim = query.shape
-    num_keys, num_kv_heads, _ = key.shape
-    prefix = _device_tensor(prefix_len, query, torch.int64).reshape(1)
-    window = _device_tensor(window_start, query, torch.int64).reshape(1)
-    timestamps = _device_tensor(past_timestamp_index, query, torch.int64).reshape(-1)
+    num_kv_heads = key.shape[1]
+    length = _device_tensor(past_len, query, torch.int64).reshape(1)
+    visible = _device_tensor(visible_past_index, query, torch.int64).reshape(-1)
     ts_queries = _device_tensor(timestamp_query_index, query, torch.int64).reshape(-1)
+    dtype = _torch_dtype(query)
+    needed = chunk_attention_workspace_bytes(
+        num_queries=num_queries, past_capacity=past_key.shape[0], num_visible=visible.numel(),
+        num_timestamp_queries=ts_queries.numel(), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, dtype=dtype,
+    )
+    if workspace is None:
+        workspace = torch.empty(max(needed, 1), dtype=torch.uint8, device=query.device)
     out = torch.empty_like(query) if out is None else out
-    _check_device(out=out)
+    _check_device(out=out, workspace=workspace)
     chunk_attention(
-        query=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(), prefix_len=prefix.data_ptr(),
-        window_start=window.data_ptr(), past_timestamp_index=timestamps.data_ptr() if timestamps.numel() else 0,
-        num_past_timestamps=timestamps.numel(),
+        query=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(), past_key=past_key.data_ptr(),
+        past_value=past_value.data_ptr(), past_len=length.data_ptr(),
+        visible_past_index=visible.data_ptr() if visible.numel() else 0, num_visible=visible.numel(),
         timestamp_query_index=ts_queries.data_ptr() if ts_queries.numel() else 0,
-        num_timestamp_queries=ts_queries.numel(), output=out.data_ptr(),
-        num_queries=num_queries, num_keys=num_keys, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, scale=head_dim**-0.5 if scale is None else scale, dtype=_torch_dtype(query),
-        stream=_stream(),
+        num_timestamp_queries=ts_queries.numel(), output=out.data_ptr(), workspace=workspace.data_ptr(),
+        workspace_bytes=workspace.numel() * workspace.element_size(), num_queries=num_queries,
+        past_capacity=past_key.shape[0], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        scale=head_dim**-0.5 if scale is None else scale, dtype=dtype, stream=_stream(), variant=variant,
     )
     return out
 
 
 def bilevel_kv_gather_torch(
-    key: torch.Tensor, value: torch.Tensor, gather_index: Any, gather_weight: Any, *, rope_theta: float,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key: torch.Tensor, value: torch.Tensor, gather_index: Any, gather_weight: Any, source_position: Any,
+    target_position: Any, *, rope_theta: float, out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """key/value (N, Hkv, D) before RoPE -> mixed_key, mixed_value (M, Hkv, D)."""
+    """key/value (N, Hkv, D), key n rotated at source_position[n] -> mixed_key (rotated at
+    target_position), mixed_value (M, Hkv, D)."""
     import torch
 
     _check_device(key=key, value=value)
     index = _device_tensor(gather_index, key, torch.int64)
     weight = _device_tensor(gather_weight, key, torch.float32)
+    source = _device_tensor(source_position, key, torch.int64).reshape(-1)
+    target = _device_tensor(target_position, key, torch.int64).reshape(-1)
     num_mixed, width = index.shape
+    if source.numel() != key.shape[0] or target.numel() != num_mixed:
+        raise ValueError(f"source_position ({source.numel()}) must have {key.shape[0]} entries, "
+                         f"target_position ({target.numel()}) {num_mixed}")
     if out is None:
         out = (key.new_empty((num_mixed, *key.shape[1:])), value.new_empty((num_mixed, *value.shape[1:])))
     mixed_key, mixed_value = out
     _check_device(mixed_key=mixed_key, mixed_value=mixed_value)
     bilevel_kv_gather(
         key=key.data_ptr(), value=value.data_ptr(), gather_index=index.data_ptr(), gather_weight=weight.data_ptr(),
+        source_position=source.data_ptr(), target_position=target.data_ptr(),
         mixed_key=mixed_key.data_ptr(), mixed_value=mixed_value.data_ptr(), num_source=key.shape[0],
         num_mixed=num_mixed, gather_width=width, num_kv_heads=key.shape[1], head_dim=key.shape[2],
         rope_theta=rope_theta, dtype=_torch_dtype(key), stream=_stream(),

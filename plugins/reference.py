@@ -23,6 +23,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "apply_rope",
+    "visible_past_index",
     "chunk_visibility_mask",
     "chunk_sparse_attention",
     "bilevel_kv_gather",
@@ -50,14 +51,17 @@ def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """(D/2,) float32: 1 / theta ** (arange(0, D, 2) / D), all in float32 as in Hugging Face.
 
-    The float32 power is the correctly rounded one (numpy, glibc, and the kernels' double
-    power rounded once). torch's vectorised CPU pow may differ from it by one ulp for a few
+    The float32 power is the correctly rounded one (the double power rounded once, as the
+    kernels compute it). torch's vectorised CPU pow may differ from it by one ulp for a few
     pairs; the angle error that causes is below 2e-6 rad at position 40k.
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    # The power in float64, rounded once: numpy's float32 power is not correctly rounded on
+    # every build (it differed by one ulp here), the double one rounded once is.
+    power = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def rope_cos_sin(
@@ -89,49 +93,57 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, theta: float, *, dtype: typ
 # --- ChunkSparseAttention --------------------------------------------------------------------
 
 
+def visible_past_index(prefix_len: int, past_timestamp_index: np.ndarray, window_start: int, past_len: int) -> np.ndarray:
+    """(V,) int64 ascending: [0, prefix_len) U past_timestamp_index U [window_start, past_len).
+
+    The index list a chunk of the evaluation rule reads its past through (DESIGN §2); the
+    timestamp list must lie in [prefix_len, window_start), so the three parts never overlap.
+    """
+    return np.concatenate(
+        [
+            np.arange(prefix_len, dtype=np.int64),
+            np.asarray(past_timestamp_index, dtype=np.int64).reshape(-1),
+            np.arange(window_start, past_len, dtype=np.int64),
+        ]
+    )
+
+
 def chunk_visibility_mask(
     num_queries: int,
-    num_keys: int,
-    prefix_len: int,
-    window_start: int,
-    past_timestamp_index: np.ndarray,
+    past_len: int,
+    visible_past_index: np.ndarray,
     timestamp_query_index: np.ndarray,
 ) -> np.ndarray:
-    """(Q, K) bool: which keys each chunk query sees (the chunk's mask, never L x L)."""
-    past = num_keys - num_queries
-    query_pos = past + np.arange(num_queries)[:, None]  # (Q, 1) absolute positions
-    key_pos = np.arange(num_keys)[None, :]  # (1, K)
-    causal = key_pos <= query_pos
-    sparse_past = key_pos < prefix_len
-    sparse_past = sparse_past | (key_pos >= window_start)
-    timestamp_keys = np.zeros(num_keys, dtype=bool)
-    timestamp_keys[np.asarray(past_timestamp_index, dtype=np.int64)] = True
-    sparse_past = sparse_past | timestamp_keys[None, :]
+    """(Q, past_len + Q) bool over [past rows 0..past_len) ++ [chunk keys]: what each query sees.
+
+    The chunk's mask (never L x L): a timestamp query sees every past row, any other query the
+    rows in visible_past_index; every query sees chunk keys 0..i.
+    """
+    visible = np.zeros(past_len, dtype=bool)
+    visible[np.asarray(visible_past_index, dtype=np.int64)] = True
     is_ts = np.zeros(num_queries, dtype=bool)
     is_ts[np.asarray(timestamp_query_index, dtype=np.int64)] = True
-    return causal & (is_ts[:, None] | sparse_past)
+    past = is_ts[:, None] | visible[None, :]  # (Q, past_len)
+    causal = np.tril(np.ones((num_queries, num_queries), dtype=bool))  # (Q, Q)
+    return np.concatenate([past, causal], axis=1)
 
 
 def _check_chunk_inputs(
-    query: np.ndarray, key: np.ndarray, value: np.ndarray, prefix_len: int, window_start: int,
-    past_timestamp_index: np.ndarray, timestamp_query_index: np.ndarray,
+    query: np.ndarray, key: np.ndarray, value: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
+    past_len: int, visible: np.ndarray, timestamp_query_index: np.ndarray,
 ) -> None:
     num_queries, num_q_heads, head_dim = query.shape
-    num_keys, num_kv_heads, key_dim = key.shape
-    past = num_keys - num_queries
-    if key.shape != value.shape or key_dim != head_dim:
-        raise ValueError(f"key {key.shape} / value {value.shape} do not match query {query.shape}")
+    if key.shape != value.shape or key.shape[0] != num_queries or key.shape[2] != head_dim:
+        raise ValueError(f"key {key.shape} / value {value.shape} must be (Q, Hkv, D) for query {query.shape}")
+    num_kv_heads = key.shape[1]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads not a multiple of {num_kv_heads} KV heads")
-    if past < 0:
-        raise ValueError(f"{num_keys} keys < {num_queries} queries: keys must be past + chunk")
-    if not 0 <= prefix_len <= window_start <= past:
-        raise ValueError(f"need 0 <= prefix_len ({prefix_len}) <= window_start ({window_start}) <= past ({past})")
-    ts = np.asarray(past_timestamp_index, dtype=np.int64)
-    if ts.size and (ts.min() < prefix_len or ts.max() >= window_start):
-        raise ValueError(f"past_timestamp_index must lie in [prefix_len, window_start) = [{prefix_len}, {window_start})")
-    if ts.size != np.unique(ts).size:
-        raise ValueError("past_timestamp_index has duplicates")
+    if past_key.shape != past_value.shape or past_key.shape[1:] != key.shape[1:]:
+        raise ValueError(f"past_key {past_key.shape} / past_value {past_value.shape} must be (P, Hkv, D) like key {key.shape}")
+    if not 0 <= past_len <= past_key.shape[0]:
+        raise ValueError(f"past_len {past_len} outside the past buffer [0, {past_key.shape[0]}]")
+    if visible.ndim != 1 or (visible.size and (visible.min() < 0 or visible.max() >= past_len or np.any(np.diff(visible) <= 0))):
+        raise ValueError(f"visible_past_index must be ascending, unique, in [0, past_len = {past_len})")
     tq = np.asarray(timestamp_query_index)
     if tq.ndim != 1 or (tq.size and not np.issubdtype(tq.dtype, np.integer)):
         raise ValueError(f"timestamp_query_index must be a 1-D integer list, got {tq.dtype} {tq.shape}")
@@ -143,34 +155,34 @@ def chunk_sparse_attention(
     query: np.ndarray,
     key: np.ndarray,
     value: np.ndarray,
-    prefix_len: int,
-    window_start: int,
-    past_timestamp_index: np.ndarray,
+    past_key: np.ndarray,
+    past_value: np.ndarray,
+    past_len: int,
+    visible_past_index: np.ndarray,
     timestamp_query_index: np.ndarray,
     scale: float,
     *,
     dtype: type | None = None,
 ) -> np.ndarray:
-    """ChunkSparseAttention: (Q, Hq, D) queries over (K, Hkv, D) keys -> (Q, Hq, D).
+    """ChunkSparseAttention (contract v2): (Q, Hq, D) chunk queries -> (Q, Hq, D).
 
-    Query i sits at position p = (K - Q) + i; a timestamp query (i in the ascending list
-    timestamp_query_index) sees keys [0, p], any other
-    [0, prefix_len) U past_timestamp_index U [window_start, p]. Query head h reads KV head
-    h // (Hq / Hkv).
+    Query i sits at position past_len + i. It sees the past rows visible_past_index (every
+    row [0, past_len) when i is in timestamp_query_index) and chunk keys 0..i. Past rows
+    >= past_len are never read. Query head h reads KV head h // (Hq / Hkv).
     """
-    _check_chunk_inputs(query, key, value, prefix_len, window_start, past_timestamp_index, timestamp_query_index)
-    compute = _compute_dtype(query, key, value, dtype=dtype)
+    past_len = int(np.asarray(past_len).reshape(-1)[0])
+    visible = np.asarray(visible_past_index, dtype=np.int64).reshape(-1)
+    _check_chunk_inputs(query, key, value, past_key, past_value, past_len, visible, timestamp_query_index)
+    compute = _compute_dtype(query, key, value, past_key[:past_len], past_value[:past_len], dtype=dtype)
     q = np.asarray(query, dtype=compute)
-    k = np.asarray(key, dtype=compute)
-    v = np.asarray(value, dtype=compute)
+    k = np.concatenate([np.asarray(past_key[:past_len], dtype=compute), np.asarray(key, dtype=compute)])
+    v = np.concatenate([np.asarray(past_value[:past_len], dtype=compute), np.asarray(value, dtype=compute)])
     num_queries, num_q_heads, _ = q.shape
     group = num_q_heads // k.shape[1]
-    k = np.repeat(k, group, axis=1)  # (K, Hq, D)
+    k = np.repeat(k, group, axis=1)  # (past_len + Q, Hq, D)
     v = np.repeat(v, group, axis=1)
-    mask = chunk_visibility_mask(
-        num_queries, k.shape[0], prefix_len, window_start, past_timestamp_index, timestamp_query_index
-    )
-    logits = (q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)) * compute(scale)  # (Hq, Q, K)
+    mask = chunk_visibility_mask(num_queries, past_len, visible, timestamp_query_index)
+    logits = (q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)) * compute(scale)  # (Hq, Q, past_len + Q)
     logits = np.where(mask[None], logits, compute(-np.inf))
     weights = _softmax(logits, axis=-1)
     return (weights @ v.transpose(1, 0, 2)).transpose(1, 0, 2).astype(compute)  # (Q, Hq, D)
@@ -184,23 +196,35 @@ def bilevel_kv_gather(
     value: np.ndarray,
     gather_index: np.ndarray,
     gather_weight: np.ndarray,
+    source_position: np.ndarray,
+    target_position: np.ndarray,
     rope_theta: float,
     *,
     dtype: type | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """BilevelKVGather: mixed[m] = sum_s w[m, s] * source[index[m, s]]; keys rotated at m.
+    """BilevelKVGather (contract v2): un-rotate, pool, re-rotate.
 
-    key/value (N, Hkv, D) before RoPE; gather_index (M, S) int64; gather_weight (M, S)
-    float32. Returns mixed_key, mixed_value (M, Hkv, D).
+    key/value (N, Hkv, D), key row n rotated at source_position[n] (0: not rotated);
+    gather_index (M, S) int64; gather_weight (M, S) float32; target_position (M,) int64.
+        mixed_key[m]   = rope(sum_s w[m, s] * rope(key[i], -source_position[i]), target_position[m])
+        mixed_value[m] = sum_s w[m, s] * value[i],   i = gather_index[m, s]
+    Returns mixed_key, mixed_value (M, Hkv, D).
     """
     index = np.asarray(gather_index, dtype=np.int64)
     if index.ndim != 2 or np.shape(gather_weight) != index.shape:
         raise ValueError(f"gather_index {index.shape} and gather_weight {np.shape(gather_weight)} must be (M, S)")
     if index.size and (index.min() < 0 or index.max() >= key.shape[0]):
         raise ValueError(f"gather_index outside [0, {key.shape[0]})")
+    source_position = np.asarray(source_position, dtype=np.int64).reshape(-1)
+    target_position = np.asarray(target_position, dtype=np.int64).reshape(-1)
+    if source_position.shape != (key.shape[0],) or target_position.shape != (index.shape[0],):
+        raise ValueError(
+            f"source_position {source_position.shape} must be ({key.shape[0]},) and target_position "
+            f"{target_position.shape} ({index.shape[0]},)"
+        )
     compute = _compute_dtype(key, value, dtype=dtype)
     weight = np.asarray(gather_weight, dtype=np.float32).astype(compute)[:, :, None, None]
-    k = np.asarray(key, dtype=compute)
+    k = apply_rope(np.asarray(key, dtype=compute), -source_position, rope_theta, dtype=compute)  # un-rotated
     v = np.asarray(value, dtype=compute)
     # Sequential sum over s (s = 0, 1, ...), the order the kernel accumulates in.
     mixed_key = np.zeros((index.shape[0],) + k.shape[1:], dtype=compute)
@@ -208,8 +232,7 @@ def bilevel_kv_gather(
     for s in range(index.shape[1]):
         mixed_key += weight[:, s] * k[index[:, s]]
         mixed_value += weight[:, s] * v[index[:, s]]
-    positions = np.arange(index.shape[0], dtype=np.int64)
-    return apply_rope(mixed_key, positions, rope_theta, dtype=compute), mixed_value
+    return apply_rope(mixed_key, target_position, rope_theta, dtype=compute), mixed_value
 
 
 def pool_visual_kv(kv: np.ndarray, stride: int, *, dtype: type | None = None) -> np.ndarray:

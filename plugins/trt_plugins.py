@@ -140,7 +140,7 @@ def _define(trt: ModuleType) -> dict[str, Any]:
             self.check_shapes([tuple(d.desc.dims) for d in inputs])
 
         def get_workspace_size(self, inputs, outputs) -> int:
-            return 0  # the launchers take no workspace (chunk_attention.h, bilevel_kv.h)
+            return 0  # overridden where a launcher takes workspace (chunk_attention.h)
 
         def get_valid_tactics(self):
             return []  # one implementation: TensorRT uses the default tactic 0
@@ -171,35 +171,57 @@ def _define(trt: ModuleType) -> dict[str, Any]:
             return dtype_names[data_type]
 
     class ChunkSparseAttentionPlugin(VideoXLPlugin):
-        contract = CHUNK_SPARSE_ATTENTION
+        contract = CHUNK_SPARSE_ATTENTION  # query, key, value, past_key, past_value, past_len, visible_past_index, timestamp_query_index
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             return [trt.DimsExprs(inputs[0])]  # output (Q, Hq, D) = query
 
         def check_shapes(self, dims):
-            query, key, value = dims[0], dims[1], dims[2]
+            query, key, value, past_key, past_value = dims[:5]
             hq, hkv, d = query[1], key[1], query[2]
             problems = []
-            if key[2] != d or value[1:] != key[1:]:
-                problems.append(f"query {query}, key {key}, value {value} disagree on heads/head_dim")
+            if key[2] != d or value[1:] != key[1:] or past_key[1:] != key[1:] or past_value[1:] != key[1:]:
+                problems.append(f"query {query}, key {key}, value {value}, past {past_key}/{past_value} disagree on heads/head_dim")
             if hq > 0 and hkv > 0 and hq % hkv:
                 problems.append(f"{hq} query heads are not a multiple of {hkv} KV heads")
-            if query[0] >= 0 and key[0] >= 0 and key[0] < query[0]:
-                problems.append(f"{key[0]} keys < {query[0]} queries (keys must be past + chunk)")
+            if query[0] >= 0 and key[0] >= 0 and key[0] != query[0]:
+                problems.append(f"{key[0]} chunk keys for {query[0]} queries (key holds the chunk's own keys)")
             if problems:
                 raise ValueError(f"videoxl::{self.contract.name}: " + "; ".join(problems))
+
+        def workspace_bytes(self, dims, data_type) -> int:
+            """The launcher's own answer for these shapes (videoxl_chunk_attention_workspace_bytes)."""
+            from videoxl.plugins import kernels
+
+            query, key, past_key, visible, ts = dims[0], dims[1], dims[3], dims[6], dims[7]
+            try:
+                return kernels.chunk_attention_workspace_bytes(
+                    num_queries=query[0], past_capacity=past_key[0], num_visible=visible[0],
+                    num_timestamp_queries=ts[0], num_q_heads=query[1], num_kv_heads=key[1], head_dim=query[2],
+                    dtype=self.dtype_name(data_type),
+                )
+            except kernels.build.BuildError as err:
+                # No kernel library on the building machine: the bound chunk_attention_mma.cu
+                # guarantees (at most 64 splits of every (query, head) row, fp32 acc + m + l).
+                bound = 64 * query[0] * query[1] * (query[2] + 2) * 4 + 512
+                log.warning("sizing the attention workspace without the kernel library (%s): %d bytes", err, bound)
+                return bound
+
+        def get_workspace_size(self, inputs, outputs) -> int:
+            return self.workspace_bytes([tuple(d.max) for d in inputs], inputs[0].desc.type)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from videoxl.plugins import kernels
 
-            q, k = input_desc[0].dims, input_desc[1].dims
+            dims = [tuple(d.dims) for d in input_desc]
+            q, k, past = dims[0], dims[1], dims[3]
             kernels.chunk_attention(
-                query=inputs[0], key=inputs[1], value=inputs[2],
-                prefix_len=inputs[3], window_start=inputs[4],
-                past_timestamp_index=inputs[5], num_past_timestamps=input_desc[5].dims[0],
-                timestamp_query_index=inputs[6], num_timestamp_queries=input_desc[6].dims[0],
-                output=outputs[0],
-                num_queries=q[0], num_keys=k[0], num_q_heads=q[1], num_kv_heads=k[1], head_dim=q[2],
+                query=inputs[0], key=inputs[1], value=inputs[2], past_key=inputs[3], past_value=inputs[4],
+                past_len=inputs[5], visible_past_index=inputs[6], num_visible=dims[6][0],
+                timestamp_query_index=inputs[7], num_timestamp_queries=dims[7][0],
+                output=outputs[0], workspace=workspace,
+                workspace_bytes=self.workspace_bytes(dims, input_desc[0].type),
+                num_queries=q[0], past_capacity=past[0], num_q_heads=q[1], num_kv_heads=k[1], head_dim=q[2],
                 scale=self.attributes["scale"], dtype=self.dtype_name(input_desc[0].type), stream=stream,
             )
 
@@ -212,7 +234,7 @@ def _define(trt: ModuleType) -> dict[str, Any]:
             return [mixed, trt.DimsExprs(mixed)]
 
         def check_shapes(self, dims):
-            key, value, index, weight = dims
+            key, value, index, weight, source, target = dims
             problems = []
             if value != key and -1 not in key + value:
                 problems.append(f"key {key} and value {value} differ")
@@ -220,6 +242,10 @@ def _define(trt: ModuleType) -> dict[str, Any]:
                 problems.append(f"head_dim {key[2]} is odd (RoPE rotates pairs)")
             if index[1:] != weight[1:] and -1 not in index + weight:
                 problems.append(f"gather_index {index} and gather_weight {weight} differ")
+            if source[0] >= 0 and key[0] >= 0 and source[0] != key[0]:
+                problems.append(f"source_position {source} for {key[0]} source rows")
+            if target[0] >= 0 and index[0] >= 0 and target[0] != index[0]:
+                problems.append(f"target_position {target} for {index[0]} output rows")
             if problems:
                 raise ValueError(f"videoxl::{self.contract.name}: " + "; ".join(problems))
 
@@ -229,6 +255,7 @@ def _define(trt: ModuleType) -> dict[str, Any]:
             key, index = input_desc[0].dims, input_desc[2].dims
             kernels.bilevel_kv_gather(
                 key=inputs[0], value=inputs[1], gather_index=inputs[2], gather_weight=inputs[3],
+                source_position=inputs[4], target_position=inputs[5],
                 mixed_key=outputs[0], mixed_value=outputs[1],
                 num_source=key[0], num_mixed=index[0], gather_width=index[1],
                 num_kv_heads=key[1], head_dim=key[2],

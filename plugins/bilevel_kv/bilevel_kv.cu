@@ -10,13 +10,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxHeadDim = 1024;
 
-// One thread per (mixed row m, kv head, rotation pair i): it pools elements i and i + D/2 of
-// both key and value, then rotates the key pair. Blocks stride over rows; a block computes
-// the D/2 inverse frequencies once.
+// One thread per (mixed row m, kv head, rotation pair i): it un-rotates elements i and i + D/2
+// of each source key by its source position, pools them and the value pair with the weights,
+// then rotates the pooled key pair at the target position. Blocks stride over rows; a block
+// computes the D/2 inverse frequencies once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) bilevel_kv_gather_kernel(
     const T* __restrict__ key, const T* __restrict__ value, const int64_t* __restrict__ gather_index,
-    const float* __restrict__ gather_weight, T* __restrict__ mixed_key, T* __restrict__ mixed_value,
+    const float* __restrict__ gather_weight, const int64_t* __restrict__ source_position,
+    const int64_t* __restrict__ target_position, T* __restrict__ mixed_key, T* __restrict__ mixed_value,
     int64_t num_source, int64_t num_mixed, int gather_width, int num_kv_heads, int head_dim, float rope_theta) {
     __shared__ float inv_freq[kMaxHeadDim / 2];
     const int half = head_dim / 2;
@@ -37,12 +39,18 @@ __global__ void __launch_bounds__(kThreads) bilevel_kv_gather_kernel(
             if (src < 0 || src >= num_source) continue;
             const float w = gather_weight[m * gather_width + s];
             const int64_t base = (src * num_kv_heads + head) * head_dim;
-            k_lo += w * to_float(key[base + i]);
-            k_hi += w * to_float(key[base + i + half]);
+            const float x_lo = to_float(key[base + i]);
+            const float x_hi = to_float(key[base + i + half]);
+            // rotate by -angle (the angle the key was stored at): (lo c + hi s, hi c - lo s)
+            const float back = static_cast<float>(source_position[src]) * inv_freq[i];
+            const float cb = cosf(back);
+            const float sb = sinf(back);
+            k_lo += w * (x_lo * cb + x_hi * sb);
+            k_hi += w * (x_hi * cb - x_lo * sb);
             v_lo += w * to_float(value[base + i]);
             v_hi += w * to_float(value[base + i + half]);
         }
-        const float angle = static_cast<float>(m) * inv_freq[i];  // float32 product, as in HF
+        const float angle = static_cast<float>(target_position[m]) * inv_freq[i];  // float32 product, as in HF
         const float c = cosf(angle);
         const float sn = sinf(angle);
         const int64_t out = (m * num_kv_heads + head) * head_dim;
@@ -75,6 +83,7 @@ __global__ void __launch_bounds__(kThreads) pool_kv_kernel(
 VIDEOXL_API int videoxl_bilevel_kv_gather(
     const void* key, const void* value,
     const int64_t* gather_index, const float* gather_weight,
+    const int64_t* source_position, const int64_t* target_position,
     void* mixed_key, void* mixed_value,
     int64_t num_source, int64_t num_mixed, int32_t gather_width,
     int32_t num_kv_heads, int32_t head_dim,
@@ -85,14 +94,15 @@ VIDEOXL_API int videoxl_bilevel_kv_gather(
         return VIDEOXL_STATUS_INVALID_ARGUMENT;
     }
     if (num_mixed == 0) return VIDEOXL_STATUS_OK;
-    if (!key || !value || !gather_index || !gather_weight || !mixed_key || !mixed_value) {
+    if (!key || !value || !gather_index || !gather_weight || !source_position || !target_position || !mixed_key ||
+        !mixed_value) {
         return VIDEOXL_STATUS_INVALID_ARGUMENT;
     }
     const int64_t items = num_mixed * num_kv_heads * (head_dim / 2);
     VIDEOXL_DISPATCH_DTYPE(dtype, {
         bilevel_kv_gather_kernel<scalar_t><<<grid_size(items, kThreads), kThreads, 0, stream>>>(
             static_cast<const scalar_t*>(key), static_cast<const scalar_t*>(value), gather_index, gather_weight,
-            static_cast<scalar_t*>(mixed_key), static_cast<scalar_t*>(mixed_value), num_source, num_mixed,
+            source_position, target_position, static_cast<scalar_t*>(mixed_key), static_cast<scalar_t*>(mixed_value), num_source, num_mixed,
             gather_width, num_kv_heads, head_dim, rope_theta);
     })
     return launch_status();

@@ -7,15 +7,18 @@
 
 #include "../common/videoxl_kernels.h"
 
-/* BilevelKVGather: for m in [0, M)
- *     mixed_value[m] = sum_s gather_weight[m, s] * value[gather_index[m, s]]
- *     mixed_key[m]   = RoPE_m(sum_s gather_weight[m, s] * key[gather_index[m, s]])
- * with float32 accumulation (s = 0, 1, ... in order) and RoPE at the compacted position m:
- * rotate-half pairs (i, i + D/2), angle float(m) * inv_freq[i],
- * inv_freq[i] = 1 / rope_theta ** (float(2i) / D) in float32 (Hugging Face's formula).
- *   key, value          (num_source, num_kv_heads, head_dim), before RoPE
+/* BilevelKVGather (op contract v2): for m in [0, M), with i = gather_index[m, s]
+ *     mixed_value[m] = sum_s gather_weight[m, s] * value[i]
+ *     mixed_key[m]   = RoPE(sum_s gather_weight[m, s] * RoPE(key[i], -source_position[i]),
+ *                           target_position[m])
+ * with float32 accumulation (s = 0, 1, ... in order). RoPE is rotate-half over pairs
+ * (j, j + D/2), angle float(position) * inv_freq[j], inv_freq[j] = 1 / rope_theta ** (float(2j) / D)
+ * in float32 (Hugging Face's formula); position 0 is the identity.
+ *   key, value          (num_source, num_kv_heads, head_dim), key row n rotated at source_position[n]
  *   gather_index        (num_mixed, gather_width) int64 in [0, num_source)
  *   gather_weight       (num_mixed, gather_width) float32
+ *   source_position     (num_source,) int64 (0: the key is stored before RoPE)
+ *   target_position     (num_mixed,) int64 (0: the pooled key stays before RoPE)
  *   mixed_key/value     (num_mixed, num_kv_heads, head_dim)
  *   head_dim            even, at most 1024
  * Out-of-range indices contribute nothing. Returns 0, a VideoxlStatus (< 0) or a
@@ -23,6 +26,7 @@
 VIDEOXL_API int videoxl_bilevel_kv_gather(
     const void* key, const void* value,
     const int64_t* gather_index, const float* gather_weight,
+    const int64_t* source_position, const int64_t* target_position,
     void* mixed_key, void* mixed_value,
     int64_t num_source, int64_t num_mixed, int32_t gather_width,
     int32_t num_kv_heads, int32_t head_dim,

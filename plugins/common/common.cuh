@@ -50,6 +50,19 @@ inline unsigned int grid_size(int64_t n, int threads, unsigned int cap = 65535u)
     return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+// Compute capability major of the current device, cached per device (0 when unknown). Not a
+// stream operation, so launchers may call it during CUDA graph capture.
+inline int current_device_major() {
+    static int cached[64] = {0};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 0;
+    if (device < 64 && cached[device] != 0) return cached[device];
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
+    if (device < 64) cached[device] = major;
+    return major;
+}
+
 inline int launch_status() {
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? VIDEOXL_STATUS_OK : static_cast<int>(err);

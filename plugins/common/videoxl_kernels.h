@@ -20,7 +20,7 @@
 #define VIDEOXL_API VIDEOXL_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped whenever a launcher's signature or numerics change. */
-#define VIDEOXL_KERNELS_VERSION 1
+#define VIDEOXL_KERNELS_VERSION 2  /* 2: op contract v2 */
 
 /* Element type of the model's float tensors (indices and weights have fixed types). */
 typedef enum VideoxlDType {
@@ -34,6 +34,8 @@ typedef enum VideoxlStatus {
     VIDEOXL_STATUS_INVALID_ARGUMENT = -1, /* a size, pointer or dtype out of range */
     VIDEOXL_STATUS_UNSUPPORTED_HEAD_DIM = -2, /* head_dim outside the compiled set */
     VIDEOXL_STATUS_TOO_MANY_BLOCKS = -3, /* num_blocks above the block-score limit */
+    VIDEOXL_STATUS_UNSUPPORTED = -4, /* this kernel variant cannot run this dtype/head_dim/device */
+    VIDEOXL_STATUS_WORKSPACE_TOO_SMALL = -5, /* workspace smaller than the *_workspace_bytes query */
 } VideoxlStatus;
 
 /* VIDEOXL_KERNELS_VERSION of the library actually loaded. */

@@ -71,39 +71,68 @@ def test_missing_attribute_is_an_error(registered) -> None:
         _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt), trt.TensorRTPhase.BUILD)
 
 
-def test_formats_and_dtypes(registered) -> None:
+def _attention_io(trt, dtype, *, q=5, past=9):
+    """query, key, value, past_key, past_value, past_len, visible_past_index, timestamp_query_index, output."""
+    i64 = trt.DataType.INT64
+    return [_desc(trt, dtype, (q, 4, 16)), _desc(trt, dtype, (q, 2, 16)), _desc(trt, dtype, (q, 2, 16)),
+            _desc(trt, dtype, (past, 2, 16)), _desc(trt, dtype, (past, 2, 16)),
+            _desc(trt, i64, (1,)), _desc(trt, i64, (6,)), _desc(trt, i64, (2,)), _desc(trt, dtype, (q, 4, 16))]
+
+
+def test_formats_and_dtypes(registered, monkeypatch: pytest.MonkeyPatch) -> None:
+    from videoxl.plugins import kernels
+
     trt = registered
     plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
     half, f32, i64, i32, b = trt.DataType.HALF, trt.DataType.FLOAT, trt.DataType.INT64, trt.DataType.INT32, trt.DataType.BOOL
-    io = [_desc(trt, half, (5, 4, 16)), _desc(trt, half, (9, 2, 16)), _desc(trt, half, (9, 2, 16)),
-          _desc(trt, i64, (1,)), _desc(trt, i64, (1,)), _desc(trt, i64, (3,)), _desc(trt, i64, (2,)), _desc(trt, half, (5, 4, 16))]
-    assert all(plugin.supports_format_combination(pos, io, 7) for pos in range(8))
-    io[1] = _desc(trt, f32, (9, 2, 16))  # one float dtype across the op
-    assert not plugin.supports_format_combination(1, io, 7)
-    io[5] = _desc(trt, i32, (3,))  # indices are int64 by contract
-    assert not plugin.supports_format_combination(5, io, 7)
+    io = _attention_io(trt, half)
+    assert [spec.name for spec in CHUNK_SPARSE_ATTENTION.inputs][5:] == ["past_len", "visible_past_index", "timestamp_query_index"]
+    assert all(plugin.supports_format_combination(pos, io, 8) for pos in range(9))
+    io[3] = _desc(trt, f32, (9, 2, 16))  # one float dtype across the op, the past included
+    assert not plugin.supports_format_combination(3, io, 8)
+    io[5] = _desc(trt, i32, (1,))  # past_len is int64 by contract
+    assert not plugin.supports_format_combination(5, io, 8)
+    io[6] = _desc(trt, i32, (6,))  # indices are int64 by contract
+    assert not plugin.supports_format_combination(6, io, 8)
     for dtype in (b, i32):  # timestamp queries are an int64 index list, not a mask
-        io[6] = _desc(trt, dtype, (5,) if dtype == b else (2,))
-        assert not plugin.supports_format_combination(6, io, 7)
+        io[7] = _desc(trt, dtype, (5,) if dtype == b else (2,))
+        assert not plugin.supports_format_combination(7, io, 8)
     io[0] = _desc(trt, half, (5, 4, 16), trt.TensorFormat.HWC8)
-    assert not plugin.supports_format_combination(0, io, 7)
+    assert not plugin.supports_format_combination(0, io, 8)
     for dtype in (f32, half, trt.DataType.BF16):
-        assert plugin.get_output_data_types([dtype, dtype, dtype, i64, i64, i64, i64]) == [dtype]
-    assert plugin.get_workspace_size([], []) == 0
+        assert plugin.get_output_data_types([dtype] * 5 + [i64] * 3) == [dtype]
+    # the workspace is the launcher's answer for the profile's largest shapes
+    asked = []
+    monkeypatch.setattr(kernels, "chunk_attention_workspace_bytes", lambda **kw: asked.append(kw) or 4096)
+    inputs = _attention_io(trt, trt.DataType.BF16)[:8]
+    for d, most in zip(inputs, [(611, 28, 128), (611, 4, 128), (611, 4, 128), (80_000, 4, 128), (80_000, 4, 128),
+                                (1,), (3_000,), (24,)]):
+        d.max = trt.Dims(list(most))
+    assert plugin.get_workspace_size(inputs, []) == 4096
+    assert asked == [dict(num_queries=611, past_capacity=80_000, num_visible=3_000, num_timestamp_queries=24,
+                          num_q_heads=28, num_kv_heads=4, head_dim=128, dtype="bf16")]
     assert plugin.get_valid_tactics() == []
 
 
 def test_shape_checks(registered) -> None:
     trt = registered
     plugin = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.BUILD)
-    plugin.check_shapes([(5, 4, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (2,)])
+    good = [(5, 4, 16), (5, 2, 16), (5, 2, 16), (9, 2, 16), (9, 2, 16), (1,), (6,), (2,)]
+    plugin.check_shapes(good)
     with pytest.raises(ValueError, match="not a multiple"):
-        plugin.check_shapes([(5, 3, 16), (9, 2, 16), (9, 2, 16), (1,), (1,), (3,), (2,)])
-    with pytest.raises(ValueError, match="keys < 5 queries"):
-        plugin.check_shapes([(5, 4, 16), (4, 2, 16), (4, 2, 16), (1,), (1,), (3,), (2,)])
+        plugin.check_shapes([(5, 3, 16), *good[1:]])
+    with pytest.raises(ValueError, match="chunk keys for 5 queries"):
+        plugin.check_shapes([good[0], (4, 2, 16), (4, 2, 16), *good[3:]])
+    with pytest.raises(ValueError, match="disagree"):
+        plugin.check_shapes([*good[:3], (9, 3, 16), (9, 3, 16), *good[5:]])
     gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e4), trt.TensorRTPhase.BUILD)
+    gather.check_shapes([(9, 2, 16), (9, 2, 16), (3, 4), (3, 4), (9,), (3,)])
     with pytest.raises(ValueError, match="odd"):
-        gather.check_shapes([(9, 2, 15), (9, 2, 15), (3, 4), (3, 4)])
+        gather.check_shapes([(9, 2, 15), (9, 2, 15), (3, 4), (3, 4), (9,), (3,)])
+    with pytest.raises(ValueError, match="source_position"):
+        gather.check_shapes([(9, 2, 16), (9, 2, 16), (3, 4), (3, 4), (8,), (3,)])
+    with pytest.raises(ValueError, match="target_position"):
+        gather.check_shapes([(9, 2, 16), (9, 2, 16), (3, 4), (3, 4), (9,), (4,)])
 
 
 def _parse(trt, path: Path, *, override: bool):
@@ -162,18 +191,22 @@ def test_enqueue_hands_pointers_and_sizes_to_the_launchers(registered, monkeypat
     monkeypatch.setattr(kernels, "_call", lambda name, *args: calls.append((name, args)))
     trt = registered
     half, i64 = trt.DataType.HALF, trt.DataType.INT64
+    monkeypatch.setattr(kernels, "chunk_attention_workspace_bytes", lambda **kw: 512)
     attn = _creator(trt, CHUNK_SPARSE_ATTENTION.name).create_plugin("attn", _fields(trt, scale=0.25), trt.TensorRTPhase.RUNTIME)
-    inputs = [_tensor(trt, half, (5, 4, 16)), _tensor(trt, half, (9, 2, 16)), _tensor(trt, half, (9, 2, 16)),
-              _tensor(trt, i64, (1,)), _tensor(trt, i64, (1,)), _tensor(trt, i64, (3,)), _tensor(trt, i64, (2,))]
-    attn.enqueue(inputs, [_tensor(trt, half, (5, 4, 16))], [101, 102, 103, 104, 105, 106, 107], [201], 0, 77)
+    inputs = [_tensor(trt, half, (5, 4, 16)), _tensor(trt, half, (5, 2, 16)), _tensor(trt, half, (5, 2, 16)),
+              _tensor(trt, half, (9, 2, 16)), _tensor(trt, half, (9, 2, 16)),
+              _tensor(trt, i64, (1,)), _tensor(trt, i64, (6,)), _tensor(trt, i64, (2,))]
+    attn.enqueue(inputs, [_tensor(trt, half, (5, 4, 16))], [101, 102, 103, 104, 105, 106, 107, 108], [201], 301, 77)
     name, args = calls[-1]
     assert name == "videoxl_chunk_attention"
-    assert args == (101, 102, 103, 104, 105, 106, 3, 107, 2, 201, 5, 9, 4, 2, 16, 0.25, kernels.DType.FLOAT16, 77)
+    assert args == (101, 102, 103, 104, 105, 106, 107, 6, 108, 2, 201, 301, 512, 5, 9, 4, 2, 16, 0.25,
+                    kernels.DType.FLOAT16, 77)
 
     gather = _creator(trt, BILEVEL_KV_GATHER.name).create_plugin("g", _fields(trt, rope_theta=1e6), trt.TensorRTPhase.RUNTIME)
     inputs = [_tensor(trt, trt.DataType.BF16, (23, 2, 16)), _tensor(trt, trt.DataType.BF16, (23, 2, 16)),
-              _tensor(trt, i64, (9, 4)), _tensor(trt, trt.DataType.FLOAT, (9, 4))]
-    gather.enqueue(inputs, [], [1, 2, 3, 4], [5, 6], 0, 0)
+              _tensor(trt, i64, (9, 4)), _tensor(trt, trt.DataType.FLOAT, (9, 4)), _tensor(trt, i64, (23,)),
+              _tensor(trt, i64, (9,))]
+    gather.enqueue(inputs, [], [1, 2, 3, 4, 5, 6], [7, 8], 0, 0)
     name, args = calls[-1]
     assert name == "videoxl_bilevel_kv_gather"
-    assert args == (1, 2, 3, 4, 5, 6, 23, 9, 4, 2, 16, 1e6, kernels.DType.BFLOAT16, 0)
+    assert args == (1, 2, 3, 4, 5, 6, 7, 8, 23, 9, 4, 2, 16, 1e6, kernels.DType.BFLOAT16, 0)

@@ -48,6 +48,7 @@ def test_headers_declare_every_launcher() -> None:
     assert set(kernels.LAUNCHERS) | {"videoxl_kernels_version", "videoxl_kernels_status_string"} == set(declared)
     for name, argtypes in kernels.SIGNATURES.items():
         assert len(argtypes) == declared[name], f"{name}: ctypes binding and header disagree"
+    assert len(kernels.WORKSPACE_SIGNATURE) == declared["videoxl_chunk_attention_workspace_bytes"]
 
 
 def test_library_builds_and_exports_every_launcher(one_arch_library) -> None:
@@ -81,25 +82,66 @@ def test_launchers_validate_arguments_without_a_gpu(one_arch_library) -> None:
     assert b"head_dim" in lib.videoxl_kernels_status_string(-2)
 
     fake = 0x1000  # never dereferenced: every call below is rejected or has nothing to do
-    attention = lib.videoxl_chunk_attention
-    # 3 query heads over 2 KV heads
-    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 3, 2, 128, 1.0, 2, None) == -1
-    # head_dim 48 is not compiled
-    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 4, 2, 48, 1.0, 2, None) == -2
-    # fewer keys than queries
-    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 3, 4, 2, 64, 1.0, 0, None) == -1
-    # more timestamp queries than queries, or a missing list
-    assert attention(fake, fake, fake, fake, fake, None, 0, fake, 5, fake, 4, 10, 4, 2, 64, 1.0, 0, None) == -1
-    assert attention(fake, fake, fake, fake, fake, None, 0, None, 2, fake, 4, 10, 4, 2, 64, 1.0, 0, None) == -1
-    # unknown dtype
-    assert attention(fake, fake, fake, fake, fake, None, 0, None, 0, fake, 4, 10, 4, 2, 64, 1.0, 7, None) == -1
-    # no queries: nothing to launch
-    assert attention(None, None, None, None, None, None, 0, None, 0, None, 0, 10, 4, 2, 64, 1.0, 0, None) == 0
+    workspace_bytes = lib.videoxl_chunk_attention_workspace_bytes
+    workspace_bytes.argtypes = kernels.WORKSPACE_SIGNATURE
+    workspace_bytes.restype = ctypes.c_int64
+
+    def attention(name="videoxl_chunk_attention", *, q=4, past=10, visible=(fake, 3), ts=(None, 0), heads=(4, 2),
+                  head_dim=64, dtype=0, workspace=(None, 0), past_len=fake):
+        return getattr(lib, name)(fake, fake, fake, fake, fake, past_len, *visible, *ts, fake, *workspace, q, past,
+                                  *heads, head_dim, 1.0, dtype, None)
+
+    assert attention(heads=(3, 2)) == -1  # 3 query heads over 2 KV heads
+    assert attention(head_dim=48) == -2  # not compiled
+    assert attention(visible=(fake, 11)) == -1  # a longer list than the past buffer
+    assert attention(visible=(None, 3)) == -1  # a missing list
+    assert attention(ts=(fake, 5)) == -1  # more timestamp queries than queries
+    assert attention(ts=(None, 2)) == -1
+    assert attention(past_len=None) == -1
+    assert attention(dtype=7) == -1  # unknown dtype
+    assert attention(q=0, visible=(None, 0)) == 0  # no queries: nothing to launch
+    for name in ("videoxl_chunk_attention_simt", "videoxl_chunk_attention_mma"):
+        assert attention(name, heads=(3, 2)) == -1
+    # the tensor-core kernel: fp16/bf16 at head_dim 64/128 only, and its workspace must fit
+    assert attention("videoxl_chunk_attention_mma", dtype=0) == -4
+    assert attention("videoxl_chunk_attention_mma", dtype=2, head_dim=32) == -4
+    big = dict(q=611, past=80_000, visible=(fake, 2_000), ts=(fake, 24), heads=(28, 4), head_dim=128, dtype=2)
+    needed = workspace_bytes(611, 80_000, 2_000, 24, 28, 4, 128, 2)
+    assert needed > 0, "24 timestamp queries over 80k keys are split"
+    assert attention("videoxl_chunk_attention_mma", **big, workspace=(fake, needed - 1)) == -5
+    assert workspace_bytes(611, 80_000, 2_000, 24, 28, 4, 128, 0) == 0  # fp32: the SIMT kernel, none
+    assert workspace_bytes(611, 80_000, 2_000, 0, 28, 4, 128, 2) < needed  # no sweep of the whole past
+    assert workspace_bytes(-1, 10, 0, 0, 4, 2, 64, 2) == -1
     # odd head_dim cannot be rotated
-    assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, fake, fake, 8, 4, 4, 2, 15, 1e6, 0, None) == -1
+    assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, fake, fake, fake, fake, 8, 4, 4, 2, 15, 1e6, 0, None) == -1
+    # missing positions
+    assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, None, fake, fake, fake, 8, 4, 4, 2, 16, 1e6, 0, None) == -1
     assert lib.videoxl_pool_kv(fake, fake, 4, 0, 2, 16, 0, None) == -1
     assert lib.videoxl_block_scores(fake, fake, fake, fake, 3, 9, 9000, 4, 2, 16, 1.0, 0, None) == -3
     assert lib.videoxl_top_k_blocks(fake, fake, fake, 8, -1, None) == -1
+
+
+MMA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
+
+
+def test_tensor_core_attention_compiles_for_every_target(tmp_path: Path) -> None:
+    """chunk_attention_mma.cu (inline PTX mma.sync, ldmatrix, cp.async) for sm_80 to sm_120,
+    with no register spills (a spill would cost the kernel its speed silently)."""
+    nvcc = _nvcc_or_skip()
+    available = build.supported_archs(nvcc)
+    archs = [a for a in MMA_ARCHS if a in available]
+    assert {"sm_80", "sm_90"} <= set(archs), f"nvcc supports only {sorted(available)}"
+    source = build.PLUGIN_DIR / "chunk_attention" / "chunk_attention_mma.cu"
+    result = subprocess.run(
+        [str(nvcc), "-c", str(source), "-o", str(tmp_path / "mma.o"), *build.COMPILE_FLAGS,
+         *build.gencode_flags(archs, None), "-Xptxas", "-v", "--threads", "2"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores", result.stderr)
+    assert spills and all(n == "0" for n in spills), result.stderr[-4000:]
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", result.stderr)
+    assert {arch for _, arch in entries} == set(archs)
 
 
 def test_up_to_date_build_is_reused(one_arch_library) -> None:

@@ -113,6 +113,33 @@ def make_layout(groups: int, tokens_per_group: int, stamp_len: int, prefix: int 
 
 # --- chunk attention -----------------------------------------------------------------------------
 
+# The attention kernels: "simt" runs everywhere (the emulated device is an sm_75 one); "mma"
+# (tensor cores, fp16/bf16, head_dim 64/128) needs sm_80+, so it is a GPU case only; "auto" is
+# the dispatching launcher. The mma kernel rounds the probabilities P to the input dtype before
+# P.V (as FlashAttention does): its error is about one unit roundoff u of the dtype times a
+# convex combination of |V|, which TOLERANCE (fp16 2e-3 ~ 4u, u = 2^-11; bf16 2e-2 ~ 5u,
+# u = 2^-8) covers with the output rounding (u/2 relative).
+VARIANTS = ["simt", "mma", "auto"]
+MMA_HEAD_DIMS = (64, 128)
+
+
+def skip_unless_runnable(target: Target, variant: str, dtype: torch.dtype, head_dim: int) -> None:
+    if variant == "mma" and target.name == "emulated":
+        pytest.skip("the tensor-core kernel is inline PTX: GPU only (test_mma_kernel_refuses_the_emulated_device)")
+    if variant == "mma" and (dtype == torch.float32 or head_dim not in MMA_HEAD_DIMS):
+        pytest.skip(f"the tensor-core kernel takes fp16/bf16 at head_dim {MMA_HEAD_DIMS}")
+
+
+def past_buffer(rows: torch.Tensor, spare_rows: int) -> torch.Tensor:
+    """A past buffer holding `rows` then `spare_rows` NaN rows the kernel must never read."""
+    spare = torch.full((spare_rows, *rows.shape[1:]), float("nan"), dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, spare]).contiguous()
+
+
+def visible_index(vis) -> np.ndarray:
+    return ref.visible_past_index(vis.prefix_len, vis.past_timestamp_index, vis.window_start, vis.start)
+
+
 # (q heads, kv heads, head_dim, groups, tokens per group, timestamp tokens, chunk groups, window)
 ATTENTION_CASES = [
     (4, 2, 16, 9, 12, 3, 2, 1),  # the tiny model's heads
@@ -120,7 +147,7 @@ ATTENTION_CASES = [
     (6, 3, 32, 6, 20, 2, 3, 1),
     (2, 2, 64, 8, 8, 1, 2, 2),
 ]
-ATTENTION_CASES_GPU = [(28, 4, 128, 10, 144, 5, 4, 1)]  # Video-XL-2: one window chunk of sparse past
+ATTENTION_CASES_GPU = [(28, 4, 128, 10, 144, 5, 4, 1), (14, 2, 64, 7, 37, 3, 2, 1)]
 if FULL:
     ATTENTION_CASES_GPU += [
         (4, 2, 16, 31, 36, 4, 4, 3),
@@ -130,10 +157,12 @@ if FULL:
     ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @dtypes
 @targets_with(ATTENTION_CASES, ATTENTION_CASES_GPU)
-def test_chunk_attention(target, case, dtype) -> None:
+def test_chunk_attention(target, case, dtype, variant) -> None:
     num_q_heads, num_kv_heads, head_dim, groups, per_group, stamp, chunk_groups, window = case
+    skip_unless_runnable(target, variant, dtype, head_dim)
     layout = make_layout(groups, per_group, stamp)
     gen = torch.Generator().manual_seed(sum(case))
     q, q64 = random((layout.num_tokens, num_q_heads, head_dim), dtype, gen, target)
@@ -144,46 +173,194 @@ def test_chunk_attention(target, case, dtype) -> None:
     visibilities = [prefix_visibility(layout)]
     visibilities += [chunk_visibility(layout, c, chunk_groups=chunk_groups, window_chunks=window) for c in chunks]
     for vis in visibilities:
+        visible = visible_index(vis)
+        chunk = slice(vis.start, vis.end)
         want = ref.chunk_sparse_attention(
-            q64[vis.start : vis.end], k64[: vis.end], v64[: vis.end], vis.prefix_len, vis.window_start,
-            vis.past_timestamp_index, vis.timestamp_query_index, scale,
+            q64[chunk], k64[chunk], v64[chunk], k64[: vis.start], v64[: vis.start], vis.start, visible,
+            vis.timestamp_query_index, scale,
         )
-        out = poisoned(q[vis.start : vis.end].shape, dtype, target)
+        out = poisoned(q[chunk].shape, dtype, target)
         kernel_module.chunk_attention_torch(
-            q[vis.start : vis.end].contiguous(), k[: vis.end].contiguous(), v[: vis.end].contiguous(),
-            prefix_len=vis.prefix_len, window_start=vis.window_start,
-            past_timestamp_index=vis.past_timestamp_index, timestamp_query_index=vis.timestamp_query_index,
-            scale=scale, out=out,
+            q[chunk].contiguous(), k[chunk].contiguous(), v[chunk].contiguous(),
+            past_buffer(k[: vis.start], 5), past_buffer(v[: vis.start], 5),
+            past_len=vis.start, visible_past_index=visible, timestamp_query_index=vis.timestamp_query_index,
+            scale=scale, out=out, variant=variant,
         )
         target.synchronize()
-        assert_close(out, want, dtype, f"chunk [{vis.start}, {vis.end}) window_start {vis.window_start}")
+        assert_close(out, want, dtype, f"{variant}: chunk [{vis.start}, {vis.end}) window_start {vis.window_start}")
 
 
 QUERY_KINDS = [(n, share) for n in (1, 31, 33, 70) for share in (0.0, 0.2, 1.0)]  # (queries, timestamp share)
 QUERY_KINDS_EMULATED = [(1, 0.2), (33, 0.0), (33, 1.0), (70, 0.2)]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @dtypes
 @targets_with(QUERY_KINDS_EMULATED, [kind for kind in QUERY_KINDS if kind not in QUERY_KINDS_EMULATED])
-def test_chunk_attention_query_kinds(target, case, dtype) -> None:
+def test_chunk_attention_query_kinds(target, case, dtype, variant) -> None:
     """Tile edges (1, 31, 33, 70 queries) with no, some, and only timestamp queries."""
     num_queries, timestamp_share = case
+    skip_unless_runnable(target, variant, dtype, 64)
     gen = torch.Generator().manual_seed(num_queries)
-    past, prefix_len, window_start = 101, 7, 64
+    past_len = 101
     q, q64 = random((num_queries, 4, 64), dtype, gen, target)
-    k, k64 = random((past + num_queries, 2, 64), dtype, gen, target)
-    v, v64 = random((past + num_queries, 2, 64), dtype, gen, target)
-    timestamps = np.array([9, 10, 30, 31, 32, 63], dtype=np.int64)
+    k, k64 = random((num_queries, 2, 64), dtype, gen, target)
+    v, v64 = random((num_queries, 2, 64), dtype, gen, target)
+    past_k, past_k64 = random((past_len + 6, 2, 64), dtype, gen, target)  # 6 rows beyond past_len
+    past_v, past_v64 = random((past_len + 6, 2, 64), dtype, gen, target)
+    visible = ref.visible_past_index(7, np.array([9, 10, 30, 31, 32, 63]), 64, past_len)
     is_ts = np.random.default_rng(num_queries).random(num_queries) < timestamp_share
     ts_queries = np.flatnonzero(is_ts)
-    want = ref.chunk_sparse_attention(q64, k64, v64, prefix_len, window_start, timestamps, ts_queries, 0.125)
+    want = ref.chunk_sparse_attention(q64, k64, v64, past_k64, past_v64, past_len, visible, ts_queries, 0.125)
     out = poisoned(q.shape, dtype, target)
     kernel_module.chunk_attention_torch(
-        q, k, v, prefix_len=prefix_len, window_start=window_start, past_timestamp_index=timestamps,
-        timestamp_query_index=ts_queries, scale=0.125, out=out,
+        q, k, v, past_k, past_v, past_len=past_len, visible_past_index=visible,
+        timestamp_query_index=ts_queries, scale=0.125, out=out, variant=variant,
     )
     target.synchronize()
-    assert_close(out, want, dtype, f"{num_queries} queries, timestamp share {timestamp_share}")
+    assert_close(out, want, dtype, f"{variant}: {num_queries} queries, timestamp share {timestamp_share}")
+
+
+@pytest.mark.parametrize("target", ["emulated"], indirect=True)
+def test_mma_kernel_refuses_the_emulated_device(target) -> None:
+    """The emulation is an sm_75 device: the tensor-core launcher says so, auto falls back to SIMT."""
+    q = torch.zeros(3, 2, 64, dtype=torch.float16)
+    k = torch.zeros(3, 1, 64, dtype=torch.float16)
+    with pytest.raises(kernel_module.KernelError, match="unsupported"):
+        kernel_module.chunk_attention_torch(
+            q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[], variant="mma"
+        )
+    out = kernel_module.chunk_attention_torch(q, k, k, k, k, past_len=0, visible_past_index=[], timestamp_query_index=[])
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+# Video-XL-2 at scale (GPU only): 28/4 heads, head_dim 128, pasts of 2k / 20k / 80k keys, chunks
+# of odd sizes, with the ~24 timestamp queries a chunk holds and without (the streaming rule).
+# (past_len, chunk queries, timestamp queries)
+REAL_CASES = [(2_000, 611, 24), (20_000, 611, 24), (20_000, 611, 0), (80_000, 596, 24), (80_000, 611, 0)]
+CHECKED_ROWS = 96  # queries compared per case: every timestamp query + a random sample
+
+
+def real_chunk(past_len: int, num_queries: int, num_ts: int, rng: np.random.Generator):
+    """Index lists of a chunk at the end of a `past_len` history (149-token groups, window 3 chunks)."""
+    group, prefix, window = 149, 14, 3 * 596
+    window_start = max(prefix, past_len - window)
+    stamps = [t for g in range((window_start - prefix) // group) for t in range(prefix + g * group, prefix + g * group + 5)]
+    visible = ref.visible_past_index(prefix, np.array(stamps, dtype=np.int64), window_start, past_len)
+    ts_queries = np.sort(rng.choice(num_queries, size=num_ts, replace=False)).astype(np.int64)
+    return visible, ts_queries
+
+
+def reference_rows_torch(q, k, v, past_k, past_v, past_len, visible, ts_queries, scale, rows, *, rows_per_step=16):
+    """chunk_sparse_attention in float64 with torch (on the GPU there) for the chunk queries
+    `rows` only: the numpy reference at 80k keys would take minutes. Checked against the numpy
+    one in test_reference_rows_torch_matches_numpy."""
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    keys = torch.cat([past_k[:past_len], k]).double()  # (past_len + Q, Hkv, D)
+    values = torch.cat([past_v[:past_len], v]).double()
+    is_visible = torch.zeros(past_len, dtype=torch.bool, device=q.device)
+    is_visible[torch.as_tensor(np.asarray(visible, dtype=np.int64), device=q.device)] = True
+    is_ts = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    is_ts[torch.as_tensor(np.asarray(ts_queries, dtype=np.int64), device=q.device)] = True
+    chunk_pos = torch.arange(q.shape[0], device=q.device)
+    rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=q.device)
+    outs = []
+    for part in rows.split(rows_per_step):
+        past_mask = is_ts[part, None] | is_visible[None, :]  # (R, past_len)
+        mask = torch.cat([past_mask, chunk_pos[None, :] <= part[:, None]], dim=1)  # (R, K)
+        qr = q[part].double().reshape(len(part), num_kv_heads, group, -1)
+        logits = torch.einsum("rhgd,khd->rhgk", qr, keys) * scale
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = torch.einsum("rhgk,khd->rhgd", torch.softmax(logits, dim=-1), values)
+        outs.append(out.reshape(len(part), num_q_heads, -1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("target", ["emulated"], indirect=True)
+def test_reference_rows_torch_matches_numpy(target) -> None:
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.randn(9, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    past_k, past_v = torch.randn(30, 2, 8, dtype=torch.float64), torch.randn(30, 2, 8, dtype=torch.float64)
+    visible, ts = np.array([0, 3, 4, 20]), np.array([2, 7])
+    want = ref.chunk_sparse_attention(q.numpy(), k.numpy(), v.numpy(), past_k.numpy(), past_v.numpy(), 25, visible, ts, 0.3)
+    rows = rng.choice(9, size=5, replace=False)
+    got = reference_rows_torch(q, k, v, past_k, past_v, 25, visible, ts, 0.3, rows)
+    np.testing.assert_allclose(got.numpy(), want[rows], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: f"past{c[0]}-q{c[1]}-ts{c[2]}")
+def test_chunk_attention_real_shapes(case, dtype) -> None:
+    """mma, auto (= mma here) and, up to 20k keys, simt against one float64 reference."""
+    if not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    past_len, num_queries, num_ts = case
+    kernel_module.use_library(None)
+    target = Target("gpu", "cuda")
+    rng = np.random.default_rng(past_len + num_queries + num_ts)
+    gen = torch.Generator().manual_seed(past_len + num_ts)
+    q, _ = random((num_queries, 28, 128), dtype, gen, target)
+    k, _ = random((num_queries, 4, 128), dtype, gen, target)
+    v, _ = random((num_queries, 4, 128), dtype, gen, target)
+    past_k = past_buffer(random((past_len, 4, 128), dtype, gen, target)[0], 37)
+    past_v = past_buffer(random((past_len, 4, 128), dtype, gen, target)[0], 37)
+    visible, ts_queries = real_chunk(past_len, num_queries, num_ts, rng)
+    others = np.setdiff1d(np.arange(num_queries), ts_queries)
+    rows = np.unique(np.concatenate([ts_queries, rng.choice(others, CHECKED_ROWS - num_ts, replace=False),
+                                     [others[0], others[-1]]]))
+    want = reference_rows_torch(q, k, v, past_k, past_v, past_len, visible, ts_queries, 128**-0.5, rows)
+    want = want.cpu().numpy()
+    for variant in ["mma", "auto"] + (["simt"] if past_len <= 20_000 else []):
+        out = poisoned(q.shape, dtype, target)
+        kernel_module.chunk_attention_torch(
+            q, k, v, past_k, past_v, past_len=past_len, visible_past_index=visible,
+            timestamp_query_index=ts_queries, scale=128**-0.5, out=out, variant=variant,
+        )
+        target.synchronize()
+        assert not torch.isnan(out).any(), f"{variant}: NaN left in the output (a row was never written)"
+        assert_close(out[torch.as_tensor(rows, device="cuda")], want, dtype, f"{variant} {case}")
+
+
+@pytest.mark.gpu
+def test_mma_kernel_replays_in_a_cuda_graph_with_a_new_past_len() -> None:
+    """One captured launch (workspace given, past_len a device tensor) serves a growing past."""
+    if not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    kernel_module.use_library(None)
+    target = Target("gpu", "cuda")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (random((149, h, 128), torch.bfloat16, gen, target)[0] for h in (28, 4, 4))
+    past_k, past_v = (random((8000, 4, 128), torch.bfloat16, gen, target)[0] for _ in range(2))
+    visible = torch.arange(0, 5000, 3, device="cuda")
+    ts = torch.tensor([0, 50, 148], device="cuda")
+    past_len = torch.tensor([5000], dtype=torch.int64, device="cuda")
+    size = kernel_module.chunk_attention_workspace_bytes(
+        num_queries=149, past_capacity=8000, num_visible=visible.numel(), num_timestamp_queries=3,
+        num_q_heads=28, num_kv_heads=4, head_dim=128, dtype="bf16",
+    )
+    workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+    out = torch.empty_like(q)
+
+    def launch():
+        kernel_module.chunk_attention_torch(
+            q, k, v, past_k, past_v, past_len=past_len, visible_past_index=visible, timestamp_query_index=ts,
+            out=out, workspace=workspace, variant="mma",
+        )
+
+    launch()  # warm-up outside the capture (kernel attributes are set once)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for length in (5000, 7999):
+        past_len.fill_(length)
+        graph.replay()
+        torch.cuda.synchronize()
+        vis = visible.cpu().numpy()
+        want = reference_rows_torch(q, k, v, past_k, past_v, length, vis, ts.cpu().numpy(), 128**-0.5, np.array([0, 1, 50, 148]))
+        assert_close(out[[0, 1, 50, 148]], want.cpu().numpy(), torch.bfloat16, f"replay at past_len {length}")
 
 
 # --- bi-level gather, pool -----------------------------------------------------------------------
@@ -206,10 +383,17 @@ def test_bilevel_kv_gather(target, case, dtype) -> None:
     gen = torch.Generator().manual_seed(sum(case))
     key, key64 = random((layout.num_tokens, num_kv_heads, head_dim), dtype, gen, target)
     value, value64 = random((layout.num_tokens, num_kv_heads, head_dim), dtype, gen, target)
-    want_key, want_value = ref.bilevel_kv_gather(key64, value64, plan.gather_index, plan.gather_weight, 1e6)
+    # keys stored rotated at their absolute positions; the mixed cache rotated at 0..M-1
+    source = np.arange(layout.num_tokens, dtype=np.int64)
+    target_position = np.arange(plan.length, dtype=np.int64)
+    want_key, want_value = ref.bilevel_kv_gather(
+        key64, value64, plan.gather_index, plan.gather_weight, source, target_position, 1e6
+    )
     mixed = (poisoned((plan.length, num_kv_heads, head_dim), dtype, target),
              poisoned((plan.length, num_kv_heads, head_dim), dtype, target))
-    kernel_module.bilevel_kv_gather_torch(key, value, plan.gather_index, plan.gather_weight, rope_theta=1e6, out=mixed)
+    kernel_module.bilevel_kv_gather_torch(
+        key, value, plan.gather_index, plan.gather_weight, source, target_position, rope_theta=1e6, out=mixed
+    )
     target.synchronize()
     assert_close(mixed[0], want_key, dtype, "mixed_key")
     assert_close(mixed[1], want_value, dtype, "mixed_value")

@@ -48,10 +48,17 @@ def brute_force_attention(
     return out
 
 
-def run_reference(vis: ChunkVisibility, q_all, k_all, v_all, scale, **kwargs):
+def visible_index(vis: ChunkVisibility) -> np.ndarray:
+    return ref.visible_past_index(vis.prefix_len, vis.past_timestamp_index, vis.window_start, vis.start)
+
+
+def run_reference(vis: ChunkVisibility, q_all, k_all, v_all, scale, *, spare_rows: int = 3, **kwargs):
+    """The op on a chunk: the past is a buffer with `spare_rows` garbage rows past past_len."""
+    past_key = np.concatenate([k_all[: vis.start], np.full((spare_rows, *k_all.shape[1:]), np.nan, k_all.dtype)])
+    past_value = np.concatenate([v_all[: vis.start], np.full((spare_rows, *v_all.shape[1:]), np.nan, v_all.dtype)])
     return ref.chunk_sparse_attention(
-        q_all[vis.start : vis.end], k_all[: vis.end], v_all[: vis.end], vis.prefix_len, vis.window_start,
-        vis.past_timestamp_index, vis.timestamp_query_index, scale, **kwargs,
+        q_all[vis.start : vis.end], k_all[vis.start : vis.end], v_all[vis.start : vis.end], past_key, past_value,
+        vis.start, visible_index(vis), vis.timestamp_query_index, scale, **kwargs,
     )
 
 
@@ -121,7 +128,9 @@ def test_no_past_timestamps_and_empty_prefix() -> None:
         start=past, end=past + num_queries, prefix_len=0, window_start=10,
         past_timestamp_index=np.zeros(0, np.int64), query_is_timestamp=rng.random(num_queries) < 0.3,
     )
-    got = ref.chunk_sparse_attention(q, k, v, 0, 10, vis.past_timestamp_index, vis.timestamp_query_index, 0.5)
+    got = ref.chunk_sparse_attention(
+        q, k[past:], v[past:], k[:past], v[:past], past, np.arange(10, past), vis.timestamp_query_index, 0.5
+    )
     np.testing.assert_allclose(got, brute_force_attention(vis, q, k, v, 0.5), rtol=1e-12, atol=1e-12)
 
 
@@ -130,9 +139,8 @@ def test_all_queries_timestamps_is_causal() -> None:
     num_queries, past = 7, 23
     q = rng.standard_normal((num_queries, 4, 6))
     k, v = (rng.standard_normal((past + num_queries, 2, 6)) for _ in range(2))
-    got = ref.chunk_sparse_attention(
-        q, k, v, 3, 19, np.array([5, 11, 12]), np.arange(num_queries), 0.4
-    )
+    visible = ref.visible_past_index(3, np.array([5, 11, 12]), 19, past)
+    got = ref.chunk_sparse_attention(q, k[past:], v[past:], k[:past], v[:past], past, visible, np.arange(num_queries), 0.4)
     np.testing.assert_allclose(got, causal_attention(q, k, v, 0.4), rtol=1e-12, atol=1e-12)
 
 
@@ -152,25 +160,49 @@ def test_chunk_attention_float32_and_float16_inputs() -> None:
     np.testing.assert_allclose(from_half, want, rtol=1e-5, atol=1e-6)
 
 
+def test_chunk_attention_never_reads_past_rows_beyond_past_len() -> None:
+    """Rows >= past_len of the buffer (NaN here) and past rows outside the list do not leak."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((5, 4, 6))
+    k, v = (rng.standard_normal((5, 2, 6)) for _ in range(2))
+    past_key, past_value = (rng.standard_normal((30, 2, 6)) for _ in range(2))
+    past_key[17:] = np.nan
+    visible = np.array([0, 1, 4, 15, 16])
+    got = ref.chunk_sparse_attention(q, k, v, past_key, past_value, 17, visible, np.array([2]), 0.5)
+    assert np.isfinite(got).all()
+    poked = past_key.copy()
+    poked[7] += 100.0  # not visible to queries 0, 1, 3, 4; visible to timestamp query 2
+    again = ref.chunk_sparse_attention(q, k, v, poked, past_value, 17, visible, np.array([2]), 0.5)
+    np.testing.assert_array_equal(again[[0, 1, 3, 4]], got[[0, 1, 3, 4]])
+    assert not np.allclose(again[2], got[2])
+
+
 @pytest.mark.parametrize(
-    ("prefix_len", "window_start", "timestamps", "ts_queries", "match"),
+    ("past_len", "visible", "ts_queries", "match"),
     [
-        (3, 40, [], [], "window_start"),  # window starts after the chunk
-        (6, 4, [], [], "prefix_len"),  # prefix beyond the window
-        (2, 8, [1], [], "past_timestamp_index"),  # a timestamp inside the prefix
-        (2, 8, [8], [], "past_timestamp_index"),  # a timestamp inside the window
-        (2, 8, [4, 4], [], "duplicates"),
-        (2, 8, [], [3, 1], "ascending"),
-        (2, 8, [], [0, 5], "ascending"),  # query 5 of 5
-        (2, 8, [], np.ones(5, bool), "integer"),  # a mask is not an index list
+        (21, [], [], "past buffer"),  # more valid rows than the buffer holds
+        (8, [3, 8], [], "visible_past_index"),  # row 8 is not in the past
+        (8, [4, 4], [], "visible_past_index"),  # duplicates
+        (8, [5, 2], [], "visible_past_index"),  # not ascending
+        (8, [-1], [], "visible_past_index"),
+        (8, [], [3, 1], "ascending"),
+        (8, [], [0, 5], "ascending"),  # query 5 of 5
+        (8, [], np.ones(5, bool), "integer"),  # a mask is not an index list
     ],
 )
-def test_chunk_attention_rejects_contract_violations(prefix_len, window_start, timestamps, ts_queries, match) -> None:
+def test_chunk_attention_rejects_contract_violations(past_len, visible, ts_queries, match) -> None:
     q = np.zeros((5, 2, 4))
-    k = np.zeros((20, 1, 4))
+    k = np.zeros((5, 1, 4))
+    past = np.zeros((20, 1, 4))
     with pytest.raises(ValueError, match=match):
+        ref.chunk_sparse_attention(q, k, k, past, past, past_len, np.array(visible, np.int64), np.asarray(ts_queries), 1.0)
+
+
+def test_chunk_attention_rejects_mismatched_chunk_keys() -> None:
+    with pytest.raises(ValueError, match="key"):
         ref.chunk_sparse_attention(
-            q, k, k, prefix_len, window_start, np.array(timestamps, np.int64), np.asarray(ts_queries), 1.0
+            np.zeros((5, 2, 4)), np.zeros((6, 1, 4)), np.zeros((6, 1, 4)), np.zeros((9, 1, 4)), np.zeros((9, 1, 4)),
+            3, np.arange(3), np.zeros(0, np.int64), 1.0,
         )
 
 
@@ -258,7 +290,15 @@ def test_bilevel_gather_matches_direct_construction(top_k: int) -> None:
     key = rng.standard_normal((layout.num_tokens, 3, 10))
     value = rng.standard_normal((layout.num_tokens, 3, 10))
 
-    mixed_key, mixed_value = ref.bilevel_kv_gather(key, value, plan.gather_index, plan.gather_weight, 1e6)
+    positions = np.arange(layout.num_tokens)
+    mixed_key, mixed_value = ref.bilevel_kv_gather(
+        key, value, plan.gather_index, plan.gather_weight, np.zeros_like(positions), np.arange(plan.length), 1e6
+    )
+    # The rotated store (key of token n rotated at n) gives the same cache: un-rotate, pool, rotate.
+    from_rotated = ref.bilevel_kv_gather(
+        ref.apply_rope(key, positions, 1e6), value, plan.gather_index, plan.gather_weight, positions,
+        np.arange(plan.length), 1e6,
+    )
 
     want_value = direct_mixed_cache(layout, value, block_groups, dense)
     want_key = rotate_as_complex(
@@ -267,6 +307,8 @@ def test_bilevel_gather_matches_direct_construction(top_k: int) -> None:
     assert mixed_key.shape == (plan.length, 3, 10)
     np.testing.assert_allclose(mixed_value, want_value, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(mixed_key, want_key, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(from_rotated[0], want_key, rtol=1e-11, atol=1e-11)
+    np.testing.assert_array_equal(from_rotated[1], mixed_value)
     if top_k == 99:  # everything dense: the gather is a copy re-rotated at 0..L-1
         np.testing.assert_array_equal(mixed_value, value[: layout.suffix_start])
 
@@ -276,13 +318,29 @@ def test_bilevel_gather_float32_is_close() -> None:
     layout = make_layout(rng)
     plan = bilevel_plan(layout, block_groups=3, dense_blocks=always_dense_blocks(4), pool_stride=POOL_STRIDE)
     key, value = (rng.standard_normal((layout.num_tokens, 2, 16)) for _ in range(2))
-    exact = ref.bilevel_kv_gather(key, value, plan.gather_index, plan.gather_weight, 1e4)
+    source, target = np.arange(layout.num_tokens), np.arange(plan.length)
+    exact = ref.bilevel_kv_gather(key, value, plan.gather_index, plan.gather_weight, source, target, 1e4)
     single = ref.bilevel_kv_gather(
-        key.astype(np.float32), value.astype(np.float32), plan.gather_index, plan.gather_weight, 1e4
+        key.astype(np.float32), value.astype(np.float32), plan.gather_index, plan.gather_weight, source, target, 1e4
     )
     for got, want in zip(single, exact):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bilevel_gather_target_position_zero_keeps_keys_unrotated() -> None:
+    """The sparse tier: un-rotate rotated keys and pool them, left before RoPE (target 0)."""
+    rng = np.random.default_rng(11)
+    key = rng.standard_normal((12, 2, 8))
+    positions = np.arange(100, 112)
+    index = np.arange(12).reshape(3, 4)
+    weight = np.full((3, 4), 0.25, np.float32)
+    mixed_key, _ = ref.bilevel_kv_gather(
+        ref.apply_rope(key, positions, 1e6), key, index, weight, positions, np.zeros(3, np.int64), 1e6
+    )
+    np.testing.assert_allclose(mixed_key, ref.pool_visual_kv(key, 4), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="source_position"):
+        ref.bilevel_kv_gather(key, key, index, weight, positions[:5], np.zeros(3, np.int64), 1e6)
 
 
 def test_pool_visual_kv() -> None:

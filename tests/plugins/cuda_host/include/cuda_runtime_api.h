@@ -36,6 +36,8 @@ typedef enum cudaError {
 } cudaError_t;
 typedef void* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
+                      cudaDevAttrComputeCapabilityMinor = 76 };
 
 struct dim3 {
     unsigned int x, y, z;
@@ -197,6 +199,16 @@ inline const char* cudaGetErrorString(cudaError_t err) { return err == cudaSucce
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
     return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;  // sm_90's opt-in limit
+}
+// The emulated device reports compute capability 7.5 (no tensor-core kernels: the launchers
+// pick their SIMT paths, as on a Turing GPU) and 4 multiprocessors.
+inline cudaError_t cudaGetDevice(int* device) {
+    *device = 0;
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+    *value = attr == cudaDevAttrComputeCapabilityMajor ? 7 : attr == cudaDevAttrComputeCapabilityMinor ? 5 : 4;
+    return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
     memset(ptr, value, count);
