@@ -1,13 +1,19 @@
 """`videoxl build`: the exporter's ONNX directory -> a checked engine directory.
 
-    onnx_dir/{vision,prefill_chunk,decode,kv_gather}.onnx + config.json
-      -> check precision, targets, memory budget, dimension names   (before any TensorRT work)
+    onnx_dir/{vision,prefill_chunk,decode,score,kv_gather}.onnx + config.json   (videoxl.graphs)
+      -> check contract I/O, precision, targets, memory budget, dimension names   (before any TensorRT work)
       -> per graph: parse (plugins or inlined function bodies), one optimization profile from
-         the frame budget (profiles.py), strongly typed build for the targets
+         the frame budget (profiles.py) with value ranges for shape tensors, strongly typed build
       -> out_dir/{graph}.engine + config.json + manifest.json
+         (per engine: plugin layers, fused attention layers, host/device location of each input)
+
+With plugins, the two videoxl custom ops become our IPluginV3 plugins; without (--no-plugins)
+their function bodies are inlined, attention is the standard ONNX Attention op that TensorRT
+maps to its fused attention layers, and the engines load with stock TensorRT and no plugin
+library (the route for C++ products).
 
 Everything is written into a hidden sibling directory and renamed to ``out_dir`` only when all
-four engines are built: a failed build leaves no partial engine directory, and an existing one
+engines are built: a failed build leaves no partial engine directory, and an existing one
 is replaced only by a complete new one.
 
 TensorRT for RTX builds with no GPU for the compute capabilities it is given (default sm_89);
@@ -16,6 +22,7 @@ standard TensorRT builds for the GPU it runs on.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
@@ -44,6 +51,7 @@ from videoxl.engines.profiles import (
     dimension_ranges,
     format_bytes,
     input_profile,
+    ShapeValues,
     kv_cache_bytes,
     shape_input_values,
 )
@@ -60,7 +68,8 @@ from videoxl.engines.trt_module import (
     target_version,
     trt_logger,
 )
-from videoxl.ops import ALL_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from videoxl import graphs as graph_contract
+from videoxl.ops import ALL_OPS, DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,7 @@ class _Graph:
     inputs: dict[str, list[int | str]]  # ONNX graph inputs (initializers excluded) -> dims
     precision: str | None
     external_files: tuple[str, ...]
+    custom_nodes: tuple[str, ...]  # names of the videoxl-domain nodes (each a plugin when plugins are used)
 
 
 def build_engines(
@@ -96,13 +106,13 @@ def build_engines(
     memory_budget_bytes: int | None = None,
     progress: bool = False,
 ) -> Path:
-    """Build the four engines of ``onnx_dir`` into ``out_dir`` and write their manifest.
+    """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
     ``precision`` (fp16, bf16, fp32) defaults to the export's: the networks are strongly typed,
     so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
-    the dense KV cache of the largest profile. Returns ``out_dir``.
+    the KV cache of the largest profile (``kv_cache_bytes``). Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -115,7 +125,7 @@ def build_engines(
         chunk_groups=chunk_groups if chunk_groups is not None else cfg.chunk_groups,
         window_chunks=window_chunks if window_chunks is not None else cfg.window_chunks,
     )
-    graphs = [_read_graph(onnx_dir, name) for name in GRAPHS]
+    graphs = [_read_graph(onnx_dir, name, cfg) for name in GRAPHS]
     if precision is None:
         precision = _export_precision(graphs, onnx_dir)
     _check_precision(graphs, precision, onnx_dir)
@@ -125,6 +135,7 @@ def build_engines(
     _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
     ranges = dimension_ranges(cfg, limits)
     profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
+    shape_values = shape_input_values(cfg, limits)
     _prepare_plugins(trt, use_plugins)
     out_dir = _check_out_dir(out_dir, onnx_dir)
 
@@ -140,7 +151,7 @@ def build_engines(
             for graph in graphs:
                 engines[graph.name], timing = _build_one(
                     trt, logger, graph, profiles[graph.name], staging,
-                    shape_values=shape_input_values(cfg, limits), targets=targets, use_plugins=use_plugins, precision=precision,
+                    shape_values=shape_values[graph.name], targets=targets, use_plugins=use_plugins, precision=precision,
                     use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                     progress=progress,
                 )
@@ -178,7 +189,7 @@ def _load_config(onnx_dir: Path) -> VideoXLConfig:
         raise EngineBuildError(f"{path}: not a videoxl model config ({err})") from err
 
 
-def _read_graph(onnx_dir: Path, name: str) -> _Graph:
+def _read_graph(onnx_dir: Path, name: str, cfg: VideoXLConfig) -> _Graph:
     path = onnx_dir / GRAPH_FILES[name]
     if not path.is_file():
         present = sorted(p.name for p in onnx_dir.glob("*.onnx"))
@@ -205,7 +216,26 @@ def _read_graph(onnx_dir: Path, name: str) -> _Graph:
             if entry.key == "location"
         }
     )
-    return _Graph(name, path, inputs, _graph_precision(model), tuple(external))
+    _check_contract_io(path, graph_contract.GRAPHS[name], cfg, inputs, [o.name for o in model.graph.output])
+    custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
+    return _Graph(name, path, inputs, _graph_precision(model), tuple(external), custom)
+
+
+def _check_contract_io(
+    path: Path, contract: graph_contract.GraphContract, cfg: VideoXLConfig, inputs: dict, outputs: list[str]
+) -> None:
+    """The graph's inputs and outputs are the contract's: the runtime binds engines by these names."""
+    layers = cfg.num_hidden_layers
+    problems = []
+    for kind, found, expected in (("inputs", list(inputs), contract.input_names(layers)), ("outputs", outputs, contract.output_names(layers))):
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected:
+            problems.append(f"{kind} missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+    if problems:
+        raise EngineBuildError(
+            f"{path}: not a graph of contract v{graph_contract.CONTRACT_VERSION} ({'; '.join(problems)}); "
+            "re-export it with this videoxl (`videoxl export`)"
+        )
 
 
 def _graph_precision(model: onnx.ModelProto) -> str | None:
@@ -284,13 +314,14 @@ def _check_memory_budget(
 ) -> None:
     if budget is None or kv_bytes <= budget:
         return
-    tokens = TokenBudget.of(cfg, limits)
+    t = TokenBudget.of(cfg, limits)
     fitting_frames = max_frames_for_budget(cfg, limits, precision, budget)
     raise EngineBuildError(
-        f"the largest profile ({limits.max_frames} frames -> {tokens.total_tokens} tokens) needs "
-        f"{format_bytes(kv_bytes)} of dense KV cache ({cfg.num_hidden_layers} layers x 2 x "
-        f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim} x {PRECISION_BYTES[precision]} bytes per token), "
-        f"more than the memory budget of {format_bytes(budget)}; use --max-frames {fitting_frames} or less, "
+        f"the largest profile ({limits.max_frames} frames) needs {format_bytes(kv_bytes)} of KV cache: a video "
+        f"region of {t.sparse_tokens + t.context_tokens} rows (sparse + dense tier) and a decode region of "
+        f"{t.total_tokens} rows, at {cfg.num_hidden_layers} layers x 2 x {cfg.num_key_value_heads} KV heads x "
+        f"{cfg.head_dim} x {PRECISION_BYTES[precision]} bytes per row; that is more than the memory budget of "
+        f"{format_bytes(budget)}: use --max-frames {fitting_frames} or less, "
         "or raise --memory-budget"
     )
 
@@ -331,7 +362,7 @@ def _build_one(
     shapes: dict[str, tuple[tuple[int, ...], ...]],
     staging: Path,
     *,
-    shape_values: dict[str, tuple[tuple[int], tuple[int], tuple[int]]],
+    shape_values: dict[str, ShapeValues],
     targets: tuple[str, ...],
     use_plugins: bool,
     precision: str,
@@ -352,9 +383,26 @@ def _build_one(
         raise EngineBuildError(
             f"{graph.path}: the {describe(trt)} ONNX parser failed with {len(errors)} error(s):\n  - " + "\n  - ".join(errors)
         )
-    plugin_layers = [
-        network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3
-    ]
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    plugin_layers = [layer.name for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+    if use_plugins and len(plugin_layers) < len(graph.custom_nodes):
+        # The parser inlines a custom node's function body when no creator matches the node's
+        # (op_type, plugin_version attribute or "1"): the engine would silently run without our plugins.
+        raise EngineBuildError(
+            f"{graph.path.name}: {len(graph.custom_nodes) - len(plugin_layers)} of its {len(graph.custom_nodes)} "
+            f"{DOMAIN} nodes were not mapped to the videoxl v{PLUGIN_VERSION} plugins (the ONNX parser looks a plugin "
+            f"up by the node's plugin_version attribute, \"1\" when absent); re-export with an exporter that writes "
+            f"plugin_version=\"{PLUGIN_VERSION}\" on {DOMAIN} nodes, or build with --no-plugins"
+        )
+    # TensorRT's fused attention: one ATTENTION_INPUT/ATTENTION_OUTPUT pair per ONNX Attention node it took
+    attention_type = getattr(trt.LayerType, "ATTENTION_OUTPUT", None)
+    attention_layers = [layer for layer in layers if attention_type is not None and layer.type == attention_type]
+    if precision == "fp32":
+        # TensorRT has no fused fp32 attention kernel and refuses the build unless the attention may be
+        # decomposed into plain layers; fp32 engines are the parity baseline, where that costs nothing.
+        for layer in attention_layers:
+            layer.__class__ = trt.IAttentionOutputLayer  # the bindings' downcast
+            layer.attention.decomposable = True
 
     config = builder.create_builder_config()
     if is_rtx(trt):
@@ -372,7 +420,7 @@ def _build_one(
     monitor = _progress_monitor(trt, graph.name, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
-        if timing is None:  # one cache object shared by the four builds, saved at the end
+        if timing is None:  # one cache object shared by all the builds, saved at the end
             timing = config.create_timing_cache(cache_bytes or b"")
         if not config.set_timing_cache(timing, False):
             raise EngineBuildError(f"the timing cache does not match {describe(trt)} (written by another version?); delete it")
@@ -388,11 +436,13 @@ def _build_one(
         io["inputs"][tensor.name] = {
             "dtype": tensor.dtype.name, "dims": graph.inputs[tensor.name], "min": list(low), "opt": list(opt), "max": list(high),
         }
-        if tensor.is_shape_tensor:  # the inlined prefill body uses prefix_len / window_start in Range
+        if tensor.is_shape_tensor:  # e.g. past_len of a plugin-free prefill: its body builds Range(0, past_len * ..)
             if tensor.name not in shape_values:
+                known = ", ".join(sorted(shape_values)) or "none"
                 raise EngineBuildError(
-                    f"{graph.path.name}: input {tensor.name!r} is used as a shape and has no value range; "
-                    f"known shape inputs: {', '.join(sorted(shape_values))}"
+                    f"{graph.path.name}: TensorRT uses input {tensor.name!r} as a shape tensor and the builder has no "
+                    f"value range for it (value ranges known for this graph: {known}); add one in "
+                    "videoxl.engines.profiles.shape_input_values"
                 )
             profile.set_shape_input(tensor.name, *shape_values[tensor.name])
             io["inputs"][tensor.name]["shape_input"] = [list(v) for v in shape_values[tensor.name]]
@@ -408,6 +458,9 @@ def _build_one(
             f"{graph.path.name}: {describe(trt)} could not build the engine for {', '.join(targets)}:\n  - "
             + "\n  - ".join(errors)
         )
+    locations, located_by = _input_locations(trt, logger, serialized, network)
+    for name, location in locations.items():
+        io["inputs"][name]["location"] = location
     path = staging / f"{graph.name}.engine"
     with open(path, "wb") as f:
         f.write(memoryview(serialized))
@@ -419,9 +472,31 @@ def _build_one(
         "sha256": manifest_io.file_sha256(path),
         "build_seconds": round(seconds, 2),
         "plugin_layers": plugin_layers,
+        "needs_plugins": bool(plugin_layers),
+        "native_attention_layers": len(attention_layers),
+        "host_inputs": sorted(n for n, where in locations.items() if where == "host"),
+        "locations_from": located_by,
         **io,
     }
     return entry, timing
+
+
+def _input_locations(trt: ModuleType, logger, serialized, network) -> tuple[dict[str, str], str]:
+    """``{input: "host" | "device"}`` and where the answer came from ("engine" or "network").
+
+    A shape-inference input (``is_shape_inference_io``) must be given in host memory. The built
+    engine answers when this process can deserialize it; TensorRT for RTX deserializes only on a
+    GPU it supports, so a build without one asks the network, whose shape tensors are exactly the
+    inputs the engine will read on the host.
+    """
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    if engine is not None:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        return {n: "host" if engine.is_shape_inference_io(n) else "device" for n in inputs}, "engine"
+    logger.errors.clear()  # the failed deserialization is expected here, not a build error
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    return {t.name: "host" if t.is_shape_tensor else "device" for t in tensors}, "network"
 
 
 def _network_flags(trt: ModuleType) -> int:
@@ -540,6 +615,8 @@ def _manifest(
             "per_group": tokens.group_tokens,
             "chunk": tokens.chunk_tokens,
             "context": tokens.context_tokens,
+            "sparse": tokens.sparse_tokens,
+            "scoring": tokens.scoring_tokens,
             "total": tokens.total_tokens,
             "visible_past": tokens.visible_past_tokens,
         },
@@ -547,9 +624,12 @@ def _manifest(
         "memory": {"kv_cache_bytes_max_profile": kv_bytes, "budget_bytes": memory_budget_bytes},
         "model": {"config_hash": cfg.model_hash(), "onnx_dir": str(onnx_dir.resolve())},
         "onnx": onnx_files,
+        "graph_contract": {"version": graph_contract.CONTRACT_VERSION, "graphs": list(graph_contract.GRAPHS)},
         "plugins": {
             "requested": use_plugins,
-            "used": use_plugins and any(e["plugin_layers"] for e in engines.values()),
+            # a plugin-free directory loads with stock TensorRT and no videoxl library (C++ products)
+            "used": any(e["needs_plugins"] for e in engines.values()),
+            "engines": sorted(name for name, e in engines.items() if e["needs_plugins"]),
             "namespace": PLUGIN_NAMESPACE,
             "version": PLUGIN_VERSION,
             "ops": [op.name for op in ALL_OPS],
@@ -558,14 +638,20 @@ def _manifest(
         "engines": engines,
     }
     if use_plugins and not manifest["plugins"]["used"]:
-        log.warning("plugins were enabled but no graph has a videoxl custom op: the engines use none")
+        log.warning("plugins were enabled but no graph has a %s custom op: the engines use none", DOMAIN)
     manifest["build_command"] = manifest_io.rebuild_command(manifest, out_dir.resolve())
     return manifest
 
 
 def max_frames_for_budget(cfg: VideoXLConfig, limits: BuildLimits, precision: str, budget_bytes: int) -> int:
-    """The largest frame count (multiple of 4) whose dense KV cache fits ``budget_bytes``."""
-    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * PRECISION_BYTES[precision]
-    fixed = limits.prefix_tokens + limits.suffix_tokens + limits.answer_tokens
-    group_tokens = cfg.tokens_per_group + limits.timestamp_tokens
-    return max(0, math.floor((budget_bytes // per_token - fixed) / group_tokens)) * cfg.frames_per_group
+    """The largest frame count (multiple of 4, at most the limits') whose KV (kv_cache_bytes) fits ``budget_bytes``."""
+    per_group = cfg.frames_per_group
+
+    def fits(groups: int) -> bool:
+        return kv_cache_bytes(cfg, dataclasses.replace(limits, max_frames=groups * per_group), precision) <= budget_bytes
+
+    low, high = 0, math.ceil(limits.max_frames / per_group)  # in groups; the bytes grow with the group count
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low * per_group

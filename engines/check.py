@@ -157,16 +157,18 @@ def sample_feeds(
     sizes: dict[str, int] = {}
     values: dict[str, np.ndarray] = {}
 
+    def sorted_subset(population: int, count: int) -> np.ndarray:
+        return np.sort(rng.choice(population, min(count, population), replace=False)).astype(np.int64)
+
     if graph == "vision":
         sizes["groups"] = _pick(ranges, "groups", 2)
     elif graph == "prefill_chunk":
         chunk = sizes["chunk_tokens"] = _pick(ranges, "chunk_tokens", 24)
         past = sizes["past_tokens"] = _pick(ranges, "past_tokens", 40)
         visual = sizes["visual_tokens"] = _pick(ranges, "visual_tokens", chunk // 2 if image_token is not None else 0)
-        # prefix_len <= window_start <= past, inside the value ranges of shape inputs (plugin-free engines)
-        prefix_len = _pick_value(inputs, "prefix_len", min(4, past), high=past)
-        window_start = _pick_value(inputs, "window_start", max(prefix_len, past - 8), low=prefix_len, high=past)
-        stamps = sizes["past_timestamps"] = _pick(ranges, "past_timestamps", min(4, window_start - prefix_len))
+        # the chunk starts at position past_len; the bound dense tier may hold more rows than are valid
+        past_len = _pick_value(inputs, "past_len", past - 3, high=past)
+        visible = sizes["visible_past"] = min(_pick(ranges, "visible_past", 12), past_len)
         ts_queries = sizes["timestamp_queries"] = min(_pick(ranges, "timestamp_queries", max(1, chunk // 6)), chunk)
         ids = rng.integers(0, cfg.vocab_size, size=chunk)
         if image_token is not None:
@@ -174,28 +176,34 @@ def sample_feeds(
             ids[chunk - visual:] = image_token  # the chunk's visual placeholders
         values.update(
             input_ids=ids.astype(np.int64),
-            position_ids=np.arange(past, past + chunk, dtype=np.int64),
-            timestamp_query_index=np.sort(rng.choice(chunk, ts_queries, replace=False)).astype(np.int64),
-            prefix_len=np.array([prefix_len], np.int64),
-            window_start=np.array([window_start], np.int64),
-            past_timestamp_index=np.sort(rng.choice(np.arange(prefix_len, window_start), stamps, replace=False)).astype(np.int64),
+            past_len=np.array([past_len], np.int64),
+            visible_past_index=sorted_subset(past_len, visible),  # ascending rows < past_len (op contract)
+            timestamp_query_index=sorted_subset(chunk, ts_queries),
         )
-    elif graph == "decode":
+    elif graph in ("decode", "score"):
         new = sizes["new_tokens"] = _pick(ranges, "new_tokens", 3)
-        past = sizes["past_tokens"] = _pick(ranges, "past_tokens", 48)
+        capacity = sizes["past_tokens"] = _pick(ranges, "past_tokens", 48)
+        # a capacity buffer with unused rows at its end: they must not change the result
+        past_len = _pick_value(inputs, "past_len", capacity - 5, high=capacity)
         values.update(
             input_ids=rng.integers(0, cfg.vocab_size, size=new).astype(np.int64),
-            position_ids=np.arange(past, past + new, dtype=np.int64),
+            past_len=np.array([past_len], np.int64),
         )
     elif graph == "kv_gather":
         source = sizes["source_tokens"] = _pick(ranges, "source_tokens", 64)
-        mixed = sizes["mixed_tokens"] = _pick(ranges, "mixed_tokens", 20)
+        gathered = sizes["gathered_tokens"] = _pick(ranges, "gathered_tokens", 20)
         pool = sizes["pool"] = _pick(ranges, "pool", cfg.kv_pool_stride)
-        weight = np.full((mixed, pool), 1.0 / pool, np.float32)
-        copies = rng.random(mixed) < 0.5  # dense rows copy one token: weights (1, 0, ...)
+        weight = np.full((gathered, pool), 1.0 / pool, np.float32)
+        copies = rng.random(gathered) < 0.5  # dense rows copy one token: weights (1, 0, ...)
         weight[copies] = 0.0
         weight[copies, 0] = 1.0
-        values.update(gather_index=rng.integers(0, source, size=(mixed, pool)).astype(np.int64), gather_weight=weight)
+        sparse = source // 3  # [sparse tier (kept before RoPE: position 0) | dense tier (rotated at its position)]
+        values.update(
+            gather_index=rng.integers(0, source, size=(gathered, pool)).astype(np.int64),
+            gather_weight=weight,
+            source_position=np.concatenate([np.zeros(sparse, np.int64), np.arange(source - sparse, dtype=np.int64)]),
+            target_position=np.arange(gathered, dtype=np.int64),  # a decode cache: compacted positions 0..M-1
+        )
 
     feed = {}
     for name, spec in inputs.items():

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from videoxl.engines.errors import EngineBuildError, EngineMismatchError, GPUUnavailableError
-from videoxl.engines.profiles import parse_bytes
+from videoxl.engines.profiles import GRAPHS, parse_bytes
 from videoxl.engines.trt_module import FLAVOURS, TensorRTUnavailableError
 
 _EXPECTED_ERRORS = (EngineBuildError, EngineMismatchError, GPUUnavailableError, TensorRTUnavailableError)
@@ -24,8 +24,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser = subparsers.add_parser(
         "build",
         help="build TensorRT engines from an exported ONNX directory",
-        description="Build the four TensorRT engines (vision, prefill_chunk, decode, kv_gather) with a checked "
-        "manifest. TensorRT for RTX builds without a GPU for the --target compute capabilities.",
+        description=f"Build the {len(GRAPHS)} TensorRT engines ({', '.join(GRAPHS)}) with a checked manifest. "
+        "TensorRT for RTX builds without a GPU for the --target compute capabilities. With --no-plugins the "
+        "engines need no videoxl plugin library (stock TensorRT loads them).",
     )
     parser.add_argument("--onnx", required=True, metavar="DIR", help="output directory of `videoxl export`")
     parser.add_argument("--out", required=True, metavar="DIR", help="engine directory to write (replaced only on success)")
@@ -45,8 +46,8 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="compute capability to build for, repeatable (TensorRT for RTX; default sm_89)",
     )
     parser.add_argument("--flavour", choices=FLAVOURS, help="TensorRT flavour (default: standard if importable, else RTX)")
-    parser.add_argument("--no-plugins", dest="use_plugins", action="store_false", help="inline the custom ops' ONNX bodies instead of the videoxl plugins")
-    parser.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", help="refuse profiles whose dense KV cache exceeds this (e.g. 16GiB)")
+    parser.add_argument("--no-plugins", dest="use_plugins", action="store_false", help="inline the custom ops' ONNX bodies (standard ONNX Attention -> TensorRT's fused attention) instead of the videoxl plugins: engines that stock TensorRT loads with no plugin library")
+    parser.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", help="refuse profiles whose KV cache (video region + decode region) exceeds this (e.g. 16GiB)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
     parser.set_defaults(func=run_build)
     return parser
@@ -60,7 +61,7 @@ def add_check_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--engines", required=True, metavar="DIR", help="engine directory written by `videoxl build`")
     parser.add_argument("--onnx", required=True, metavar="DIR", help="the ONNX directory the engines were built from")
-    parser.add_argument("--graph", action="append", dest="graphs", choices=("vision", "prefill_chunk", "decode", "kv_gather"), help="check only this graph (repeatable)")
+    parser.add_argument("--graph", action="append", dest="graphs", choices=GRAPHS, help="check only this graph (repeatable)")
     parser.add_argument("--samples", type=int, default=2, metavar="N", help="random feeds per graph (default 2)")
     parser.add_argument("--inputs", dest="inputs_dir", metavar="DIR", help="also compare on recorded feeds {graph}*.npz from DIR")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,17 @@
 """``manifest.json`` of an engine directory, and the check the runtime makes before loading.
 
 An engine is only valid for the TensorRT that built it, the GPUs it was built for, the ONNX
-files and model config it came from, and (when it uses them) the videoxl plugins. The manifest
-records all of that at build time; :func:`check_manifest` compares it with the running process
+files and model config it came from, the graph contract version its I/O follows, and (when it
+uses them) the videoxl plugins. The manifest records all of that at build time, plus what the
+runtime needs to bind each engine: per engine whether it needs the plugin library, and per input
+whether TensorRT reads it on the host (a shape tensor) or on the device; :func:`check_manifest` compares it with the running process
 and raises :class:`EngineMismatchError` naming the actual values and the rebuild command.
 
     engines/
       manifest.json   this file's subject
       config.json     VideoXLConfig of the model (copied from the ONNX directory)
-      vision.engine  prefill_chunk.engine  decode.engine  kv_gather.engine
+      vision.engine  prefill_chunk.engine  decode.engine  score.engine  kv_gather.engine
+                      (one per graph of the graph contract, videoxl.graphs)
       export_manifest.json, tokenizer*.json, generation_config.json   copied when present,
                       so that the runtime needs nothing else next to the engines
 """
@@ -26,6 +29,7 @@ from videoxl.config import VideoXLConfig
 from videoxl.files import UnsafePathError, confined_path, file_sha256
 from videoxl.engines.errors import EngineMismatchError
 from videoxl.engines.trt_module import FLAVOUR_TITLES, describe, flavour_of, normalize_target
+from videoxl.graphs import CONTRACT_VERSION
 from videoxl.ops import PLUGIN_VERSION
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 COPIED_FILES = ("export_manifest.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: graph contract v2 (score engine, input locations, plugin need per engine)
 
 __all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_manifest", "rebuild_command"]
 
@@ -115,7 +119,7 @@ def check_manifest(
     """Return the manifest if the engines fit this process; else raise EngineMismatchError.
 
     Checks the TensorRT flavour and version, the GPU's compute capability against the build
-    targets, the plugin library when the engines use plugins, the engine files, the model config
+    targets, the graph contract version, the plugin library when the engines use plugins, the engine files, the model config
     hash, and (given ``onnx_dir``) that the ONNX files are the ones the engines were built from.
     """
     engine_dir = Path(engine_dir)
@@ -134,6 +138,10 @@ def check_manifest(
     targets = manifest["compute_capabilities"]
     if gpu not in targets:
         problems.append(f"built for {', '.join(targets)}; this GPU is {gpu}")
+
+    contract = manifest["graph_contract"]["version"]
+    if contract != CONTRACT_VERSION:
+        problems.append(f"built from graphs of contract v{contract}, this videoxl binds contract v{CONTRACT_VERSION}")
 
     plugins = manifest["plugins"]
     if plugins["used"]:

@@ -1,16 +1,19 @@
 """Optimization profiles from the user's units: frames, chunk groups, window chunks (STYLE 5).
 
-The exporter names every dynamic dimension of the four graphs (``chunk_tokens``,
-``past_tokens``, ...). This module is the one place that says how far each name may range for a
-given frame budget and chunk geometry; the engine builder turns the ranges into TensorRT
-profiles and the manifest stores both the limits and the resulting ranges.
+The graph contract (``videoxl.graphs``) names every graph and every dynamic dimension of its
+inputs (``chunk_tokens``, ``past_tokens``, ...). This module is the one place that says how far
+each name may range for a given frame budget and chunk geometry, and which values the inputs
+TensorRT reads on the host (shape tensors) may take; the engine builder turns the ranges into
+TensorRT profiles and the manifest stores both the limits and the resulting ranges.
 
 Token arithmetic (per sequence)::
 
     group_tokens   = tokens_per_group (144) + timestamp_tokens ("Time 12.5s:", <= 16)
     video_tokens   = ceil(max_frames / 4) * group_tokens
-    context_tokens = prefix_tokens + video_tokens                  prefill past + chunk
-    total_tokens   = context_tokens + suffix_tokens + answer_tokens  what decode's cache may hold
+    context_tokens = prefix_tokens + video_tokens                  the dense tier: prefill past + chunk
+    sparse_tokens  = groups * (timestamp_tokens + 144 / stride)    the sparse tier (visual rows pooled)
+    scoring_tokens = prefix_tokens + sparse_tokens                 the all-sparse cache a question is scored on
+    total_tokens   = context_tokens + suffix_tokens + answer_tokens  what the decode cache may hold
     visible_past   = prefix + earlier timestamps + window_chunks * chunk_groups * group_tokens
 """
 
@@ -21,12 +24,15 @@ import math
 import re
 from dataclasses import dataclass
 
+from videoxl import graphs
 from videoxl.config import VideoXLConfig
 from videoxl.engines.errors import EngineBuildError
 
-GRAPHS = ("vision", "prefill_chunk", "decode", "kv_gather")
-GRAPH_FILES = {name: f"{name}.onnx" for name in GRAPHS}
+GRAPHS: tuple[str, ...] = tuple(graphs.GRAPHS)  # vision, prefill_chunk, decode, score, kv_gather
+GRAPH_FILES: dict[str, str] = {name: g.file for name, g in graphs.GRAPHS.items()}
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+ShapeValues = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) values of a shape tensor
 
 
 class ProfileError(EngineBuildError):
@@ -52,7 +58,7 @@ class BuildLimits:
     window_chunks: int
     timestamp_tokens: int = 16  # per group: the tokens of "Time {t}s:"
     prefix_tokens: int = 64  # system prompt and user header before the video
-    suffix_tokens: int = 256  # question + assistant header, run through decode at once
+    suffix_tokens: int = 256  # question + assistant header, run through decode (and score) at once
     answer_tokens: int = 256  # generated tokens the decode cache must still hold
     vision_batch_frames: int = 32  # frames per vision engine call
 
@@ -80,6 +86,8 @@ class TokenBudget:
     chunk_tokens: int
     visual_chunk_tokens: int
     context_tokens: int
+    sparse_tokens: int
+    scoring_tokens: int
     total_tokens: int
     visible_past_tokens: int
     vision_groups: int
@@ -89,6 +97,7 @@ class TokenBudget:
         groups = math.ceil(limits.max_frames / cfg.frames_per_group)
         group_tokens = cfg.tokens_per_group + limits.timestamp_tokens
         context = limits.prefix_tokens + groups * group_tokens
+        sparse = groups * (limits.timestamp_tokens + cfg.tokens_per_group // cfg.kv_pool_stride)
         window = min(limits.window_chunks * limits.chunk_groups, groups) * group_tokens
         return cls(
             groups=groups,
@@ -96,6 +105,8 @@ class TokenBudget:
             chunk_tokens=max(limits.chunk_groups * group_tokens, limits.prefix_tokens),
             visual_chunk_tokens=limits.chunk_groups * cfg.tokens_per_group,
             context_tokens=context,
+            sparse_tokens=sparse,
+            scoring_tokens=limits.prefix_tokens + sparse,
             total_tokens=context + limits.suffix_tokens + limits.answer_tokens,
             visible_past_tokens=limits.prefix_tokens + groups * limits.timestamp_tokens + window,
             vision_groups=max(1, min(limits.vision_batch_frames, groups * cfg.frames_per_group) // cfg.frames_per_group),
@@ -103,44 +114,57 @@ class TokenBudget:
 
 
 def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[str, DimRange]]:
-    """For each graph, the range of each dimension name the exporter uses."""
+    """For each graph of the contract, the range of each free dimension name its inputs use."""
     t = TokenBudget.of(cfg, limits)
-    pool = cfg.kv_pool_stride
+    stamps_per_chunk = limits.chunk_groups * limits.timestamp_tokens
+    groups = DimRange(1, t.vision_groups, t.vision_groups)
     return {
-        "vision": {"groups": DimRange(1, t.vision_groups, t.vision_groups)},
+        # torch.export names the frame axis "4*groups"; the contract calls it "frames" (4 per group)
+        "vision": {"groups": groups, "frames": groups.scaled(cfg.frames_per_group)},
         "prefill_chunk": {
             "chunk_tokens": DimRange(1, min(limits.chunk_groups * t.group_tokens, t.chunk_tokens), t.chunk_tokens),
             "visual_tokens": DimRange(0, t.visual_chunk_tokens, t.visual_chunk_tokens),
-            "past_timestamps": DimRange(0, t.groups * limits.timestamp_tokens, t.groups * limits.timestamp_tokens),
-            "timestamp_queries": DimRange(
-                0, limits.chunk_groups * limits.timestamp_tokens, limits.chunk_groups * limits.timestamp_tokens
-            ),
+            # the dense tier before the chunk, bound in place: none for the prefix, all but the last chunk at most
             "past_tokens": DimRange(0, t.context_tokens, t.context_tokens),
+            "visible_past": DimRange(0, t.visible_past_tokens, t.visible_past_tokens),
+            "timestamp_queries": DimRange(0, stamps_per_chunk, stamps_per_chunk),  # 0 under the streaming rule
         },
         "decode": {
             "new_tokens": DimRange(1, 1, limits.suffix_tokens),
+            # a capacity buffer (valid rows in past_len): one profile serves every capacity bucket
             "past_tokens": DimRange(1, t.total_tokens, t.total_tokens),
         },
+        "score": {
+            "new_tokens": DimRange(1, limits.suffix_tokens, limits.suffix_tokens),  # the question, at once
+            "past_tokens": DimRange(1, t.scoring_tokens, t.scoring_tokens),  # prefix dense + every block sparse
+        },
         "kv_gather": {
-            # the runtime's source is the sparse tier (< context) plus the reloaded dense rows (<= context)
-            "source_tokens": DimRange(1, t.context_tokens, 2 * t.context_tokens),
-            "mixed_tokens": DimRange(1, t.context_tokens, t.context_tokens),
-            # 1: the runtime gathers from the already-pooled sparse tier; `pool`: straight from dense KV
-            "pool": DimRange(1, pool, pool),
+            "source_tokens": DimRange(1, t.sparse_tokens + t.context_tokens, t.sparse_tokens + t.context_tokens),  # [sparse | dense]
+            "gathered_tokens": DimRange(1, t.context_tokens, t.context_tokens),  # a block's sparse rows .. an all-dense decode cache
+            "pool": DimRange(1, cfg.kv_pool_stride, cfg.kv_pool_stride),  # 1: copies (the decode cache); stride: pooling
         },
     }
 
 
-def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, tuple[tuple[int], tuple[int], tuple[int]]]:
-    """Value ranges of the scalar inputs TensorRT treats as shape tensors.
+def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[str, ShapeValues]]:
+    """For each graph, the value range of every scalar input that TensorRT may read on the host.
 
-    Only the plugin-free (inlined) prefill engine has them: its ChunkSparseAttention body builds
-    Range(0, prefix_len) and Range(window_start, K), so TensorRT needs these two on the host.
+    The contract makes none of them a shape by design, but TensorRT decides: the plugin-free
+    prefill body builds ``Range(0, past_len * min(Tq, 1))`` for the timestamp queries, which makes
+    ``past_len`` a shape tensor of that engine. The builder gives these ranges to any input the
+    network reports as a shape tensor, and the manifest records where each input must live.
     """
     t = TokenBudget.of(cfg, limits)
+
+    def values(high: int) -> ShapeValues:
+        return (0,), (high,), (high,)
+
     return {
-        "prefix_len": ((0,), (min(limits.prefix_tokens, 32),), (limits.prefix_tokens,)),
-        "window_start": ((0,), (t.context_tokens // 2,), (t.context_tokens,)),
+        "vision": {},
+        "prefill_chunk": {"past_len": values(t.context_tokens)},
+        "decode": {"past_len": values(t.total_tokens - 1)},
+        "score": {"past_len": values(t.scoring_tokens)},
+        "kv_gather": {},
     }
 
 
@@ -181,9 +205,13 @@ def input_profile(
 
 
 def kv_cache_bytes(cfg: VideoXLConfig, limits: BuildLimits, precision: str) -> int:
-    """Dense KV bytes of the largest profile: tokens x layers x 2 x kv_heads x head_dim x dtype."""
-    tokens = TokenBudget.of(cfg, limits).total_tokens
-    return tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * PRECISION_BYTES[precision]
+    """KV bytes of the largest profile, all layers: the video region and a full decode region.
+
+    video region  = [sparse tier | dense tier] of every layer (one BilevelKVGather source)
+    decode region = the decode cache at its largest (every block dense + suffix + answer)
+    """
+    t = TokenBudget.of(cfg, limits)
+    return graphs.kv_bytes(cfg, t.sparse_tokens + t.context_tokens + t.total_tokens, PRECISION_BYTES[precision])
 
 
 def parse_bytes(text: str | int) -> int:

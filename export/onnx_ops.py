@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from videoxl.export.onnx_graph import OPSET, GraphBuilder
-from videoxl.ops import BILEVEL_KV_GATHER, CHUNK_SPARSE_ATTENTION, DOMAIN, OPSET_VERSION
+from videoxl.ops import BILEVEL_KV_GATHER, CHUNK_SPARSE_ATTENTION, DOMAIN, OPSET_VERSION, PLUGIN_VERSION
 
 
 # --- shared pieces (used by the function bodies and by the LLM graphs) ----------------------
@@ -164,12 +164,13 @@ def _bilevel_kv_gather_body() -> GraphBuilder:
 # --- nodes and functions --------------------------------------------------------------------
 
 
+# plugin_version: TensorRT's parser looks the plugin up by name and this version ("1" when absent)
 def chunk_sparse_attention(b: GraphBuilder, *inputs: str, scale: float) -> str:
-    return b.op(CHUNK_SPARSE_ATTENTION.name, *inputs, domain=DOMAIN, scale=float(scale))
+    return b.op(CHUNK_SPARSE_ATTENTION.name, *inputs, domain=DOMAIN, scale=float(scale), plugin_version=PLUGIN_VERSION)
 
 
 def bilevel_kv_gather(b: GraphBuilder, *inputs: str, rope_theta: float, outputs: int | list[str] = 2) -> list[str]:
-    return b.op(BILEVEL_KV_GATHER.name, *inputs, domain=DOMAIN, outputs=outputs, rope_theta=float(rope_theta))
+    return b.op(BILEVEL_KV_GATHER.name, *inputs, domain=DOMAIN, outputs=outputs, rope_theta=float(rope_theta), plugin_version=PLUGIN_VERSION)
 
 
 def function_protos() -> list[onnx.FunctionProto]:

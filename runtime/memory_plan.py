@@ -1,9 +1,9 @@
-"""What lives where for one request: weights, activations, the KV tiers, the decode cache.
+"""What lives where for one request: weights, activations, the two KV regions.
 
 Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl plan` answers
 "does N frames fit in this GPU?" on any machine, and so that the answer can be tested.
 
-KV arithmetic (DESIGN §3), per token over all layers::
+KV arithmetic (DESIGN §3), per token over all layers (``videoxl.graphs.kv_bytes``)::
 
     kv_bytes_per_token = layers x 2 (K, V) x kv_heads x head_dim x dtype_bytes
                        = 28 x 2 x 4 x 128 x 2 = 57,344 B = 56 KiB    (Video-XL-2 8B, fp16)
@@ -11,27 +11,29 @@ KV arithmetic (DESIGN §3), per token over all layers::
 Token arithmetic, G = ceil(frames / 4) groups, ts = timestamp tokens per group::
 
     group_tokens   = 144 visual + ts                  (~150)
-    dense tier     = prefix + G x group_tokens         every prefill token, pre-RoPE
+    dense tier     = prefix + G x group_tokens         every prompt row before the question, rotated
     sparse tier    = G x (ts + 144 / 4)                timestamps kept, visual rows pooled x4 (~42)
     video blocks   = ceil(G / S); dense = first + last + top-k (block 0, the prefix, always)
-    reload area    = prefix + dense groups x group_tokens
-    mixed cache    = reload rows + sparse groups x (ts + 36) + suffix + new tokens
-    prefill past   = what one chunk attends to: prefix + earlier timestamps + P x C groups
-                     ("visible", DESIGN §2), or every earlier token ("full")
+    decode cache   = prefix + dense groups x group_tokens + sparse groups x (ts + 36) + suffix + answer
+    scoring cache  = prefix + G x (ts + 36)            every block sparse (<= the decode cache)
 
-Where they live::
+The two KV regions (graph contract v2: keys are rotated once, when written, and read in place)::
 
-    device   weights | activations (largest of: one prefill chunk, one vision batch, the
-             suffix decode) | prefill past | sparse tier | reload area | mixed cache
-    host     dense tier (pinned), unless --dense-tier device
-    unified memory (Jetson): host and device are the same memory and share one budget.
+    video region   per layer [sparse tier | dense tier]; the prefill writes each chunk's rows into
+                   the dense tier and reads its past there in place; BilevelKVGather pools finished
+                   blocks into the sparse tier and reads both tiers as one source
+    decode region  the question's scoring cache, then (in the same rows) its decode cache
 
-The TensorRT backend sizes its device KV regions with the same arithmetic (``kv_rows_for``,
+Both live on the device, the dense tier whole: nothing is reloaded or concatenated per question.
+On unified memory (Jetson) host and device are the same memory and share one budget.
+
+The TensorRT backend sizes its KV regions with the same arithmetic (``kv_rows_for``,
 ``fit_kv_rows``: the most frames whose regions fit what the arena has left).
 
-Activation estimates assume fused attention in SigLIP and in the prefill chunk (the videoxl
-attention plugin is flash-style); the decode graph materialises its probabilities (they feed
-the attention mass used to score blocks), so the suffix decode counts Q x heads x keys x 4 B.
+Activation estimates are for the plugin-free engines (the larger case): the prefill chunk's
+attention body gathers the visible past and, for its timestamp queries, the whole past of one
+layer; decode concatenates one layer's capacity buffer with the new keys before its fused
+attention; the scoring graph materialises its probabilities (they are its output, summed).
 """
 
 from __future__ import annotations
@@ -43,19 +45,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from videoxl import graphs
 from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines.profiles import format_bytes, parse_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError, KVSlabs
 
-DENSE_TIERS = ("host", "device")
-PREFILL_PAST_MODES = ("visible", "full")
 KV_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 WEIGHT_BITS = (16, 8, 4)
 PIXEL_BYTES = 4  # frames enter the vision graph as float32
 
 
 def kv_bytes_per_token(config: VideoXLConfig, dtype_bytes: int) -> int:
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    return graphs.kv_bytes(config, 1, dtype_bytes)
 
 
 def estimate_params(config: VideoXLConfig) -> dict[str, int]:
@@ -82,9 +83,9 @@ def estimate_params(config: VideoXLConfig) -> dict[str, int]:
 @dataclass(frozen=True)
 class PlanItem:
     name: str
-    where: str  # "device" or "host"
+    where: str  # "device" (on unified memory the device is the host)
     nbytes: int
-    tokens: int | None = None  # KV rows, where the item is a KV buffer
+    tokens: int | None = None  # KV rows, where the item is a KV region
     detail: str = ""
 
 
@@ -102,9 +103,6 @@ class PlanInputs:
     weight_dtype_bytes: float
     weights_bytes: int | None
     unified_memory: bool
-    dense_tier: str
-    prefill_past: str
-    host_budget_bytes: int | None
     max_new_tokens: int
     timestamp_tokens_per_group: int
     prefix_tokens: int
@@ -113,17 +111,60 @@ class PlanInputs:
 
 
 @dataclass(frozen=True)
+class KVTokens:
+    """Rows of the KV tiers and caches of one request (see the module docstring)."""
+
+    groups: int
+    dense: int  # dense tier
+    sparse: int  # sparse tier
+    num_blocks: int  # video blocks (block 0, the prefix, not counted)
+    dense_video_blocks: int
+    decode: int  # the decode cache, suffix and answer included
+    scoring: int  # the all-sparse scoring cache, before the suffix
+
+    @property
+    def video(self) -> int:
+        """Rows of the video region: [sparse tier | dense tier]."""
+        return self.sparse + self.dense
+
+    @property
+    def decode_region(self) -> int:
+        """Rows of the decode region: the scoring cache and then the decode cache use the same rows."""
+        return max(self.decode, self.scoring)
+
+
+def kv_tokens(
+    cfg: VideoXLConfig, *, frames: int, block_groups: int, dense_blocks: int, timestamp_tokens_per_group: int,
+    prefix_tokens: int, suffix_tokens: int, max_new_tokens: int,
+) -> KVTokens:
+    """The token arithmetic of the module docstring (dense blocks: first + last + top-k, whole blocks)."""
+    ts, tpg = timestamp_tokens_per_group, cfg.tokens_per_group
+    group_tokens, sparse_group_tokens = tpg + ts, ts + tpg // cfg.kv_pool_stride
+    groups = math.ceil(frames / cfg.frames_per_group)
+    num_blocks = math.ceil(groups / block_groups)
+    dense_video_blocks = min(num_blocks, min(num_blocks, 2) + dense_blocks)  # first and last always dense
+    dense_groups = min(groups, dense_video_blocks * block_groups)  # upper bound: full blocks
+    return KVTokens(
+        groups=groups,
+        dense=prefix_tokens + groups * group_tokens,
+        sparse=groups * sparse_group_tokens,
+        num_blocks=num_blocks,
+        dense_video_blocks=dense_video_blocks,
+        decode=prefix_tokens + dense_groups * group_tokens + (groups - dense_groups) * sparse_group_tokens
+        + suffix_tokens + max_new_tokens,
+        scoring=prefix_tokens + groups * sparse_group_tokens,
+    )
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     config: VideoXLConfig
     inputs: PlanInputs
     items: tuple[PlanItem, ...]
-    groups: int
+    tokens: KVTokens
     prompt_tokens: int
-    num_blocks: int  # video blocks (block 0, the prefix, not counted)
-    dense_video_blocks: int
     kv_bytes_per_token: int
-    device_bytes: int  # what the GPU budget must hold (host items added on unified memory)
-    host_bytes: int
+    device_bytes: int  # what the GPU budget must hold
     fits: bool
     advice: tuple[str, ...] = ()
     max_frames_that_fit: int | None = None  # set when the plan does not fit and some count does
@@ -131,6 +172,18 @@ class MemoryPlan:
     @property
     def budget_bytes(self) -> int:
         return self.inputs.budget_bytes
+
+    @property
+    def groups(self) -> int:
+        return self.tokens.groups
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tokens.num_blocks
+
+    @property
+    def dense_video_blocks(self) -> int:
+        return self.tokens.dense_video_blocks
 
     def item(self, name: str) -> PlanItem:
         for item in self.items:
@@ -147,8 +200,8 @@ class MemoryPlan:
             f"{i.frames} frames -> {self.groups} groups, {self.prompt_tokens:,} prompt tokens; "
             f"KV {self.kv_bytes_per_token / 1024:.1f} KiB/token ({kv_name})",
             f"{self.num_blocks} video blocks of {i.block_groups} groups, {self.dense_video_blocks} dense "
-            f"({'all' if self.dense_video_blocks == self.num_blocks else f'first, last, top-{i.dense_blocks}'}); chunks of {i.chunk_groups} groups, window {i.window_chunks}; "
-            f"prefill past: {i.prefill_past}",
+            f"({'all' if self.dense_video_blocks == self.num_blocks else f'first, last, top-{i.dense_blocks}'}); "
+            f"chunks of {i.chunk_groups} groups, window {i.window_chunks}",
             f"budget {format_bytes(i.budget_bytes)} on a {memory}",
             "",
             f"  {'item':<22} {'where':<7} {'bytes':>12} {'tokens':>10}  detail",
@@ -156,14 +209,7 @@ class MemoryPlan:
         for item in self.items:
             tokens = f"{item.tokens:,}" if item.tokens is not None else ""
             lines.append(f"  {item.name:<22} {item.where:<7} {format_bytes(item.nbytes):>12} {tokens:>10}  {item.detail}")
-        budget_line = "device + host" if i.unified_memory else "device"
-        lines += [
-            "",
-            f"  {budget_line + ' total':<30} {format_bytes(self.device_bytes):>12}  of {format_bytes(i.budget_bytes)}",
-        ]
-        if not i.unified_memory:
-            host_budget = f"  of {format_bytes(i.host_budget_bytes)}" if i.host_budget_bytes else ""
-            lines.append(f"  {'host total (pinned)':<30} {format_bytes(self.host_bytes):>12}{host_budget}")
+        lines += ["", f"  {'device total':<30} {format_bytes(self.device_bytes):>12}  of {format_bytes(i.budget_bytes)}"]
         lines.append(f"fits: {'yes' if self.fits else 'NO'}")
         lines += [f"  - {line}" for line in self.advice]
         return "\n".join(lines)
@@ -182,9 +228,6 @@ def plan_memory(
     unified_memory: bool = False,
     weights_bytes: int | None = None,
     weight_dtype_bytes: float | None = None,
-    dense_tier: str = "host",
-    prefill_past: str = "full",
-    host_budget_bytes: int | None = None,
     max_new_tokens: int = 256,
     timestamp_tokens_per_group: int = 6,
     prefix_tokens: int = 64,
@@ -205,8 +248,7 @@ def plan_memory(
         block_groups=config.block_groups if block_groups is None else block_groups,
         dense_blocks=dense_blocks, dtype_bytes=dtype_bytes,
         weight_dtype_bytes=dtype_bytes if weight_dtype_bytes is None else weight_dtype_bytes,
-        weights_bytes=weights_bytes, unified_memory=unified_memory, dense_tier=dense_tier,
-        prefill_past=prefill_past, host_budget_bytes=host_budget_bytes, max_new_tokens=max_new_tokens,
+        weights_bytes=weights_bytes, unified_memory=unified_memory, max_new_tokens=max_new_tokens,
         timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
     )
@@ -228,10 +270,6 @@ def _check_inputs(i: PlanInputs) -> None:
             problems.append(f"{name} must be >= 0, got {getattr(i, name)}")
     if i.weight_dtype_bytes <= 0:
         problems.append(f"weight_dtype_bytes must be > 0, got {i.weight_dtype_bytes}")
-    if i.dense_tier not in DENSE_TIERS:
-        problems.append(f"dense_tier {i.dense_tier!r} not one of {DENSE_TIERS}")
-    if i.prefill_past not in PREFILL_PAST_MODES:
-        problems.append(f"prefill_past {i.prefill_past!r} not one of {PREFILL_PAST_MODES}")
     if problems:
         raise ValueError("invalid memory plan request: " + "; ".join(problems))
 
@@ -239,32 +277,21 @@ def _check_inputs(i: PlanInputs) -> None:
 def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     kvpt = kv_bytes_per_token(cfg, i.dtype_bytes)
     b, h = i.dtype_bytes, cfg.hidden_size
-    ts, tpg = i.timestamp_tokens_per_group, cfg.tokens_per_group
-    group_tokens = tpg + ts
-    sparse_group_tokens = ts + tpg // cfg.kv_pool_stride
-    groups = math.ceil(i.frames / cfg.frames_per_group)
-    dense_tokens = i.prefix_tokens + groups * group_tokens
+    ts = i.timestamp_tokens_per_group
+    group_tokens = cfg.tokens_per_group + ts
+    t = kv_tokens(
+        cfg, frames=i.frames, block_groups=i.block_groups, dense_blocks=i.dense_blocks, timestamp_tokens_per_group=ts,
+        prefix_tokens=i.prefix_tokens, suffix_tokens=i.suffix_tokens, max_new_tokens=i.max_new_tokens,
+    )
+    groups = t.groups
 
-    # --- prefill: the last chunk sees the most -------------------------------------------------
+    # --- prefill: the last chunk reads the most (in place, from the dense tier) ------------------
     chunks = math.ceil(groups / i.chunk_groups)
     last = chunks - 1
     chunk_tokens = max(min(i.chunk_groups, groups) * group_tokens, i.prefix_tokens)
-    if i.prefill_past == "visible":
-        window_groups = min(last, i.window_chunks) * i.chunk_groups
-        before_window = last * i.chunk_groups - window_groups
-        past_tokens = i.prefix_tokens + before_window * ts + window_groups * group_tokens
-    else:
-        past_tokens = i.prefix_tokens + last * i.chunk_groups * group_tokens
-
-    # --- bi-level decode -------------------------------------------------------------------------
-    num_blocks = math.ceil(groups / i.block_groups)
-    always = min(num_blocks, 2)  # first and last video block
-    dense_video_blocks = min(num_blocks, always + i.dense_blocks)
-    dense_groups = min(groups, dense_video_blocks * i.block_groups)  # upper bound: full blocks
-    sparse_tokens = groups * sparse_group_tokens
-    reload_tokens = i.prefix_tokens + dense_groups * group_tokens
-    answer_tokens = i.suffix_tokens + i.max_new_tokens
-    mixed_tokens = reload_tokens + (groups - dense_groups) * sparse_group_tokens + answer_tokens
+    window_groups = min(last, i.window_chunks) * i.chunk_groups
+    past_tokens = i.prefix_tokens + last * i.chunk_groups * group_tokens  # the last chunk's past_len
+    visible_past = i.prefix_tokens + (last * i.chunk_groups - window_groups) * ts + window_groups * group_tokens
 
     # --- weights ---------------------------------------------------------------------------------
     params = estimate_params(cfg)
@@ -274,14 +301,14 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
         weights = math.ceil(sum(params.values()) * i.weight_dtype_bytes)
         weights_detail = f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B"
 
-    # --- activations: the largest of the three phases (they never overlap) ----------------------
+    # --- activations: the largest of the phases (they never overlap) ------------------------------
     layer_width = 6 * h + 3 * cfg.intermediate_size + cfg.num_attention_heads * cfg.head_dim
     kv_row = cfg.num_key_value_heads * cfg.head_dim
     prefill_act = (
         chunk_tokens * layer_width * b  # one layer's hidden states, MLP, attention output
-        + 2 * (past_tokens + chunk_tokens) * kv_row * b  # one layer's keys rotated + concatenated values
-        + chunk_tokens * kvpt  # the chunk's new KV, all layers (engine outputs)
-        + cfg.vocab_size * 4  # last-position logits
+        # one layer's gathered keys and values: visible past + chunk, and the whole past for timestamp queries
+        + 2 * (visible_past + past_tokens + 2 * chunk_tokens) * kv_row * b
+        + cfg.vocab_size * 4  # last-position logits (the chunk's KV is written into the dense tier in place)
     )
     vision_frames = min(i.vision_batch_frames, groups * cfg.frames_per_group)
     vision_groups = math.ceil(vision_frames / cfg.frames_per_group)
@@ -292,45 +319,36 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
         + vision_groups * cfg.frames_per_group * positions * (4 * c * b + positions * 4)  # DTS, per-slice attention
         + vision_groups * positions * h * 2 * b  # projector output before the 2x2 pool
     )
+    scored_keys = t.scoring + i.suffix_tokens
+    score_act = (
+        i.suffix_tokens * layer_width * b
+        + i.suffix_tokens * cfg.num_attention_heads * scored_keys * 4  # one layer's probabilities, fp32
+        + 2 * scored_keys * kv_row * 4  # one layer's keys and values, concatenated and cast to fp32
+        + t.scoring * 4  # the attention mass
+    )
     decode_act = (
         i.suffix_tokens * layer_width * b
-        + i.suffix_tokens * cfg.num_attention_heads * mixed_tokens * 4  # one layer's probabilities, fp32
-        + i.suffix_tokens * kvpt
+        + 2 * (t.decode_region + i.suffix_tokens) * kv_row * b  # one layer's capacity buffer ++ new keys
         + cfg.vocab_size * 4
     )
-    phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "suffix decode": decode_act}
+    phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "question scoring": score_act, "suffix decode": decode_act}
     largest = max(phases, key=phases.get)
 
-    host_dense = i.dense_tier == "host"
-    in_place = i.prefill_past == "full" and not host_dense  # the full past is the device dense tier itself
     items = (
         PlanItem("weights", "device", weights, None, weights_detail),
         PlanItem("activations", "device", phases[largest], None,
                  f"largest phase: {largest} ({', '.join(f'{k} {format_bytes(v)}' for k, v in phases.items())})"),
-        PlanItem("prefill past", "device", 0 if in_place else past_tokens * kvpt, past_tokens,
-                 f"last chunk of {chunk_tokens} tokens attends to {i.prefill_past} past"
-                 + (", read in place from the device dense tier" if in_place else "")),
-        PlanItem("sparse KV tier", "device", sparse_tokens * kvpt, sparse_tokens,
-                 f"{groups} groups x {sparse_group_tokens} (timestamps + visual pooled x{cfg.kv_pool_stride})"),
-        PlanItem("dense KV tier", "host" if host_dense else "device", dense_tokens * kvpt, dense_tokens,
-                 "pinned host memory, reloaded per block" if host_dense else "resident on the device"),
-        PlanItem("dense reload area", "device", reload_tokens * kvpt if host_dense else 0, reload_tokens,
-                 f"prefix + {dense_video_blocks} dense blocks" if host_dense else "not needed: dense tier is on the device"),
-        PlanItem("mixed decode cache", "device", mixed_tokens * kvpt, mixed_tokens,
-                 f"dense rows + sparse rows + {answer_tokens} suffix/answer tokens"),
-        PlanItem("pinned staging", "host", 2 * chunk_tokens * kvpt, 2 * chunk_tokens,
-                 "double-buffered chunk KV for device<->host copies"),
+        PlanItem("video KV region", "device", t.video * kvpt, t.video,
+                 f"per layer [sparse tier {t.sparse:,} | dense tier {t.dense:,}] rows; "
+                 f"the prefill reads its past there in place"),
+        PlanItem("decode KV region", "device", t.decode_region * kvpt, t.decode_region,
+                 f"scoring cache ({t.scoring:,} rows), then in the same rows the decode cache: "
+                 f"{t.dense_video_blocks} dense blocks + the rest sparse + {i.suffix_tokens + i.max_new_tokens} suffix/answer"),
     )
-    device = sum(x.nbytes for x in items if x.where == "device")
-    host = sum(x.nbytes for x in items if x.where == "host")
-    if i.unified_memory:
-        device, fits = device + host, device + host <= i.budget_bytes
-    else:
-        fits = device <= i.budget_bytes and (i.host_budget_bytes is None or host <= i.host_budget_bytes)
+    device = sum(x.nbytes for x in items)
     return MemoryPlan(
-        config=cfg, inputs=i, items=items, groups=groups, prompt_tokens=dense_tokens + i.suffix_tokens,
-        num_blocks=num_blocks, dense_video_blocks=dense_video_blocks, kv_bytes_per_token=kvpt,
-        device_bytes=device, host_bytes=host, fits=fits,
+        config=cfg, inputs=i, items=items, tokens=t, prompt_tokens=t.dense + i.suffix_tokens,
+        kv_bytes_per_token=kvpt, device_bytes=device, fits=device <= i.budget_bytes,
     )
 
 
@@ -353,17 +371,10 @@ def max_frames_that_fit(cfg: VideoXLConfig, inputs: PlanInputs, **changes) -> in
 
 
 def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None]:
-    i, advice = plan.inputs, []
+    i = plan.inputs
     over = plan.device_bytes - i.budget_bytes
-    if i.unified_memory:
-        advice.append(f"device + host need {format_bytes(plan.device_bytes)}, {format_bytes(max(over, 0))} over the budget")
-    elif over > 0:
-        advice.append(f"the device needs {format_bytes(plan.device_bytes)}, {format_bytes(over)} over the budget")
-    else:
-        advice.append(
-            f"pinned host memory needs {format_bytes(plan.host_bytes)}, over the host budget of "
-            f"{format_bytes(i.host_budget_bytes or 0)}"
-        )
+    where = "device + host" if i.unified_memory else "the device"
+    advice = [f"{where} need{'s' if not i.unified_memory else ''} {format_bytes(plan.device_bytes)}, {format_bytes(over)} over the budget"]
 
     weights = plan.item("weights").nbytes
     if weights >= i.budget_bytes:
@@ -371,11 +382,6 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
     best = max_frames_that_fit(cfg, i)
     if best > 0:
         advice.append(f"lower --max-frames to {best} (the most that fits with these settings)")
-    if i.dense_tier == "device" and not i.unified_memory:
-        if _fits(cfg, i, dense_tier="host"):
-            advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): all {i.frames} frames fit")
-        elif (n := max_frames_that_fit(cfg, i, dense_tier="host")) > best:
-            advice.append(f"move the dense KV tier to pinned host memory (--dense-tier host): {n} frames fit")
     top = min(i.dense_blocks, plan.num_blocks)  # more than every block changes nothing
     if top > 0 and _fits(cfg, i, dense_blocks=0):
         low, high = 0, top - 1  # the largest k that fits; plans grow with k
@@ -388,8 +394,6 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
             advice.append(f"use fp16 KV (--kv-dtype fp16): all {i.frames} frames fit")
         elif (n := max_frames_that_fit(cfg, i, dtype_bytes=2)) > best:
             advice.append(f"use fp16 KV (--kv-dtype fp16): {n} frames fit")
-    if i.prefill_past == "full" and _fits(cfg, i, prefill_past="visible"):
-        advice.append("a prefill that gathers only the visible past (prefix, timestamps, window) would fit")
     if i.weights_bytes is None:
         for bits in (8, 4):
             if i.weight_dtype_bytes > bits / 8 and _fits(cfg, i, weight_dtype_bytes=bits / 8):
@@ -401,36 +405,29 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
 # --- KV regions of the TensorRT backend -----------------------------------------------------------
 @dataclass(frozen=True)
 class KVRows:
-    """Row capacities of the three KV regions."""
+    """Row capacities of the two KV regions, per layer, and what they were sized for."""
 
-    prefill: int  # past + one chunk
-    source: int  # sparse tier + reloaded dense rows
-    mixed: int  # mixed cache + suffix + answer
+    video: int  # [sparse tier | dense tier] of a video of `frames` frames
+    decode: int  # the scoring cache, then the decode cache, in the same rows
+    frames: int
+    dense_blocks: int  # task-aware top-k the decode region was sized for (first and last blocks on top)
 
     def nbytes(self, layers: int, row_bytes: int) -> int:
-        return sum(KVSlabs.nbytes(layers, rows, row_bytes) for rows in (self.prefill, self.source, self.mixed))
+        return sum(KVSlabs.nbytes(layers, rows, row_bytes) for rows in (self.video, self.decode))
 
 
 def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, dense_blocks: int) -> KVRows:
     """KV rows one request of ``frames`` frames needs, from the memory planner's token arithmetic.
 
     ``limits`` are the engines' build limits (manifest): timestamp, prefix, suffix and answer
-    tokens are the upper bounds the engines were built for. The prefill past is "full": the
-    exported prefill graph rotates its past keys at positions 0..P-1, so it takes every earlier
-    token, not only the visible ones.
+    tokens are the upper bounds the engines were built for.
     """
-    plan = plan_memory(
-        config, frames=frames, budget_bytes=1 << 62, chunk_groups=limits["chunk_groups"],
-        window_chunks=limits["window_chunks"], dense_blocks=dense_blocks, prefill_past="full",
+    t = kv_tokens(
+        config, frames=frames, block_groups=config.block_groups, dense_blocks=dense_blocks,
         timestamp_tokens_per_group=limits["timestamp_tokens"], prefix_tokens=limits["prefix_tokens"],
         suffix_tokens=limits["suffix_tokens"], max_new_tokens=limits["answer_tokens"],
     )
-    chunk = max(limits["chunk_groups"] * (config.tokens_per_group + limits["timestamp_tokens"]), limits["prefix_tokens"])
-    return KVRows(
-        prefill=plan.item("prefill past").tokens + chunk,
-        source=plan.item("sparse KV tier").tokens + plan.item("dense reload area").tokens,
-        mixed=plan.item("mixed decode cache").tokens,
-    )
+    return KVRows(video=t.video, decode=t.decode_region, frames=frames, dense_blocks=dense_blocks)
 
 
 def fit_kv_rows(
@@ -438,8 +435,8 @@ def fit_kv_rows(
 ) -> tuple[int, KVRows]:
     """The most frames (<= the engines' limit) whose KV regions fit, and the rows to allocate.
 
-    Bytes left beyond that request go to the source and mixed regions in equal rows (more dense
-    blocks fit), up to what an all-dense request at the frame limit would use.
+    The video region is fixed by the frame count; bytes left beyond that request go to the decode
+    region (more dense blocks fit), up to what an all-dense request at the frame limit would use.
     """
     layers, per_group = config.num_hidden_layers, config.frames_per_group
 
@@ -464,12 +461,8 @@ def fit_kv_rows(
     rows = kv_rows_for(config, limits, frames, dense_blocks=dense_blocks)
     ceiling = kv_rows_for(config, limits, limits["max_frames"], dense_blocks=10**9)
     spare = available_bytes - rows.nbytes(layers, row_bytes)
-    extra = max(0, spare // (2 * 2 * layers * row_bytes) - 2)  # rows added to both regions, minus alignment
-    return frames, KVRows(
-        prefill=rows.prefill,
-        source=min(rows.source + extra, max(ceiling.source, rows.source)),
-        mixed=min(rows.mixed + extra, max(ceiling.mixed, rows.mixed)),
-    )
+    extra = max(0, spare // (2 * layers * row_bytes) - 1)  # rows of K and V in every layer, minus alignment
+    return frames, dataclasses.replace(rows, decode=min(rows.decode + extra, max(ceiling.decode, rows.decode)))
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -500,20 +493,16 @@ def _dense_blocks_arg(value: str) -> int:
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="does a video of N frames fit in this much GPU memory? (no GPU needed)",
-        description="Plan weights, activations and the KV tiers of one request against a memory budget.",
+        description="Plan weights, activations and the two KV regions (video: sparse + dense tier; decode) of one request against a memory budget.",
     )
     p.add_argument("--config", required=True, metavar="DIR|real", help="checkpoint, ONNX or engine directory, or 'real' (Video-XL-2 8B)")
     p.add_argument("--frames", required=True, type=int, metavar="N")
     p.add_argument("--gpu-memory-budget", required=True, type=parse_bytes, metavar="BYTES", help="e.g. 80GiB, 24GB")
     p.add_argument("--unified-memory", action="store_true", help="host and device share the budget (Jetson)")
-    p.add_argument("--host-memory-budget", type=parse_bytes, metavar="BYTES", help="pinned host memory available")
     p.add_argument("--dense-blocks", type=_dense_blocks_arg, default=4, metavar="K|all", help="task-aware top-K dense blocks (default 4)")
-    p.add_argument("--dense-tier", choices=DENSE_TIERS, default="host", help="where the dense KV tier lives (default host)")
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="fp16")
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=None, help="default: the KV dtype's width")
     p.add_argument("--weights-bytes", type=parse_bytes, metavar="BYTES", help="measured weight size (overrides the estimate)")
-    p.add_argument("--prefill-past", choices=PREFILL_PAST_MODES, default="full",
-                   help="full (what the prefill graph takes today: timestamp queries see every earlier token); visible: prefix + timestamps + window only")
     p.add_argument("--chunk-groups", type=int, metavar="C")
     p.add_argument("--window", type=int, dest="window_chunks", metavar="P")
     p.add_argument("--block-groups", type=int, metavar="S")
@@ -530,7 +519,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dense_blocks=args.dense_blocks, dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype],
         unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
         weight_dtype_bytes=None if args.weight_bits is None else args.weight_bits / 8,
-        dense_tier=args.dense_tier, prefill_past=args.prefill_past, host_budget_bytes=args.host_memory_budget,
         max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
     )
     print(plan.table())

@@ -1,20 +1,22 @@
-"""TEST FIXTURE: a tiny stand-in for the exporter's artifact directory.
+"""TEST FIXTURE: a tiny stand-in for the exporter's artifact directory (graph contract v2).
 
-Writes ``vision.onnx``, ``prefill_chunk.onnx``, ``decode.onnx``, ``kv_gather.onnx``,
-``config.json`` and ``export_manifest.json`` for a toy config, so that the engine builder is
-tested independently of the real exporter (and of torch). The graphs are not Video-XL-2: only
-their interface follows ``videoxl.export.onnx_export`` (input/output names, the dimension names
-of ``videoxl.engines.profiles.dimension_ranges``), and the two ``videoxl``-domain custom ops carry
-the exporter's own model-local function bodies (``videoxl.export.onnx_ops``, which needs no torch),
-so the engine builder sees the same standard-op definitions as on a real export.
+Writes ``vision.onnx``, ``prefill_chunk.onnx``, ``decode.onnx``, ``score.onnx``,
+``kv_gather.onnx``, ``config.json`` and ``export_manifest.json`` for a toy config, so that the
+engine builder is tested independently of the real exporter (and of torch). The graphs are not
+Video-XL-2: their inputs and outputs are written from the graph contract (``videoxl.graphs``),
+the two ``videoxl``-domain custom ops carry the exporter's own model-local function bodies
+(``videoxl.export.onnx_ops``, which needs no torch) and a ``plugin_version`` attribute (the ONNX
+parser looks a plugin up by it, "1" when absent; the v2 plugins are version 2), and the plugin-free attention is the
+exporter's standard ONNX ``Attention``, so the builder sees what a real export gives it.
 
-    prefill_chunk.onnx, per layer i:
+    prefill_chunk.onnx, per layer i (positions past_len + j):
         x --MatMul--> q, present_key.i, present_value.i
-        past_key.i ++ present_key.i, past_value.i ++ present_value.i --> key, value
-        videoxl::ChunkSparseAttention(q, key, value, prefix_len, window_start,
-                                      past_timestamp_index, timestamp_query_index) --MatMul--> x
-    kv_gather.onnx:
-        videoxl::BilevelKVGather(key, value, gather_index, gather_weight) --> mixed_key/value
+        videoxl::ChunkSparseAttention(q, present_key.i, present_value.i, past_key.i, past_value.i,
+                                      past_len, visible_past_index, timestamp_query_index) --MatMul--> x
+    decode.onnx, per layer i:   Attention(q, past_key.i ++ k, past_value.i ++ v, rows < past_len, causal)
+    score.onnx, per layer i:    the same probabilities written out; their mass per past row, summed
+    kv_gather.onnx:             videoxl::BilevelKVGather(key, value, gather_index, gather_weight,
+                                                         source_position, target_position)
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from videoxl import ops
+from videoxl import graphs, ops
 from videoxl.config import VideoXLConfig
-from videoxl.export.onnx_ops import OPSET, custom_opset_imports, function_protos
+from videoxl.export.onnx_graph import GraphBuilder
+from videoxl.export.onnx_ops import OPSET, attention, custom_opset_imports, function_protos, gqa_attention, gqa_probs
 
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+_FIXED_TYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
 
 def tiny_config() -> VideoXLConfig:
@@ -56,7 +60,21 @@ def bilevel_kv_gather_function() -> onnx.FunctionProto:
     return custom_functions()[ops.BILEVEL_KV_GATHER.name]
 
 
-# --- the four graphs (interface of videoxl.export.onnx_export; toy bodies) ------------------------
+# --- graph I/O straight from the contract -------------------------------------------------------
+def contract_io(contract: graphs.GraphContract, cfg: VideoXLConfig, dtype: int) -> tuple[list, list]:
+    """value_infos of a graph's inputs and outputs as the contract defines them (names, dims, dtypes)."""
+
+    def infos(specs) -> list:
+        elem = lambda spec: dtype if spec.dtype == "float" else _FIXED_TYPES[spec.dtype]  # noqa: E731
+        return [
+            helper.make_tensor_value_info(name, elem(spec), spec.shape(cfg))
+            for spec in specs
+            for name in spec.names(cfg.num_hidden_layers)
+        ]
+
+    return infos(contract.inputs), infos(contract.outputs)
+
+
 def _model(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
     opsets = custom_opset_imports() if functions else [helper.make_opsetid("", OPSET)]
     model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="videoxl-test-fixture")
@@ -65,198 +83,162 @@ def _model(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> onnx.
     return model
 
 
-def _weight(name: str, shape: tuple[int, ...], dtype: int, rng: np.random.Generator) -> onnx.TensorProto:
+def _weight(b: GraphBuilder, name: str, shape: tuple[int, ...], dtype: int, rng: np.random.Generator) -> str:
     values = (rng.standard_normal(shape) * 0.2).astype(np.float32)
     if dtype == TensorProto.BFLOAT16:
-        bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation is fine for a fixture
-        return helper.make_tensor(name, TensorProto.BFLOAT16, shape, bits.tobytes(), raw=True)
-    return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name)
+        return b.initializer(name, values, TensorProto.BFLOAT16)
+    return b.initializer(name, values.astype(helper.tensor_dtype_to_np_dtype(dtype)))
 
 
-def _i64(name: str, values: list[int]) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+def _contract_model(b: GraphBuilder, contract: graphs.GraphContract, cfg: VideoXLConfig, dtype: int, functions) -> onnx.ModelProto:
+    inputs, outputs = contract_io(contract, cfg, dtype)
+    graph = helper.make_graph(b.nodes, contract.name, inputs, outputs, initializer=b.initializers)
+    return _model(graph, functions)
 
 
-def _kv_io(cfg: VideoXLConfig, dtype: int, past: str, new: str) -> tuple[list, list]:
-    kv = [cfg.num_key_value_heads, cfg.head_dim]
-    inputs, outputs = [], []
+def _toy_llm(b: GraphBuilder, cfg: VideoXLConfig, dtype: int, rng: np.random.Generator, x: str, attend) -> str:
+    """Per layer: q/k/v projections, attend(layer, q, k, v) -> (n, Hq, D), output projection, residual."""
+    hq, hkv, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     for i in range(cfg.num_hidden_layers):
-        inputs += [helper.make_tensor_value_info(f"past_{t}.{i}", dtype, [past, *kv]) for t in ("key", "value")]
-        outputs += [helper.make_tensor_value_info(f"present_{t}.{i}", dtype, [new, *kv]) for t in ("key", "value")]
-    return inputs, outputs
+        q = b.op("Reshape", b.op("MatMul", x, _weight(b, f"wq.{i}", (h, hq * d), dtype, rng)), b.const([0, hq, d]))
+        k = b.op("Reshape", b.op("MatMul", x, _weight(b, f"wk.{i}", (h, hkv * d), dtype, rng)), b.const([0, hkv, d]))
+        v = b.op("Reshape", b.op("MatMul", x, _weight(b, f"wv.{i}", (h, hkv * d), dtype, rng)), b.const([0, hkv, d]))
+        out = b.op("Reshape", attend(i, q, k, v), b.const([0, hq * d]))
+        x = b.op("Add", x, b.op("MatMul", out, _weight(b, f"wo.{i}", (hq * d, h), dtype, rng)))
+    return x
 
 
-def _last_logits(cfg: VideoXLConfig, dtype: int, x: str, rng: np.random.Generator) -> tuple[list, list]:
-    nodes = [
-        helper.make_node("Slice", [x, "last_start", "last_end", "last_axis"], ["last"]),
-        helper.make_node("MatMul", ["last", "lm_head"], ["raw_logits"]),
-        helper.make_node("Cast", ["raw_logits"], ["logits"], to=TensorProto.FLOAT),
-    ]
-    inits = [_i64("last_start", [-1]), _i64("last_end", [2**62]), _i64("last_axis", [0]),
-             _weight("lm_head", (cfg.hidden_size, cfg.vocab_size), dtype, rng)]
-    return nodes, inits
+def _embed(b: GraphBuilder, cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> tuple[str, str]:
+    """Token embeddings plus a position term (positions past_len + j); returns (x, positions)."""
+    positions = b.op("Add", b.arange(b.const(0), b.dim("input_ids", 0)), b.scalar("past_len"))
+    embeds = b.op("Gather", _weight(b, "embed", (cfg.vocab_size, cfg.hidden_size), dtype, rng), "input_ids", axis=0)
+    pos = b.op("Unsqueeze", b.op("Cast", positions, to=dtype), b.const([1]))
+    return b.op("Add", embeds, b.op("Mul", pos, _weight(b, "pos_scale", (cfg.hidden_size,), dtype, rng))), positions
 
 
+def _last_logits(b: GraphBuilder, cfg: VideoXLConfig, dtype: int, x: str, rng: np.random.Generator) -> None:
+    last = b.op("Slice", x, b.const([-1]), b.const([2**62]), b.const([0]))
+    logits = b.op("MatMul", last, _weight(b, "lm_head", (cfg.hidden_size, cfg.vocab_size), dtype, rng))
+    b.op("Cast", logits, to=TensorProto.FLOAT, outputs=["logits"])
+
+
+def _present(b: GraphBuilder, layer: int, k: str, v: str) -> None:
+    present_key, present_value = graphs.kv_names("present", layer)
+    b.op("Identity", k, outputs=[present_key])
+    b.op("Identity", v, outputs=[present_value])
+
+
+def _cache_visible(b: GraphBuilder, positions: str) -> str:
+    """(T, P + T) bool over [past buffer ++ new keys]: past rows < past_len, new keys causally."""
+    past_pos = b.arange(b.const(0), b.dim(graphs.kv_names("past", 0)[0], 0))
+    key_pos = b.op("Concat", past_pos, positions, axis=0)
+    causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", positions, b.const([1])))
+    valid = b.op("Concat", b.op("Less", past_pos, "past_len"), b.op("Expand", b.const([True], np.bool_), b.op("Shape", positions)), axis=0)
+    return b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
+
+
+# --- the LLM graphs (contract v2 interface; toy bodies) -----------------------------------------
 def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
     """Embeds + summed visual embeds + a position term; per layer q/k/v and ChunkSparseAttention."""
-    hq, hkv, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    kv_in, kv_out = _kv_io(cfg, dtype, "past_tokens", "chunk_tokens")
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["chunk_tokens"]),
-        helper.make_tensor_value_info("visual_embeds", dtype, ["visual_tokens", h]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["chunk_tokens"]),
-        helper.make_tensor_value_info("timestamp_query_index", TensorProto.INT64, ["timestamp_queries"]),
-        helper.make_tensor_value_info("prefix_len", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("window_start", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("past_timestamp_index", TensorProto.INT64, ["past_timestamps"]),
-        *kv_in,
-    ]
-    inits = [
-        _weight("embed", (cfg.vocab_size, h), dtype, rng), _weight("pos_scale", (h,), dtype, rng),
-        _i64("q_shape", [0, hq, d]), _i64("kv_shape", [0, hkv, d]), _i64("o_shape", [0, hq * d]), _i64("axis0", [0]),
-    ]
-    nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["embeds"], axis=0),
-        helper.make_node("ReduceSum", ["visual_embeds", "axis0"], ["visual_sum"], keepdims=1),  # 0 rows -> zeros
-        helper.make_node("Cast", ["position_ids"], ["pos_f"], to=dtype),
-        helper.make_node("Unsqueeze", ["pos_f", "ax1_pos"], ["pos_col"]),
-        helper.make_node("Mul", ["pos_col", "pos_scale"], ["pos_term"]),
-        helper.make_node("Add", ["embeds", "visual_sum"], ["x_a"]),
-        helper.make_node("Add", ["x_a", "pos_term"], ["x0"]),
-    ]
-    inits.append(_i64("ax1_pos", [1]))
-    x = "x0"
-    for i in range(cfg.num_hidden_layers):
-        inits += [_weight(f"wq.{i}", (h, hq * d), dtype, rng), _weight(f"wk.{i}", (h, hkv * d), dtype, rng),
-                  _weight(f"wv.{i}", (h, hkv * d), dtype, rng), _weight(f"wo.{i}", (hq * d, h), dtype, rng)]
-        nodes += [
-            helper.make_node("MatMul", [x, f"wq.{i}"], [f"q2.{i}"]),
-            helper.make_node("Reshape", [f"q2.{i}", "q_shape"], [f"q.{i}"]),
-            helper.make_node("MatMul", [x, f"wk.{i}"], [f"k2.{i}"]),
-            helper.make_node("Reshape", [f"k2.{i}", "kv_shape"], [f"present_key.{i}"]),
-            helper.make_node("MatMul", [x, f"wv.{i}"], [f"v2.{i}"]),
-            helper.make_node("Reshape", [f"v2.{i}", "kv_shape"], [f"present_value.{i}"]),
-            helper.make_node("Concat", [f"past_key.{i}", f"present_key.{i}"], [f"key.{i}"], axis=0),
-            helper.make_node("Concat", [f"past_value.{i}", f"present_value.{i}"], [f"value.{i}"], axis=0),
-            helper.make_node(
-                ops.CHUNK_SPARSE_ATTENTION.name,
-                [f"q.{i}", f"key.{i}", f"value.{i}", "prefix_len", "window_start", "past_timestamp_index", "timestamp_query_index"],
-                [f"attn.{i}"], domain=ops.DOMAIN, name=f"chunk_attention.{i}", scale=float(d) ** -0.5,
-            ),
-            helper.make_node("Reshape", [f"attn.{i}", "o_shape"], [f"attn2.{i}"]),
-            helper.make_node("MatMul", [f"attn2.{i}", f"wo.{i}"], [f"o.{i}"]),
-            helper.make_node("Add", [x, f"o.{i}"], [f"x{i + 1}"]),
-        ]
-        x = f"x{i + 1}"
-    tail, tail_inits = _last_logits(cfg, dtype, x, rng)
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]), *kv_out]
-    graph = helper.make_graph(nodes + tail, "prefill_chunk", inputs, outputs, inits + tail_inits)
-    return _model(graph, [chunk_sparse_attention_function()])
+    b = GraphBuilder()
+    x, _ = _embed(b, cfg, dtype, rng)
+    x = b.op("Add", x, b.op("ReduceSum", "visual_embeds", b.const([0]), keepdims=1))  # 0 visual rows -> zeros
+
+    def attend(i: int, q: str, k: str, v: str) -> str:
+        _present(b, i, k, v)
+        return b.op(
+            ops.CHUNK_SPARSE_ATTENTION.name, q, k, v, *graphs.kv_names("past", i), "past_len", "visible_past_index",
+            "timestamp_query_index", domain=ops.DOMAIN, name=f"chunk_attention.{i}", scale=float(cfg.head_dim) ** -0.5,
+            plugin_version=ops.PLUGIN_VERSION,
+        )
+
+    _last_logits(b, cfg, dtype, _toy_llm(b, cfg, dtype, rng, x, attend), rng)
+    return _contract_model(b, graphs.PREFILL_CHUNK, cfg, dtype, [chunk_sparse_attention_function()])
 
 
 def decode_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
-    """Standard ops only: token embedding, a cache-dependent term, logits and an attention mass."""
-    hkv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    kv_in, kv_out = _kv_io(cfg, dtype, "past_tokens", "new_tokens")
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["new_tokens"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["new_tokens"]),
-        *kv_in,
-    ]
-    inits = [_weight("embed", (cfg.vocab_size, h), dtype, rng), _weight("wk", (h, hkv * d), dtype, rng),
-             _i64("kv_shape", [0, hkv, d]), _i64("hd_axes", [1, 2]), _i64("all_axes", [0, 1, 2])]
-    nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["embeds"], axis=0),
-        helper.make_node("Cast", ["position_ids"], ["pos_f"], to=dtype),
-        helper.make_node("Unsqueeze", ["pos_f", "one_axis"], ["pos_col"]),
-        helper.make_node("Add", ["embeds", "pos_col"], ["x"]),
-        helper.make_node("MatMul", ["x", "wk"], ["k2"]),
-        helper.make_node("Reshape", ["k2", "kv_shape"], ["k"]),
-    ]
-    inits.append(_i64("one_axis", [1]))
-    cache_terms = []
-    for i in range(cfg.num_hidden_layers):
-        nodes += [
-            helper.make_node("Identity", ["k"], [f"present_key.{i}"]),
-            helper.make_node("Identity", ["k"], [f"present_value.{i}"]),
-            helper.make_node("Mul", [f"past_key.{i}", f"past_value.{i}"], [f"kv.{i}"]),
-            helper.make_node("ReduceMean", [f"kv.{i}", "all_axes"], [f"kv_mean.{i}"], keepdims=0),
-        ]
-        cache_terms.append(f"kv_mean.{i}")
-    nodes += [
-        helper.make_node("Sum", cache_terms, ["cache_term"]),
-        helper.make_node("Add", ["x", "cache_term"], ["x_out"]),
-        helper.make_node("Concat", ["past_key.0", "k"], ["all_keys"], axis=0),
-        helper.make_node("ReduceSum", ["all_keys", "hd_axes"], ["mass_raw"], keepdims=0),
-        helper.make_node("Cast", ["mass_raw"], ["attention_mass"], to=TensorProto.FLOAT),
-    ]
-    tail, tail_inits = _last_logits(cfg, dtype, "x_out", rng)
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, cfg.vocab_size]),
-        helper.make_tensor_value_info("attention_mass", TensorProto.FLOAT, ["all_tokens"]),
-        *kv_out,
-    ]
-    graph = helper.make_graph(nodes + tail, "decode", inputs, outputs, inits + tail_inits)
-    return _model(graph, [])
+    """Standard ops only: new tokens against the capacity buffer through the standard Attention op."""
+    b = GraphBuilder()
+    x, positions = _embed(b, cfg, dtype, rng)
+    visible = _cache_visible(b, positions)
+
+    def attend(i: int, q: str, k: str, v: str) -> str:
+        _present(b, i, k, v)
+        past_key, past_value = graphs.kv_names("past", i)
+        keys, values = b.op("Concat", past_key, k, axis=0), b.op("Concat", past_value, v, axis=0)
+        return attention(b, q, keys, values, visible, scale=cfg.head_dim**-0.5)
+
+    _last_logits(b, cfg, dtype, _toy_llm(b, cfg, dtype, rng, x, attend), rng)
+    return _contract_model(b, graphs.DECODE, cfg, dtype, [])
+
+
+def score_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """The decode layers with explicit probabilities: their mass on each past row, summed over layers."""
+    b = GraphBuilder()
+    x, positions = _embed(b, cfg, dtype, rng)
+    visible = _cache_visible(b, positions)
+    scale = b.const(cfg.head_dim**-0.5, np.float32)
+    num_past = b.op("Shape", graphs.kv_names("past", 0)[0], start=0, end=1)
+    masses: list[str] = []
+
+    def attend(i: int, q: str, k: str, v: str) -> str:
+        past_key, past_value = graphs.kv_names("past", i)
+        keys, values = b.op("Concat", past_key, k, axis=0), b.op("Concat", past_value, v, axis=0)
+        probs = gqa_probs(b, q, keys, visible, scale)
+        masses.append(b.op("Slice", b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0), b.const([0]), num_past))
+        return gqa_attention(b, q, keys, values, visible, scale, probs=probs)
+
+    _toy_llm(b, cfg, dtype, rng, x, attend)
+    b.op("Sum", *masses, outputs=["attention_mass"])
+    return _contract_model(b, graphs.SCORE, cfg, dtype, [])
 
 
 def kv_gather_model(cfg: VideoXLConfig, dtype: int) -> onnx.ModelProto:
-    kv = [cfg.num_key_value_heads, cfg.head_dim]
-    inputs = [
-        helper.make_tensor_value_info("key", dtype, ["source_tokens", *kv]),
-        helper.make_tensor_value_info("value", dtype, ["source_tokens", *kv]),
-        helper.make_tensor_value_info("gather_index", TensorProto.INT64, ["mixed_tokens", "pool"]),
-        helper.make_tensor_value_info("gather_weight", TensorProto.FLOAT, ["mixed_tokens", "pool"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("mixed_key", dtype, ["mixed_tokens", *kv]),
-        helper.make_tensor_value_info("mixed_value", dtype, ["mixed_tokens", *kv]),
-    ]
-    node = helper.make_node(
-        ops.BILEVEL_KV_GATHER.name, [i.name for i in inputs], [o.name for o in outputs],
-        domain=ops.DOMAIN, name="kv_gather", rope_theta=float(cfg.rope_theta),
+    b = GraphBuilder()
+    b.op(
+        ops.BILEVEL_KV_GATHER.name, *graphs.KV_GATHER.input_names(1), outputs=graphs.KV_GATHER.output_names(1),
+        domain=ops.DOMAIN, name="kv_gather", rope_theta=float(cfg.rope_theta), plugin_version=ops.PLUGIN_VERSION,
     )
-    graph = helper.make_graph([node], "kv_gather", inputs, outputs)
-    return _model(graph, [bilevel_kv_gather_function()])
+    return _contract_model(b, graphs.KV_GATHER, cfg, dtype, [bilevel_kv_gather_function()])
 
 
 def vision_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
-    """pixel_values (4*groups, 3, S, S) float32 -> visual_embeds (groups, tokens_per_group, H)."""
-    t, h, per_group = cfg.frames_per_group, cfg.hidden_size, cfg.tokens_per_group
-    size = cfg.image_size
+    """pixel_values (4*groups, 3, S, S) float32 -> visual_embeds (groups, tokens_per_group, H).
+
+    The frame axis is named ``4*groups``, as torch.export writes it for the real vision graph.
+    """
+    t, h, per_group, size = cfg.frames_per_group, cfg.hidden_size, cfg.tokens_per_group, cfg.image_size
+    b = GraphBuilder()
+    pooled = b.op("Cast", b.op("ReduceMean", "pixel_values", b.const([2, 3]), keepdims=0), to=dtype)  # (F, 3)
+    grouped = b.op("Reshape", pooled, b.const([-1, t * 3]))  # (G, 12)
+    flat = b.op("MatMul", grouped, _weight(b, "proj", (t * 3, per_group * h), dtype, rng))
+    b.op("Reshape", flat, b.const([-1, per_group, h]), outputs=["visual_embeds"])
     inputs = [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [f"{t}*groups", 3, size, size])]
     outputs = [helper.make_tensor_value_info("visual_embeds", dtype, ["groups", per_group, h])]
-    inits = [
-        _weight("proj", (t * 3, per_group * h), dtype, rng), _i64("hw_axes", [2, 3]),
-        _i64("group_shape", [-1, t * 3]), _i64("out_shape", [-1, per_group, h]),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", ["pixel_values", "hw_axes"], ["pooled"], keepdims=0),  # (F, 3)
-        helper.make_node("Cast", ["pooled"], ["pooled_d"], to=dtype),
-        helper.make_node("Reshape", ["pooled_d", "group_shape"], ["grouped"]),  # (G, 12)
-        helper.make_node("MatMul", ["grouped", "proj"], ["flat"]),
-        helper.make_node("Reshape", ["flat", "out_shape"], ["visual_embeds"]),
-    ]
-    graph = helper.make_graph(nodes, "vision", inputs, outputs, inits)
-    return _model(graph, [])
+    return _model(helper.make_graph(b.nodes, "vision", inputs, outputs, initializer=b.initializers), [])
 
 
 def write_artifacts(out_dir: Path, *, precision: str = "fp16", seed: int = 0) -> Path:
-    """Write the four graphs, config.json and export_manifest.json into ``out_dir``."""
+    """Write the five graphs, config.json and export_manifest.json (with the graph contract) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config()
     dtype = FLOAT_TYPES[precision]
     rng = np.random.default_rng(seed)
     models = {
-        "vision.onnx": vision_model(cfg, dtype, rng),
-        "prefill_chunk.onnx": prefill_chunk_model(cfg, dtype, rng),
-        "decode.onnx": decode_model(cfg, dtype, rng),
-        "kv_gather.onnx": kv_gather_model(cfg, dtype),
+        "vision": vision_model(cfg, dtype, rng),
+        "prefill_chunk": prefill_chunk_model(cfg, dtype, rng),
+        "decode": decode_model(cfg, dtype, rng),
+        "score": score_model(cfg, dtype, rng),
+        "kv_gather": kv_gather_model(cfg, dtype),
     }
+    assert sorted(models) == sorted(graphs.GRAPHS), "the fixture writes every graph of the contract"
     for name, model in models.items():
-        onnx.save(model, str(out_dir / name))
+        onnx.save(model, str(out_dir / graphs.GRAPHS[name].file))
     cfg.save(out_dir / "config.json")
-    manifest = {"dtype": precision, "graphs": sorted(models), "producer": "videoxl test fixture"}
+    manifest = {
+        "dtype": precision, "graphs": sorted(models), "producer": "videoxl test fixture",
+        "graph_contract": graphs.manifest_entry(cfg),
+    }
     (out_dir / "export_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir

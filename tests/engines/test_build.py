@@ -8,11 +8,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from conftest import BUILD_LIMITS
+from videoxl import graphs
 from videoxl.config import VideoXLConfig
 from videoxl.engines import build as build_module
+from videoxl.engines import profiles
 from videoxl.engines.build import build_engines, max_frames_for_budget
 from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import GRAPHS, BuildLimits, ProfileError, kv_cache_bytes
@@ -31,35 +33,77 @@ def _no_leftovers(parent: Path) -> list[str]:
 def test_engines_and_manifest_written(engines_with_plugins: Path, onnx_dir: Path) -> None:
     files = sorted(p.name for p in engines_with_plugins.iterdir())
     assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "export_manifest.json", "manifest.json"])
+    assert set(GRAPHS) == set(graphs.GRAPHS) and "score" in GRAPHS  # the builder's graph list is the contract's
     manifest = _manifest(engines_with_plugins)
     assert manifest["tensorrt"]["flavour"] == "tensorrt_rtx"
     assert manifest["compute_capabilities"] == ["sm_89"]
     assert manifest["precision"] == "fp16"
+    assert manifest["graph_contract"] == {"version": graphs.CONTRACT_VERSION, "graphs": list(graphs.GRAPHS)}
     assert {k: manifest["limits"][k] for k in BUILD_LIMITS} == BUILD_LIMITS
     assert manifest["model"]["config_hash"] == VideoXLConfig.load(onnx_dir / "config.json").model_hash()
     assert set(manifest["onnx"]) == {f"{g}.onnx" for g in GRAPHS}
     assert manifest["plugins"]["used"] and manifest["plugins"]["version"] == PLUGIN_VERSION
     for graph, entry in manifest["engines"].items():
         assert (engines_with_plugins / entry["file"]).stat().st_size == entry["bytes"] > 0
-    # Profiles in the user's units, applied to the exporter's dimension names.
-    prefill = manifest["engines"]["prefill_chunk"]["inputs"]
-    assert prefill["past_key.0"]["max"] == [manifest["tokens"]["context"], 2, 16]
-    assert prefill["input_ids"]["max"] == [manifest["tokens"]["chunk"]]
-    assert manifest["engines"]["vision"]["inputs"]["pixel_values"]["max"][0] == 32  # vision_batch_frames
+        # every input says where the runtime must put it
+        assert {spec["location"] for spec in entry["inputs"].values()} <= {"host", "device"}, graph
+        assert set(entry["inputs"]) == set(graphs.GRAPHS[graph].input_names(2)), graph
+    # Profiles in the user's units, applied to the contract's dimension names.
+    tokens, engines = manifest["tokens"], manifest["engines"]
+    prefill = engines["prefill_chunk"]["inputs"]
+    assert prefill["past_key.0"]["max"] == [tokens["context"], 2, 16]
+    assert prefill["input_ids"]["max"] == [tokens["chunk"]]
+    assert prefill["visible_past_index"]["max"] == [tokens["visible_past"]]
+    assert prefill["timestamp_query_index"]["min"] == [0]  # the streaming rule has no timestamp queries
+    assert engines["decode"]["inputs"]["past_key.1"]["max"] == [tokens["total"], 2, 16]  # the decode capacity
+    assert engines["score"]["inputs"]["past_value.0"]["max"] == [tokens["scoring"], 2, 16]
+    gather = engines["kv_gather"]["inputs"]
+    assert gather["key"]["max"][0] == gather["source_position"]["max"][0] == tokens["sparse"] + tokens["context"]
+    assert gather["gather_index"]["min"] == [1, 1] and gather["gather_index"]["max"] == [tokens["context"], 4]
+    assert engines["vision"]["inputs"]["pixel_values"]["max"][0] == 32  # vision_batch_frames
     assert manifest["build_command"].startswith("videoxl build --onnx ")
     assert _no_leftovers(engines_with_plugins.parent) == []
 
 
 def test_plugin_path_really_uses_the_plugins(engines_with_plugins: Path, engines_without_plugins: Path) -> None:
-    used = _manifest(engines_with_plugins)["engines"]
+    plugin_build = _manifest(engines_with_plugins)
+    used = plugin_build["engines"]
     assert used["prefill_chunk"]["plugin_layers"] == ["chunk_attention.0", "chunk_attention.1"]
     assert used["kv_gather"]["plugin_layers"] == ["kv_gather"]
-    assert used["vision"]["plugin_layers"] == used["decode"]["plugin_layers"] == []
+    assert used["vision"]["plugin_layers"] == used["decode"]["plugin_layers"] == used["score"]["plugin_layers"] == []
+    assert {g for g, e in used.items() if e["needs_plugins"]} == {"prefill_chunk", "kv_gather"}
+    assert plugin_build["plugins"]["engines"] == ["kv_gather", "prefill_chunk"]
+    assert used["prefill_chunk"]["native_attention_layers"] == 0  # the plugin does the attention
     inlined = _manifest(engines_without_plugins)
     assert not inlined["plugins"]["used"] and "--no-plugins" in inlined["build_command"]
-    assert all(e["plugin_layers"] == [] for e in inlined["engines"].values())
-    # The inlined dense-mask attention is a different (larger) engine than the plugin call.
+    assert inlined["plugins"]["engines"] == []
+    assert all(e["plugin_layers"] == [] and not e["needs_plugins"] for e in inlined["engines"].values())
+    # The inlined attention is a different (larger) engine than the plugin call.
     assert inlined["engines"]["prefill_chunk"]["bytes"] != used["prefill_chunk"]["bytes"]
+
+
+def test_plugin_free_attention_is_tensorrts_fused_attention(engines_without_plugins: Path) -> None:
+    """The standard ONNX Attention of the inlined bodies becomes TensorRT's own attention layers, one per layer."""
+    engines = _manifest(engines_without_plugins)["engines"]
+    assert engines["prefill_chunk"]["native_attention_layers"] == 2  # 2 decoder layers: the visible-past attention
+    assert engines["decode"]["native_attention_layers"] == 2
+    assert engines["score"]["native_attention_layers"] == 0  # it writes its probabilities out: plain ops
+    assert engines["vision"]["native_attention_layers"] == engines["kv_gather"]["native_attention_layers"] == 0
+
+
+def test_input_locations_come_from_tensorrt(engines_with_plugins: Path, engines_without_plugins: Path) -> None:
+    """past_len is a shape tensor (host) of the plugin-free prefill only: its body builds Range(0, past_len * ..)."""
+    inlined = _manifest(engines_without_plugins)
+    prefill = inlined["engines"]["prefill_chunk"]
+    assert prefill["host_inputs"] == ["past_len"] and prefill["inputs"]["past_len"]["location"] == "host"
+    assert prefill["inputs"]["past_len"]["shape_input"] == [[0], [inlined["tokens"]["context"]], [inlined["tokens"]["context"]]]
+    for graph in ("vision", "decode", "score", "kv_gather"):
+        assert inlined["engines"][graph]["host_inputs"] == [], graph
+    plugin_prefill = _manifest(engines_with_plugins)["engines"]["prefill_chunk"]
+    assert plugin_prefill["host_inputs"] == [] and plugin_prefill["inputs"]["past_len"]["location"] == "device"
+    assert "shape_input" not in plugin_prefill["inputs"]["past_len"]
+    # TensorRT for RTX deserializes only on a GPU it supports; without one the network answers
+    assert prefill["locations_from"] in ("engine", "network")
 
 
 def test_rebuild_replaces_the_directory(trt, onnx_dir: Path, tmp_path: Path) -> None:
@@ -127,7 +171,6 @@ def test_parser_errors_are_listed(trt, onnx_copy: Path, tmp_path: Path) -> None:
     model = onnx.load(str(onnx_copy / "kv_gather.onnx"))
     del model.functions[:]  # the custom node loses its body: nothing can import it without plugins
     model.graph.node.append(helper.make_node("NoSuchOp", ["gather_weight"], ["junk"], domain="videoxl.test"))
-    model.graph.output.append(helper.make_tensor_value_info("junk", TensorProto.FLOAT, None))
     model.opset_import.append(helper.make_opsetid("videoxl.test", 1))
     onnx.save(model, str(onnx_copy / "kv_gather.onnx"))
     err = _refused(onnx_copy, tmp_path / "out", r"kv_gather\.onnx: the TensorRT for RTX .* ONNX parser failed", use_plugins=False)
@@ -142,6 +185,33 @@ def test_unknown_dimension_names(trt, onnx_copy: Path, tmp_path: Path) -> None:
     onnx.save(model, str(onnx_copy / "decode.onnx"))
     err = _refused(onnx_copy, tmp_path / "out", r"'tokens_of_mystery'")
     assert isinstance(err, ProfileError) and "new_tokens, past_tokens" in str(err)
+
+
+def test_custom_nodes_left_inlined_are_refused(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    """Without plugin_version the parser looks up plugin version 1 and silently inlines the body instead."""
+    model = onnx.load(str(onnx_copy / "kv_gather.onnx"))
+    for node in model.graph.node:
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("rope_theta", 1e6))
+    onnx.save(model, str(onnx_copy / "kv_gather.onnx"))
+    err = _refused(onnx_copy, tmp_path / "out", r"kv_gather\.onnx: 1 of its 1 videoxl nodes were not mapped to the videoxl v2 plugins")
+    assert 'plugin_version="2"' in str(err) and "--no-plugins" in str(err)
+    build_engines(onnx_copy, tmp_path / "inlined", precision="fp16", use_plugins=False, **BUILD_LIMITS)  # the body is fine
+
+
+def test_graphs_of_another_contract_are_refused(trt, onnx_copy: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(onnx_copy / "prefill_chunk.onnx"))
+    model.graph.input[2].name = "prefix_len"  # a contract v1 input name
+    onnx.save(model, str(onnx_copy / "prefill_chunk.onnx"))
+    err = _refused(onnx_copy, tmp_path / "out", r"prefill_chunk\.onnx: not a graph of contract v2")
+    assert "inputs missing ['past_len'], unexpected ['prefix_len']" in str(err) and "`videoxl export`" in str(err)
+
+
+def test_a_shape_tensor_needs_a_value_range(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ranges = profiles.shape_input_values
+    monkeypatch.setattr(build_module, "shape_input_values", lambda *a: {**ranges(*a), "prefill_chunk": {}})
+    err = _refused(onnx_dir, tmp_path / "out", r"TensorRT uses input 'past_len' as a shape tensor", use_plugins=False)
+    assert "add one in videoxl.engines.profiles.shape_input_values" in str(err)
 
 
 def test_plugins_need_the_install_fix(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,11 +46,33 @@ def test_prefill_feeds_place_image_tokens(fp32_build: tuple[Path, Path]) -> None
     manifest = json.loads((engines / "manifest.json").read_text())
     feed = sample_feeds("prefill_chunk", manifest, VideoXLConfig.load(engines / "config.json"), np.random.default_rng(1), image_token=7)
     assert (feed["input_ids"] == 7).sum() == feed["visual_embeds"].shape[0] > 0
-    prefix, window = int(feed["prefix_len"][0]), int(feed["window_start"][0])
-    assert all(prefix <= i < window for i in feed["past_timestamp_index"])
+    past_len, capacity = int(feed["past_len"][0]), feed["past_key.0"].shape[0]
+    assert 0 < past_len <= capacity
+    visible = feed["visible_past_index"]
+    assert visible.dtype == np.int64 and len(visible) > 0
+    assert np.all(np.diff(visible) > 0) and visible.min() >= 0 and visible.max() < past_len  # op contract v2
     ts_queries = feed["timestamp_query_index"]
     assert ts_queries.dtype == np.int64 and len(ts_queries) > 0
     assert np.all(np.diff(ts_queries) > 0) and 0 <= ts_queries.min() and ts_queries.max() < len(feed["input_ids"])
+
+
+@pytest.mark.parametrize("graph", ["decode", "score"])
+def test_cache_feeds_leave_unused_capacity(graph: str, fp32_build: tuple[Path, Path]) -> None:
+    """A capacity buffer with rows past past_len: the comparison covers rows the graphs must ignore."""
+    _, engines = fp32_build
+    manifest = json.loads((engines / "manifest.json").read_text())
+    feed = sample_feeds(graph, manifest, VideoXLConfig.load(engines / "config.json"), np.random.default_rng(2))
+    assert 0 < int(feed["past_len"][0]) < feed["past_value.1"].shape[0]
+
+
+def test_gather_feeds_follow_the_source_layout(fp32_build: tuple[Path, Path]) -> None:
+    _, engines = fp32_build
+    manifest = json.loads((engines / "manifest.json").read_text())
+    feed = sample_feeds("kv_gather", manifest, VideoXLConfig.load(engines / "config.json"), np.random.default_rng(3))
+    source = feed["key"].shape[0]
+    assert feed["source_position"].shape == (source,) and feed["gather_index"].max() < source
+    assert feed["source_position"][0] == 0 and feed["source_position"][-1] > 0  # [sparse (pre-RoPE) | dense (rotated)]
+    assert np.array_equal(feed["target_position"], np.arange(feed["gather_index"].shape[0]))
 
 
 @pytest.mark.gpu

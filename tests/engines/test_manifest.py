@@ -97,6 +97,21 @@ def test_plugin_engines_need_the_kernel_library(plugin_engines: Path, trt, monke
     assert "built with videoxl plugins v0" in _mismatch(plugin_engines, trt)
 
 
+def test_rejects_engines_of_another_graph_contract(engines: Path, trt) -> None:
+    raw = json.loads((engines / "manifest.json").read_text())
+    raw["graph_contract"]["version"] = 1
+    (engines / "manifest.json").write_text(json.dumps(raw))
+    assert "built from graphs of contract v1, this videoxl binds contract v2" in _mismatch(engines, trt)
+
+
+def test_rejects_an_older_manifest_format(engines: Path, trt) -> None:
+    raw = json.loads((engines / "manifest.json").read_text())
+    raw["format"] = 1  # written before the score engine and the input locations existed
+    (engines / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EngineMismatchError, match=r"manifest format 1, this videoxl reads format 2; rebuild with `videoxl build"):
+        check_manifest(engines, trt_module=trt, gpu_compute_capability="sm_89")
+
+
 def test_lists_every_problem_at_once(engines: Path) -> None:
     message = _mismatch(engines, _fake_trt("tensorrt", "10.13.0.35"), gpu="sm_90")
     assert "this process uses TensorRT 10.13.0.35" in message and "this GPU is sm_90" in message

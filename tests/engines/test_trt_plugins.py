@@ -157,18 +157,33 @@ def test_parser_maps_custom_nodes_to_plugins(registered, onnx_dir: Path) -> None
     assert [p.name for p in plugins] == ["chunk_attention.0", "chunk_attention.1"]
     assert plugins[0].plugin.plugin_name == CHUNK_SPARSE_ATTENTION.name
     assert plugins[0].plugin.attributes == {"scale": pytest.approx(16 ** -0.5)}
+    assert plugins[0].num_inputs == len(CHUNK_SPARSE_ATTENTION.inputs) == 8  # v2: the past buffer read in place
     assert trt_plugins.creator_calls(trt)[CHUNK_SPARSE_ATTENTION.name] == before[CHUNK_SPARSE_ATTENTION.name] + 2
     assert outputs["logits"].dtype == trt.DataType.FLOAT
     assert outputs["present_key.0"].dtype == trt.DataType.HALF
 
     _, plugins, outputs = _parse(trt, onnx_dir / "kv_gather.onnx", override=True)
     assert [p.plugin.plugin_name for p in plugins] == [BILEVEL_KV_GATHER.name]
+    assert plugins[0].num_inputs == len(BILEVEL_KV_GATHER.inputs) == 6  # v2: source and target positions too
     assert tuple(outputs["mixed_key"].shape) == (-1, 2, 16) and outputs["mixed_key"].dtype == trt.DataType.HALF
 
 
+def _layer_types(network) -> list[str]:
+    return [network.get_layer(i).type.name for i in range(network.num_layers)]
+
+
 def test_without_override_the_function_body_is_inlined(registered, onnx_dir: Path) -> None:
+    """The inlined body's standard ONNX Attention becomes TensorRT's fused attention, one per decoder layer."""
     network, plugins, _ = _parse(registered, onnx_dir / "prefill_chunk.onnx", override=False)
+    types = _layer_types(network)
     assert plugins == [] and network.num_layers > 50
+    assert types.count("ATTENTION_INPUT") == types.count("ATTENTION_OUTPUT") == 2
+    # past_len sizes the timestamp queries' Range: TensorRT reads it on the host in this network only
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    assert [name for name, t in inputs.items() if t.is_shape_tensor] == ["past_len"]
+    network, plugins, _ = _parse(registered, onnx_dir / "prefill_chunk.onnx", override=True)
+    assert "ATTENTION_OUTPUT" not in _layer_types(network) and len(plugins) == 2
+    assert not any(network.get_input(i).is_shape_tensor for i in range(network.num_inputs))  # the plugin reads it on the device
 
 
 def test_unregistered_plugins_are_never_used(trt, onnx_dir: Path) -> None:

@@ -1,13 +1,14 @@
-"""The memory planner: DESIGN §3 arithmetic, the three reference budgets, advice that re-plans true."""
+"""The memory planner: DESIGN §3 arithmetic on the v2 KV regions, the reference budgets, advice that re-plans true."""
 
 from __future__ import annotations
 
-import functools
 import re
 
 import pytest
 
-from videoxl.config import VideoXLConfig
+from videoxl import graphs
+from videoxl.config import ConfigError, VideoXLConfig
+from videoxl.engines.profiles import BuildLimits, kv_cache_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError
 from videoxl.runtime.memory_plan import (
     KVRows,
@@ -16,12 +17,8 @@ from videoxl.runtime.memory_plan import (
     kv_bytes_per_token,
     kv_rows_for,
     max_frames_that_fit,
+    plan_memory,
 )
-from videoxl.runtime.memory_plan import plan_memory as plan_default
-
-# Most cases below check the arithmetic of a prefill that keeps only the visible past on the
-# device (DESIGN §2); the default ("full", what today's prefill graph takes) is tested last.
-plan_memory = functools.partial(plan_default, prefill_past="visible")
 
 GiB = 2**30
 REAL = VideoXLConfig()
@@ -30,7 +27,7 @@ LIMITS = {"max_frames": 64, "chunk_groups": 2, "window_chunks": 1, "timestamp_to
 
 
 def test_kv_bytes_per_token_is_56_kib_for_the_real_model():
-    assert kv_bytes_per_token(REAL, 2) == 28 * 2 * 4 * 128 * 2 == 56 * 1024
+    assert kv_bytes_per_token(REAL, 2) == 28 * 2 * 4 * 128 * 2 == 56 * 1024 == graphs.kv_bytes(REAL, 1, 2)
 
 
 def test_parameter_estimate_by_hand():
@@ -52,39 +49,43 @@ def test_parameter_estimate_equals_the_tiny_model(tiny_model):
     assert sum(estimate_params(tiny_model.cfg).values()) == held
 
 
-def test_10000_frames_fit_80gb_with_the_dense_tier_in_host_memory():
+def test_10000_frames_fit_80gb_with_both_tiers_on_the_device():
     plan = plan_memory(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
     assert plan.fits and not plan.advice
 
-    # by hand: 2500 groups of 144 + 6 tokens, blocks of 4 groups, chunks of 4 groups, window 3
+    # by hand: 2500 groups of 144 + 6 tokens, blocks of 4 groups, top-4 dense
     kv = 57_344
     dense = 64 + 2500 * 150
     sparse = 2500 * (6 + 36)
     dense_groups = (2 + 4) * 4  # first + last + top-4 blocks
-    reload = 64 + dense_groups * 150
-    mixed = reload + (2500 - dense_groups) * 42 + 64 + 256
-    visible_past = 64 + (624 * 4 - 12) * 6 + 12 * 150  # last chunk: prefix, earlier timestamps, 3-chunk window
+    decode = 64 + dense_groups * 150 + (2500 - dense_groups) * 42 + 64 + 256
     assert (plan.groups, plan.num_blocks, plan.dense_video_blocks) == (2500, 625, 6)
-    assert plan.item("dense KV tier").where == "host"
-    assert plan.item("dense KV tier").nbytes == dense * kv == 21_507_670_016  # DESIGN §3: ~21 GB
-    assert plan.item("sparse KV tier").nbytes == sparse * kv
-    assert plan.item("dense reload area").nbytes == reload * kv
-    assert plan.item("mixed decode cache").nbytes == mixed * kv
-    assert plan.item("prefill past").nbytes == visible_past * kv
+    assert [i.name for i in plan.items] == ["weights", "activations", "video KV region", "decode KV region"]
+    assert all(i.where == "device" for i in plan.items)  # nothing is reloaded from the host any more
+    assert plan.item("video KV region").tokens == sparse + dense
+    assert plan.item("video KV region").nbytes == (sparse + dense) * kv
+    assert dense * kv == 21_507_670_016  # DESIGN §3: ~21 GB of dense tier, kept whole on the device
+    assert plan.item("decode KV region").nbytes == decode * kv
     assert plan.item("weights").nbytes == 2 * sum(estimate_params(REAL).values())
-    assert plan.item("activations").nbytes < 1 * GiB
-    device = sum(i.nbytes for i in plan.items if i.where == "device")
-    assert plan.device_bytes == device < 32 * GiB
-    assert plan.host_bytes == dense * kv + plan.item("pinned staging").nbytes
-    assert "fits: yes" in plan.table()
+    # the largest phase: scoring writes out the suffix's probabilities over the all-sparse cache
+    assert plan.item("activations").nbytes < 1.5 * GiB and "largest phase: question scoring" in plan.item("activations").detail
+    assert plan.device_bytes == sum(i.nbytes for i in plan.items) < 52 * GiB
+    assert "fits: yes" in plan.table() and "[sparse tier 105,000 | dense tier 375,064]" in plan.table()
+
+
+def test_scoring_and_decode_caches_share_one_region():
+    plan = plan_memory(REAL, frames=2000, budget_bytes=80 * GiB, dense_blocks=0)
+    t = plan.tokens
+    assert t.scoring == 64 + 500 * 42  # the prefix dense, every block sparse
+    assert t.decode == 64 + 2 * 4 * 150 + (500 - 8) * 42 + 64 + 256  # first and last block dense
+    assert plan.item("decode KV region").tokens == max(t.decode, t.scoring) == t.decode  # not their sum
 
 
 def test_1000_frames_fit_a_16gb_jetson_with_unified_memory():
     # 8B fp16 weights alone are 15.1 GiB: a 16 GB Jetson runs the model with 4-bit weights
     plan = plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True, weight_dtype_bytes=0.5)
-    assert plan.fits
-    everything = sum(i.nbytes for i in plan.items)
-    assert plan.device_bytes == everything  # host and device share the budget
+    assert plan.fits and "unified memory" in plan.table()
+    assert plan.device_bytes == sum(i.nbytes for i in plan.items)
     assert plan.item("weights").nbytes == sum(estimate_params(REAL).values()) // 2
 
     fp16 = plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True)
@@ -93,35 +94,21 @@ def test_1000_frames_fit_a_16gb_jetson_with_unified_memory():
     assert plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True, weight_dtype_bytes=1).fits
 
 
-def test_unified_memory_counts_the_host_tier_against_the_budget():
-    discrete = plan_memory(REAL, frames=4000, budget_bytes=24 * GiB)
-    unified = plan_memory(REAL, frames=4000, budget_bytes=24 * GiB, unified_memory=True)
-    assert discrete.fits and not unified.fits
-    assert unified.device_bytes == discrete.device_bytes + discrete.host_bytes
-
-
-def test_10000_frames_do_not_fit_24gb_device_only_and_the_advice_is_true():
-    plan = plan_memory(REAL, frames=10_000, budget_bytes=24 * GiB, dense_tier="device")
+def test_10000_frames_do_not_fit_24gb_and_the_advice_is_true():
+    plan = plan_memory(REAL, frames=10_000, budget_bytes=24 * GiB)
     assert not plan.fits
-    assert plan.item("dense KV tier").where == "device"
     suggested = [int(m.group(1)) for line in plan.advice if (m := re.search(r"--max-frames to (\d+)", line))]
     assert suggested == [plan.max_frames_that_fit]
     frames = suggested[0]
     assert 1000 < frames < 10_000 and frames % 4 == 0
-    assert plan_memory(REAL, frames=frames, budget_bytes=24 * GiB, dense_tier="device").fits
-    assert not plan_memory(REAL, frames=frames + 4, budget_bytes=24 * GiB, dense_tier="device").fits
-
-    host = [line for line in plan.advice if "--dense-tier host" in line]
-    assert host, plan.advice
-    more = int(re.search(r"(\d+) frames fit", host[0]).group(1))
-    assert more > frames
-    assert plan_memory(REAL, frames=more, budget_bytes=24 * GiB).fits
+    assert plan_memory(REAL, frames=frames, budget_bytes=24 * GiB).fits
+    assert not plan_memory(REAL, frames=frames + 4, budget_bytes=24 * GiB).fits
 
 
 def test_advice_lowers_dense_blocks_and_kv_precision_only_when_that_fits():
     base = plan_memory(REAL, frames=2000, budget_bytes=24 * GiB, dense_blocks=0)
     assert base.fits
-    # so many dense blocks that the mixed cache overflows; fewer fit
+    # so many dense blocks that the decode region overflows; fewer fit
     heavy = plan_memory(REAL, frames=2000, budget_bytes=base.device_bytes + (1 << 20), dense_blocks=200)
     assert not heavy.fits
     line = next(line for line in heavy.advice if "--dense-blocks" in line)
@@ -129,16 +116,9 @@ def test_advice_lowers_dense_blocks_and_kv_precision_only_when_that_fits():
     assert plan_memory(REAL, frames=2000, budget_bytes=heavy.budget_bytes, dense_blocks=k).fits
     assert not plan_memory(REAL, frames=2000, budget_bytes=heavy.budget_bytes, dense_blocks=k + 1).fits
 
-    fp32 = plan_memory(REAL, frames=2000, budget_bytes=24 * GiB, dtype_bytes=4, weight_dtype_bytes=2, dense_tier="device")
+    fp32 = plan_memory(REAL, frames=2000, budget_bytes=24 * GiB, dtype_bytes=4, weight_dtype_bytes=2)
     assert not fp32.fits
     assert any("--kv-dtype fp16" in line for line in fp32.advice)
-
-
-def test_full_prefill_past_on_a_device_dense_tier_is_read_in_place():
-    full = plan_memory(REAL, frames=1000, budget_bytes=80 * GiB, dense_tier="device", prefill_past="full")
-    assert full.item("prefill past").nbytes == 0
-    visible = plan_memory(REAL, frames=1000, budget_bytes=80 * GiB, dense_tier="host", prefill_past="full")
-    assert visible.item("prefill past").tokens == 64 + 62 * 4 * 150  # every token before the last chunk
 
 
 def test_max_frames_that_fit_is_monotone_and_bounded():
@@ -154,10 +134,17 @@ def test_kv_rows_follow_the_planner():
     cfg = VideoXLConfig()
     rows = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4)
     group = 144 + 16
-    # 16 groups, chunks of 2: the last chunk has 14 groups of past; 4 blocks of 4 groups, all dense (2 + top-4 >= 4)
-    assert rows.prefill == 64 + 14 * group + 2 * group
-    assert rows.source == 16 * (16 + 36) + 64 + 16 * group
-    assert rows.mixed == 64 + 16 * group + 256 + 256
+    # 16 groups: 4 blocks of 4 groups, all dense (first + last + top-4 >= 4)
+    assert rows == KVRows(video=16 * (16 + 36) + 64 + 16 * group, decode=64 + 16 * group + 256 + 256, frames=64, dense_blocks=4)
+    sparse_only = kv_rows_for(cfg, LIMITS, 64, dense_blocks=0)
+    assert sparse_only.video == rows.video  # the video region does not depend on the question
+    assert sparse_only.decode == 64 + 2 * 4 * group + 2 * 4 * (16 + 36) + 256 + 256  # first and last block dense
+
+
+def test_kv_rows_agree_with_the_engine_builders_kv_bytes():
+    """All dense at the frame limit is what `videoxl build --memory-budget` counts for the largest profile."""
+    rows = kv_rows_for(REAL, LIMITS, LIMITS["max_frames"], dense_blocks=10**9)
+    assert kv_cache_bytes(REAL, BuildLimits(**LIMITS), "fp16") == graphs.kv_bytes(REAL, rows.video + rows.decode, 2)
 
 
 def test_fit_kv_rows_uses_the_budget_and_never_exceeds_it():
@@ -165,9 +152,9 @@ def test_fit_kv_rows_uses_the_budget_and_never_exceeds_it():
     row = 4 * 128 * 2
     need = kv_rows_for(cfg, LIMITS, 64, dense_blocks=4).nbytes(28, row)
     frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=need * 3, row_bytes=row, dense_blocks=4)
-    assert frames == 64
+    assert frames == rows.frames == 64
     ceiling = kv_rows_for(cfg, LIMITS, 64, dense_blocks=10**9)
-    assert rows.source == ceiling.source and rows.mixed == ceiling.mixed  # spare bytes, capped at all-dense
+    assert rows.decode == ceiling.decode and rows.video == ceiling.video  # spare bytes, capped at all-dense
     assert rows.nbytes(28, row) <= need * 3
 
     small_need = kv_rows_for(cfg, LIMITS, 32, dense_blocks=4).nbytes(28, row)
@@ -176,15 +163,16 @@ def test_fit_kv_rows_uses_the_budget_and_never_exceeds_it():
     assert kv_rows_for(cfg, LIMITS, 36, dense_blocks=4).nbytes(28, row) > small_need + 1000
 
     frames, rows = fit_kv_rows(cfg, LIMITS, available_bytes=small_need + (64 << 20), row_bytes=row, dense_blocks=4)
-    assert rows.nbytes(28, row) <= small_need + (64 << 20) and rows.mixed > kv_rows_for(cfg, LIMITS, frames, dense_blocks=4).mixed
+    planned = kv_rows_for(cfg, LIMITS, frames, dense_blocks=4)
+    assert rows.nbytes(28, row) <= small_need + (64 << 20)
+    assert rows.decode > planned.decode and rows.video == planned.video  # spare bytes go to the decode region
 
     with pytest.raises(ArenaOverflowError, match=r"bytes \(.*\) missing; raise --gpu-memory-budget"):
         fit_kv_rows(cfg, LIMITS, available_bytes=1 << 20, row_bytes=row, dense_blocks=4)
-    assert isinstance(KVRows(1, 2, 3).nbytes(2, 128), int)
 
 
 @pytest.mark.parametrize(
-    "change", [dict(frames=0), dict(budget_bytes=0), dict(dense_tier="disk"), dict(prefill_past="some"), dict(dense_blocks=-1)]
+    "change", [dict(frames=0), dict(budget_bytes=0), dict(dense_blocks=-1), dict(weight_dtype_bytes=0)]
 )
 def test_invalid_requests_raise_value_error(change):
     kwargs = dict(frames=100, budget_bytes=GiB) | change
@@ -192,26 +180,39 @@ def test_invalid_requests_raise_value_error(change):
         plan_memory(REAL, **kwargs)
 
 
+def _plan_command(argv: list[str]) -> int:
+    """`videoxl plan ARGS` through the plan subcommand's own parser and handler."""
+    import argparse
+
+    from videoxl.runtime.memory_plan import add_plan_parser
+
+    parser = argparse.ArgumentParser(prog="videoxl")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
 def test_cli_plan_prints_the_table(capsys, tmp_path):
-    from videoxl.cli import main
-
-    assert main(["plan", "--config", "real", "--frames", "10000", "--gpu-memory-budget", "80GiB"]) == 0
+    assert _plan_command(["--config", "real", "--frames", "10000", "--gpu-memory-budget", "80GiB"]) == 0
     out = capsys.readouterr().out
-    assert "dense KV tier" in out and "host" in out and "fits: yes" in out
+    assert "video KV region" in out and "decode KV region" in out and "fits: yes" in out
+    assert "reload" not in out and "host total" not in out
 
-    assert main(["plan", "--config", "real", "--frames", "10000", "--gpu-memory-budget", "24GiB", "--dense-tier", "device"]) == 1
+    assert _plan_command(["--config", "real", "--frames", "10000", "--gpu-memory-budget", "24GiB"]) == 1
     assert "--max-frames" in capsys.readouterr().out
 
     REAL.save(tmp_path / "config.json")  # an ONNX or engine directory's config
-    assert main(["plan", "--config", str(tmp_path), "--frames", "1000", "--gpu-memory-budget", "16GiB",
-                 "--unified-memory", "--weight-bits", "4"]) == 0
+    assert _plan_command(["--config", str(tmp_path), "--frames", "1000", "--gpu-memory-budget", "16GiB",
+                          "--unified-memory", "--weight-bits", "4"]) == 0
     assert "unified memory" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no config.json"):
+        _plan_command(["--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"])
+    with pytest.raises(SystemExit):  # the v1 options are gone: nothing is planned on the host any more
+        _plan_command(["--config", "real", "--frames", "4", "--gpu-memory-budget", "1GiB", "--dense-tier", "host"])
 
 
 def test_cli_plan_reads_a_checkpoint_config(capsys, tiny_checkpoint):
-    from videoxl.cli import main
-
-    assert main(["plan", "--config", str(tiny_checkpoint), "--frames", "64", "--gpu-memory-budget", "1GiB"]) == 0
+    assert _plan_command(["--config", str(tiny_checkpoint), "--frames", "64", "--gpu-memory-budget", "1GiB"]) == 0
     assert "64 frames -> 16 groups" in capsys.readouterr().out
 
 
@@ -220,15 +221,3 @@ def test_cli_plan_rejects_a_missing_config(capsys, tmp_path):
 
     assert main(["plan", "--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"]) == 2
     assert "no config.json" in capsys.readouterr().err
-
-
-def test_default_plans_the_full_past_the_prefill_graph_takes_today():
-    full = plan_default(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
-    visible = plan_memory(REAL, frames=10_000, budget_bytes=80 * GiB, dense_blocks=4)
-    assert full.fits  # 10,000 frames still fit on 80 GB
-    assert full.item("prefill past").nbytes > 20 * visible.item("prefill past").nbytes
-    tight = plan_default(REAL, frames=10_000, budget_bytes=24 * GiB)
-    assert not tight.fits
-    (frames,) = [int(m.group(1)) for line in tight.advice if (m := re.search(r"--max-frames to (\d+)", line))]
-    assert plan_default(REAL, frames=frames, budget_bytes=24 * GiB).fits
-    assert not plan_default(REAL, frames=frames + 4, budget_bytes=24 * GiB).fits
