@@ -588,7 +588,6 @@ class TensorRTBackend(Backend):
         # the gathers' source positions: sparse rows were pooled before RoPE (0), dense row p sits at p
         positions = self._video.source_position
         self._positions = (self._put("kv_gather", "source_position", positions), len(positions))
-        self.compute.synchronize()  # the staging buffer is not touched again while this cache lives
         return self._video
 
     def new_decode_cache(self, capacity: int) -> TrtDecodeCache:
@@ -731,7 +730,9 @@ class TensorRTBackend(Backend):
             log.info("decode context is not stream-capturable: CUDA graphs off")
             self._graphs.max_graphs = 0
             return
-        self.compute.synchronize()  # the plain run above flushed TensorRT's shape-dependent state
+        # not for data (the capture only records): TensorRT must have finished the plain run, which
+        # settles its shape-dependent state, before its enqueue is recorded
+        self.compute.synchronize()
         graph = CudaGraph(f"decode t={t} rows={bucket}")
         with graph.capture(self.compute):
             self._decode_step(context, t, bucket)

@@ -398,6 +398,23 @@ def test_simulated_backend_gives_the_onnxruntime_tokens_and_no_kv_crosses_the_bu
     np.testing.assert_allclose(backend.encode_frames(pixels), reference.backend.encode_frames(pixels), rtol=1e-5, atol=1e-5)
 
 
+def test_simulated_chunks_that_finish_two_blocks_each(simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """A chunk of 2 groups completes two blocks of 1: two pooling gathers back to back, which reuse
+    the gather's pinned staging; the answer is still ONNX Runtime's."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    backend, _ = simulated
+    layout = make_layout(12, "What moves?")
+    visual = np.random.default_rng(12).standard_normal((12, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    options = InferenceOptions(dense_blocks=1, chunk_groups=2, window_chunks=1, block_groups=1)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    answer = Pipeline(backend, tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    expected = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    assert answer.token_ids == expected.token_ids and answer.report.block_scores == pytest.approx(expected.report.block_scores, rel=1e-5)
+
+
 def test_simulated_backend_answers_follow_up_questions(simulated, tiny_onnx, tiny_tokenizer, synthetic_video):
     """prepare once, ask three times: each answer equals ONNX Runtime's (device mixed cache rebuilt per question)."""
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
@@ -426,12 +443,15 @@ def test_simulated_decode_steps_replay_their_bucket_graph(simulated, tiny_tokeni
     assert cudart.graph_launches > launches  # the replays really launched captured graphs
 
 
-def test_simulated_tiers_round_trip_through_the_host(simulated, tiny_onnx, tiny_tokenizer, make_layout):
-    """A prepared video's tiers as host arrays (the disk cache's path) equal ONNX Runtime's, and load back."""
+def test_simulated_tiers_round_trip_through_the_host(make_simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """A prepared video's tiers as host arrays (the disk cache's path) equal ONNX Runtime's, and load
+    back; the compute stream lags 3 ms, so a copy not waited for is still pending when read."""
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
 
-    backend, _ = simulated
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=10)
+    backend = make_simulated(device)
+    device.set_delay(backend.compute.handle, 3.0)
     layout = make_layout(6)
     visual = np.random.default_rng(4).standard_normal((6, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
     options = InferenceOptions(**GEOMETRY_SIM)
@@ -441,9 +461,12 @@ def test_simulated_tiers_round_trip_through_the_host(simulated, tiny_onnx, tiny_
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
     cache = backend.new_video_cache(dense_rows=layout.suffix_start, sparse_rows=ours["key.0"].shape[0] - layout.suffix_start)
+    expected = {name: array.copy() for name, array in ours.items()}
     cache.load(ours)
+    for array in ours.values():  # the caller may reuse its arrays once load returns
+        array.fill(np.nan)
     for name, array in cache.arrays().items():
-        np.testing.assert_array_equal(array, ours[name])
+        np.testing.assert_array_equal(array, expected[name])
 
 
 def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simulated):
