@@ -14,7 +14,9 @@ when there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs
 from __future__ import annotations
 
 # Which test fails when one synchronisation of the backend is removed (each removed alone, the
-# simulated tests run; each catching test also run 5 times in a row with the sync in place: green).
+# simulated tests run). Each catching test was run 5 times with the sync in place (all green) and
+# 5 times with it removed (all failed; gather_...[download] catches the two compute-side gather
+# events 3 times in 5, the other two lags 5 in 5).
 #
 #   removed from runtime/trt_backend.py               caught by test_simulated_...
 #   S1 _sync_mirror      compute.synchronize()        decode_uploads_a_past_given_in_another_dtype
