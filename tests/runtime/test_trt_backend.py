@@ -4,13 +4,32 @@ CPU: the BackendUnavailable line (and the CLI printing exactly it), the manifest
 into one line, the decode buckets and graph policy, and the whole backend driven by the runtime
 loop on a simulated device (fake cuda runtime on host memory whose streams run on their own
 threads with random delays, fake engines running the exported graphs in ONNX Runtime): same
-tokens as ONNX Runtime, no KV row crossing the bus, graph replays equal to plain steps.
+tokens as ONNX Runtime, no KV row crossing the bus, graph replays equal to plain steps, every synchronisation needed
+(the table below), close() after CUDA errors.
 
 GPU (marker ``gpu``): the tiny model's engines built for the GPU present; skipped, with the reason,
 when there is no GPU or no TensorRT that can build for it (TensorRT for RTX runs on RTX-class GPUs).
 """
 
 from __future__ import annotations
+
+# Which test fails when one synchronisation of the backend is removed (each removed alone, the
+# simulated tests run twice; both runs failed for every row but the last). The backend has one
+# stream; each public call synchronises it before it returns, so the next call may rewrite the
+# pinned staging, and before it reads an output.
+#
+#   removed from runtime/trt_backend.py   caught by test_simulated_...
+#   encode_frames     compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., answers_follow_up_questions
+#   prefill_chunk     compute.synchronize()    every test that prefills (a device fault: the next chunk's index
+#                                              list overwrote this one's before its copy ran)
+#   gather            compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., chunks_that_finish_two_blocks_each
+#   score             compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., answers_follow_up_questions,
+#                                              chunks_that_finish_two_blocks_each
+#   decode            compute.synchronize()    the same three
+#   _download_video   compute.synchronize()    tiers_round_trip_through_the_host (3 of 3 runs; the process crashes)
+#   _upload_video     compute.synchronize()    tiers_round_trip_through_the_host (3 of 3 runs)
+#   _capture_decode   compute.synchronize()    none, and none can: it orders nothing that is read (the capture
+#                                              only records); it is there for TensorRT's state after a plain run
 
 import dataclasses
 import json
