@@ -506,7 +506,7 @@ class _Timeline:
 
     pts: np.ndarray  # (n,) int64, ascending: presentation timestamps of the frames, stream time base
     key_pts: np.ndarray  # (k,) int64, ascending: presentation timestamps of the keyframes
-    key_seek: np.ndarray  # (k,) int64: the timestamp to seek to for each keyframe (its dts, <= its pts)
+    key_dts: np.ndarray  # (k,) int64: decode timestamps of the keyframes (<= their pts)
     time_base: fractions.Fraction
     duration: int  # first frame to the end of the last one, stream time base
 
@@ -532,7 +532,7 @@ def _timeline_from_index(stream: av.VideoStream) -> _Timeline | None:
     first = stream.start_time if stream.start_time is not None else int(dts[0])
     shift = first - int(dts[0])  # the decoder's reorder delay (B-frames)
     step = int(np.median(np.diff(dts))) if len(dts) > 1 else 1
-    return _Timeline(pts=dts + shift, key_pts=dts[keys] + shift, key_seek=dts[keys],
+    return _Timeline(pts=dts + shift, key_pts=dts[keys] + shift, key_dts=dts[keys],
                      time_base=fractions.Fraction(stream.time_base), duration=int(dts[-1] - dts[0]) + max(step, 1))
 
 
@@ -553,7 +553,7 @@ def _timeline_from_packets(path: Path, container: av.container.InputContainer,
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot read the video packets ({err})") from err
     if not pts:
-        return _Timeline(pts=np.zeros(0, np.int64), key_pts=np.zeros(0, np.int64), key_seek=np.zeros(0, np.int64),
+        return _Timeline(pts=np.zeros(0, np.int64), key_pts=np.zeros(0, np.int64), key_dts=np.zeros(0, np.int64),
                          time_base=fractions.Fraction(stream.time_base), duration=0)
     pts_a, dts_a, keys_a = np.array(pts, np.int64), np.array(dts, np.int64), np.array(keys, bool)
     order = np.argsort(pts_a, kind="stable")
@@ -561,7 +561,7 @@ def _timeline_from_packets(path: Path, container: av.container.InputContainer,
     last = int(np.argmax(pts_a))
     last_duration = durations[last] or (int(np.median(np.diff(sorted_pts))) if len(pts) > 1 else 1)
     key_order = np.argsort(pts_a[keys_a], kind="stable")
-    return _Timeline(pts=sorted_pts, key_pts=pts_a[keys_a][key_order], key_seek=dts_a[keys_a][key_order],
+    return _Timeline(pts=sorted_pts, key_pts=pts_a[keys_a][key_order], key_dts=dts_a[keys_a][key_order],
                      time_base=fractions.Fraction(stream.time_base),
                      duration=int(sorted_pts[-1] - sorted_pts[0]) + max(int(last_duration), 1))
 
@@ -697,7 +697,11 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
     k = 0  # next target
     read_dts = None  # decode time of the last packet read: where the demuxer is
     last_pts = None  # presentation time of the last frame out of the decoder
+    # Demuxers seek by presentation time (MP4, Matroska) or near decode time (MPEG-TS): try pts;
+    # after a seek lands past its frame, dts; after a second, decode linearly from the start.
+    seek_by = [timeline.key_pts, timeline.key_dts]
     seeking = True
+    seeks = frames_out = 0  # for the summary below
 
     def position() -> str:
         done = 0 if last_pts is None else int(np.searchsorted(timeline.pts, last_pts, side="right"))
@@ -710,42 +714,68 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
             return None
         if read_dts is None:
             return key if key > 0 else None  # at the start of the file, keyframe 0 is where we are
-        return key if timeline.key_seek[key] > read_dts else None
+        return key if timeline.key_dts[key] > read_dts else None
 
+    reposition = False  # after a seek overshot: seek again, whatever the demuxer read
     try:
         while k < len(targets):
             key = keyframe_ahead(targets[k])
+            if reposition and seeking and key is None:
+                key = max(0, int(np.searchsorted(timeline.key_pts, targets[k], side="right")) - 1)
+            reposition = False
             sought = key is not None
             if sought:
-                container.seek(int(timeline.key_seek[key]), stream=stream, backward=True, any_frame=False)
+                container.seek(int(seek_by[0][key]), stream=stream, backward=True, any_frame=False)
                 context.flush_buffers()
+                seeks += 1
             replan = False
             for packet in container.demux(stream):
+                drain = False
                 if packet.size:
                     read_dts = packet.dts if packet.dts is not None else packet.pts
                     context.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
-                for frame in context.decode(packet if packet.size else None):
-                    if frame.pts is None:
-                        continue
-                    if sought and frame.pts > targets[k]:  # the seek overshot: decode linearly from the start
-                        seeking, replan = False, True
-                        container.seek(0, stream=stream, backward=True, any_frame=False)
-                        context.flush_buffers()
-                        read_dts = last_pts = None
-                        break
-                    sought = False
-                    last_pts = frame.pts
-                    if frame.pts > targets[k]:
-                        raise VideoError(f"{path}: corrupt: frame {int(indices[k])} never came out of the decoder "
-                                         f"(decoded {position()} frames)")
-                    if frame.pts == targets[k]:
-                        yield convert(frame)
-                        k += 1
-                        if k == len(targets):
-                            return
-                        if keyframe_ahead(targets[k]) is not None:
-                            replan = True  # seek rather than decode through
+                    # The current target's packet, and the next target is a seek away (or there is
+                    # none): drain the decoder now rather than feed it frames only to fill its delay.
+                    drain = packet.pts == targets[k] and (k + 1 == len(targets)
+                                                          or keyframe_ahead(targets[k + 1]) is not None)
+                wanted_before = k
+                for send in [packet if packet.size else None] + ([None] if drain else []):
+                    for frame in context.decode(send):
+                        if frame.pts is None:
+                            continue
+                        if sought and frame.pts > targets[k]:  # the seek overshot its frame
+                            log.debug("%s: a seek to %d landed at %d", path, targets[k], frame.pts)
+                            seek_by.pop(0)
+                            seeking, replan, reposition = bool(seek_by), True, True
+                            if not seeking:
+                                container.seek(0, stream=stream, backward=True, any_frame=False)
+                                read_dts = last_pts = None
+                            context.flush_buffers()
                             break
+                        sought = False
+                        last_pts = frame.pts
+                        frames_out += 1
+                        if frame.pts > targets[k]:
+                            raise VideoError(f"{path}: corrupt: frame {int(indices[k])} never came out of the "
+                                             f"decoder (decoded {position()} frames)")
+                        if frame.pts == targets[k]:
+                            yield convert(frame)
+                            k += 1
+                            if k == len(targets):
+                                log.debug("%s: %d planned frames from %d decoded of %d, %d seeks", path,
+                                          len(targets), frames_out, len(timeline.pts), seeks)
+                                return
+                            if keyframe_ahead(targets[k]) is not None:
+                                replan = True  # seek rather than decode through
+                                break
+                    if replan:
+                        break
+                if drain and not replan:
+                    if k == wanted_before:
+                        raise VideoError(f"{path}: corrupt: frame {int(indices[k])} did not decode "
+                                         f"(decoded {position()} frames)")
+                    context.flush_buffers()
+                    replan = True
                 if replan:
                     break
             if not replan:  # the file ended first
@@ -830,23 +860,32 @@ def synthetic_frame_index(rgb: np.ndarray) -> int:
 
 
 def write_synthetic_video(
-    path: str | Path, *, seconds: float, fps: float, width: int = 160, height: int = 120, with_audio: bool = False
+    path: str | Path, *, seconds: float, fps: float, width: int = 160, height: int = 120, with_audio: bool = False,
+    codec: str = "mpeg4", gop: int | None = None,
 ) -> Path:
-    """Encode ``round(seconds * fps)`` :func:`synthetic_frame` frames with PyAV (MPEG-4 Part 2).
+    """Encode ``round(seconds * fps)`` :func:`synthetic_frame` frames with PyAV.
 
     The container follows the suffix (.mp4/.mov are written with the index up front, .mkv,
     .avi). A fractional ``fps`` is kept as a fraction (29.97 -> 2997/100). ``seconds=0`` with
     ``.avi`` writes a valid file whose video stream has no frames (.mp4 drops an empty track).
-    ``with_audio`` adds a sine-tone track.
+    ``with_audio`` adds a sine-tone track. ``codec``: "mpeg4" (MPEG-4 Part 2, no B-frames) or
+    "libx264" (H.264 with 3 B-frames; MP4 then carries an edit list for the B-frame delay);
+    ``gop``: frames between keyframes (the encoder's default when None).
     """
     path = Path(path)
     num_frames = int(round(seconds * fps))
     rate = fractions.Fraction(fps).limit_denominator(1001)
     options = {"movflags": "faststart"} if path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
     with av.open(str(path), "w", options=options) as container:
-        video = container.add_stream("mpeg4", rate=rate)
+        video = container.add_stream(codec, rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.bit_rate = 4_000_000  # high enough that the grey levels survive within +-1
+        if codec == "libx264":  # near-lossless so the grey levels survive; scene cuts off: a fixed GOP
+            video.options = {"crf": "4", "bf": "3", "sc_threshold": "0",
+                             **({"g": str(gop), "keyint_min": str(gop)} if gop else {})}
+        else:
+            video.bit_rate = 4_000_000  # high enough that the grey levels survive within +-1
+            if gop:
+                video.codec_context.gop_size = gop
         audio_frames = []
         if with_audio:
             audio_frames = _sine_frames(container, seconds, codec="mp2" if path.suffix.lower() == ".avi" else "aac")
@@ -859,6 +898,26 @@ def write_synthetic_video(
             container.mux(stream.encode(frame))
         if audio_frames:
             container.mux(audio_frames[0][0].encode(None))
+    return path
+
+
+def write_vfr_video(path: str | Path, frame_times_s: list[float], *, width: int = 96, height: int = 64) -> Path:
+    """A variable-frame-rate file: frame i (a :func:`synthetic_frame`) presented at ``frame_times_s[i]``.
+
+    MPEG-4 Part 2 in a millisecond time base (.mkv, or .mp4); the times are kept to the
+    millisecond, and need not start at 0.
+    """
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=1000)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.time_base = fractions.Fraction(1, 1000)
+        video.bit_rate = 4_000_000
+        for index, seconds in enumerate(frame_times_s):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width=width, height=height), format="rgb24")
+            frame.pts, frame.time_base = int(round(seconds * 1000)), fractions.Fraction(1, 1000)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
     return path
 
 
