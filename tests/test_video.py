@@ -19,6 +19,7 @@ from videoxl.video import (
     synthetic_frame_index,
     write_audio_only_file,
     write_synthetic_video,
+    write_vfr_video,
 )
 
 
@@ -389,3 +390,139 @@ def test_synthetic_frame_index_round_trips():
     for index in (0, 1, 15, 16, 255, 256, 4095):
         assert synthetic_frame_index(synthetic_frame(index)) == index
     assert not np.array_equal(synthetic_frame(1), synthetic_frame(17))
+
+
+# --- timing from presentation times, seeking, scalers, decoders -------------------------------
+
+needs_x264 = pytest.mark.skipif("libx264" not in av.codecs_available, reason="this FFmpeg build has no libx264")
+
+
+def _sequential_frames(path: Path, indices) -> np.ndarray:
+    """Every frame decoded in order (no seeking, no skipping), the planned ones kept: the reference."""
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return np.stack([frames[i] for i in indices])
+
+
+@needs_x264
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".ts"])
+def test_seeking_decoder_gives_the_sequential_pixels_and_decodes_less(tmp_path, suffix, caplog):
+    # H.264 with 3 B-frames, a keyframe every 10 frames; MP4 carries an edit list for the
+    # B-frame delay, MPEG-TS starts at 1.4 s: timestamps still count from the first frame.
+    path = write_synthetic_video(tmp_path / f"b{suffix}", seconds=12, fps=10, width=64, height=48,
+                                 codec="libx264", gop=10)
+    for budget in (16, 30):  # uniform over keyframes and between them; 1 fps
+        source = open_video(path, image_size=48, max_frames=budget)
+        expected_idx, expected_ts = official_rule(120, 10.0, budget)
+        assert source.plan.frame_indices.tolist() == expected_idx
+        with caplog.at_level("DEBUG", logger="videoxl.video"):
+            pixels, timestamps = read_all(source)
+        assert timestamps.tolist() == expected_ts
+        np.testing.assert_array_equal(pixels, preprocess_frames(_sequential_frames(path, expected_idx), 48))
+    summary = [r.getMessage() for r in caplog.records if "planned frames from" in r.getMessage()]
+    decoded = [int(m.split(" decoded")[0].split()[-1]) for m in summary]
+    assert decoded[0] == 12 and all(d < 120 for d in decoded), summary  # keyframe targets: one frame each
+
+
+def test_variable_frame_rate_file_is_timed_by_presentation_time(tmp_path):
+    # 16 frames over ~5.1 s, bunched (the issue's case): timestamps are the frames' own times.
+    times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.51, 1.6, 1.7, 2.5, 2.6, 3.0, 5.0, 5.04, 5.08, 5.12]
+    path = write_vfr_video(tmp_path / "vfr.mkv", times)
+    source = open_video(path, image_size=32)
+    expected = plan_sampling_by_time(np.array(times), duration_s=5.22, max_frames=1024)  # + median interval
+    assert source.plan.frame_indices.tolist() == expected.frame_indices.tolist()
+    pixels, timestamps = read_all(source)
+    assert decoded_indices(pixels) == expected.frame_indices.tolist()
+    assert timestamps.tolist() == [round(times[i], 1) for i in expected.frame_indices]
+    # frame 7 is shown at 1.6 s (a count-based reader at the container's nominal rate said 0.3 s)
+    assert dict(zip(expected.frame_indices.tolist(), timestamps.tolist()))[7] == 1.6
+    assert source.duration_s == pytest.approx(5.22)
+
+
+def test_variable_rate_file_with_a_late_start_counts_from_its_first_frame(tmp_path):
+    times = [2.0 + t for t in (0, 0.5, 0.6, 0.7, 2.0, 2.1, 4.0, 4.04)]
+    path = write_vfr_video(tmp_path / "late.mkv", times)
+    source = open_video(path, image_size=32)
+    pixels, timestamps = read_all(source)
+    assert timestamps[0] == 0.0
+    assert timestamps.tolist() == [round(times[i] - 2.0, 1) for i in decoded_indices(pixels)]
+
+
+def test_ffmpeg_scaler_is_close_to_pillow_but_not_equal(synthetic_video):
+    pillow = read_all(open_video(synthetic_video, max_frames=8))[0]
+    ffmpeg = read_all(open_video(synthetic_video, max_frames=8, scaler="ffmpeg"))[0]
+    difference = np.abs(pillow - ffmpeg) * 127.5  # on the 0..255 scale
+    assert decoded_indices(ffmpeg) == decoded_indices(pillow)
+    assert 0 < difference.max() <= 64 and difference.mean() < 4
+    with pytest.raises(ValueError, match="scaler"):
+        open_video(synthetic_video, scaler="area")
+
+
+def test_hardware_decoding_falls_back_to_software_and_says_so(synthetic_video, caplog):
+    with caplog.at_level("INFO", logger="videoxl.video"):
+        auto = read_all(open_video(synthetic_video, max_frames=4, image_size=32))[0]
+    used = [r.getMessage() for r in caplog.records if "decoding with" in r.getMessage()]
+    assert used and ("software" in used[0] or "NVDEC" in used[0] or "nvv4l2dec" in used[0])
+    off = read_all(open_video(synthetic_video, max_frames=4, image_size=32, hw_decode="off"))[0]
+    np.testing.assert_array_equal(auto, off)
+    with pytest.raises(ValueError, match="hw_decode"):
+        open_video(synthetic_video, hw_decode="cuda")
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def test_single_image_is_one_group_of_four_padded_to_a_square(tmp_path):
+    picture = synthetic_frame(5, width=60, height=40)
+    expected = np.full((60, 60, 3), 127, np.uint8)  # the official pad: SigLIP's mean colour, centred
+    expected[10:50] = picture
+    Image.fromarray(picture).save(tmp_path / "still.png")
+    for source in (open_video(tmp_path / "still.png", image_size=32), open_video(Image.fromarray(picture), image_size=32),
+                   open_video(picture, image_size=32)):
+        assert source.num_frames == 4 and source.plan.timestamps.tolist() == [0.0] * 4
+        pixels, timestamps = read_all(source)
+        np.testing.assert_array_equal(pixels, preprocess_frames(np.stack([expected] * 4), 32))
+    with pytest.raises(VideoError, match="source_fps"):
+        open_video(tmp_path / "still.png", source_fps=2.0)
+
+
+# --- arrays through DLPack ---------------------------------------------------------------------
+
+
+def test_cpu_torch_frames_are_viewed_without_a_copy():
+    torch = pytest.importorskip("torch")
+    frames = np.stack([synthetic_frame(i, width=40, height=30) for i in range(20)])
+    tensor = torch.from_numpy(frames.copy())
+    source = open_video(tensor, source_fps=2.0, image_size=32)
+    assert source.device_frames is None
+    first = next(source._read_frames(np.array([3])))
+    assert np.shares_memory(first, tensor.numpy())  # a view of the tensor's memory
+    np.testing.assert_array_equal(read_all(source)[0], read_all(open_video(frames, source_fps=2.0, image_size=32))[0])
+
+
+class _FakeDeviceArray:
+    """Stands in for a CUDA tensor: DLPack says device 2 (CUDA); frames copy to the host with .cpu()."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self._frames, self.shape, self.dtype = frames, frames.shape, "torch.uint8"
+
+    def __dlpack__(self, **_):
+        raise BufferError("device memory")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __getitem__(self, index):
+        frame = self._frames[index]
+        return type("Frame", (), {"__dlpack__": self.__dlpack__, "__dlpack_device__": self.__dlpack_device__,
+                                  "cpu": lambda _self: type("Host", (), {"numpy": lambda _s: frame})()})()
+
+
+def test_device_frames_stay_on_the_device_and_batches_still_work():
+    frames = np.stack([synthetic_frame(i, width=40, height=30) for i in range(20)])
+    device = _FakeDeviceArray(frames)
+    source = open_video(device, source_fps=2.0, image_size=32)
+    assert source.device_frames is device
+    assert decoded_indices(read_all(source)[0]) == list(range(20))
+    with pytest.raises(VideoError, match=r"\(N, H, W, 3\)"):
+        open_video(_FakeDeviceArray(frames[..., 0]), source_fps=2.0)

@@ -558,8 +558,8 @@ def _timeline_from_packets(path: Path, container: av.container.InputContainer,
     pts_a, dts_a, keys_a = np.array(pts, np.int64), np.array(dts, np.int64), np.array(keys, bool)
     order = np.argsort(pts_a, kind="stable")
     sorted_pts = pts_a[order]
-    last = int(np.argmax(pts_a))
-    last_duration = durations[last] or (int(np.median(np.diff(sorted_pts))) if len(pts) > 1 else 1)
+    # The last frame lasts the median frame interval: muxers often store 0 or 1 tick for it.
+    last_duration = int(np.median(np.diff(sorted_pts))) if len(pts) > 1 else (durations[0] or 1)
     key_order = np.argsort(pts_a[keys_a], kind="stable")
     return _Timeline(pts=sorted_pts, key_pts=pts_a[keys_a][key_order], key_dts=dts_a[keys_a][key_order],
                      time_base=fractions.Fraction(stream.time_base),
