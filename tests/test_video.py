@@ -419,9 +419,10 @@ def test_seeking_decoder_gives_the_sequential_pixels_and_decodes_less(tmp_path, 
             pixels, timestamps = read_all(source)
         assert timestamps.tolist() == expected_ts
         np.testing.assert_array_equal(pixels, preprocess_frames(_sequential_frames(path, expected_idx), 48))
-    summary = [r.getMessage() for r in caplog.records if "planned frames from" in r.getMessage()]
-    decoded = [int(m.split(" decoded")[0].split()[-1]) for m in summary]
-    assert decoded[0] == 12 and all(d < 120 for d in decoded), summary  # keyframe targets: one frame each
+    summary = [r.getMessage() for r in caplog.records if "packets sent" in r.getMessage()]
+    sent = [int(m.split(" packets sent")[0].split()[-1]) for m in summary]
+    # keyframe targets: one packet each (MPEG-TS seeks land near, not on, the keyframe: a few more)
+    assert sent[0] <= (12 if suffix != ".ts" else 30) and all(n < 120 for n in sent), summary
 
 
 def test_variable_frame_rate_file_is_timed_by_presentation_time(tmp_path):

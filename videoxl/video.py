@@ -701,7 +701,7 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
     # after a seek lands past its frame, dts; after a second, decode linearly from the start.
     seek_by = [timeline.key_pts, timeline.key_dts]
     seeking = True
-    seeks = frames_out = 0  # for the summary below
+    seeks = packets_sent = 0  # for the summary below
 
     def position() -> str:
         done = 0 if last_pts is None else int(np.searchsorted(timeline.pts, last_pts, side="right"))
@@ -732,6 +732,7 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
             for packet in container.demux(stream):
                 drain = False
                 if packet.size:
+                    packets_sent += 1
                     read_dts = packet.dts if packet.dts is not None else packet.pts
                     context.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
                     # The current target's packet, and the next target is a seek away (or there is
@@ -754,7 +755,6 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
                             break
                         sought = False
                         last_pts = frame.pts
-                        frames_out += 1
                         if frame.pts > targets[k]:
                             raise VideoError(f"{path}: corrupt: frame {int(indices[k])} never came out of the "
                                              f"decoder (decoded {position()} frames)")
@@ -762,8 +762,8 @@ def _decode_seeking(path: Path, stream_index: int, timeline: _Timeline, indices:
                             yield convert(frame)
                             k += 1
                             if k == len(targets):
-                                log.debug("%s: %d planned frames from %d decoded of %d, %d seeks", path,
-                                          len(targets), frames_out, len(timeline.pts), seeks)
+                                log.debug("%s: %d planned frames, %d packets sent to the decoder of %d, %d seeks",
+                                          path, len(targets), packets_sent, len(timeline.pts), seeks)
                                 return
                             if keyframe_ahead(targets[k]) is not None:
                                 replan = True  # seek rather than decode through
