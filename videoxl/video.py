@@ -1,14 +1,16 @@
 """Video ingest: which frames to sample, how to read them lazily, how to preprocess them.
 
-Three kinds of source share one entry point, :func:`open_video`:
+One entry point, :func:`open_video`, for every kind of source:
 
-    video file  --PyAV demux/decode-->  \\
-    image folder --Pillow, by name---->  > planned frames (uint8 HxWx3) -> preprocess -> batches
-    numpy array (N, H, W, 3) uint8 --->  /
+    video file    -> timeline (container index, or one demux pass) -> plan (official rule)
+                     -> seek + decode only the planned frames
+    image         -> one group of 4 copies at 0.0 s
+    image folder  -> plan -> Pillow reads the planned images
+    frame arrays  -> plan (numpy; DLPack: CPU arrays viewed, GPU arrays kept as ``device_frames``)
+    then, for all: planned frames (H, W, 3) uint8 -> preprocess -> batches
 
-Frames are decoded in order and only the planned ones are kept; at most one batch of
-preprocessed frames (B, 3, s, s) float32 exists at a time, so an hour-long video never sits
-in memory whole. No torch here: the runtime imports this module.
+At most one batch of preprocessed frames (B, 3, s, s) float32 exists at a time, so an
+hour-long video never sits in memory whole. No torch here: the runtime imports this module.
 """
 
 from __future__ import annotations
@@ -512,7 +514,9 @@ class _Timeline:
 
     def seconds(self, pts: np.ndarray) -> np.ndarray:
         """Seconds from the first frame (the origin of the model's "Time t s")."""
-        return np.array([float((int(p) - int(self.pts[0])) * self.time_base) for p in pts], dtype=np.float64)
+        # exact integers over an exact integer: numpy's division is correctly rounded, as float(Fraction)
+        ticks = (np.asarray(pts, dtype=np.int64) - self.pts[0]) * self.time_base.numerator
+        return ticks.astype(np.float64) / float(self.time_base.denominator)
 
 
 def _timeline_from_index(stream: av.VideoStream) -> _Timeline | None:
