@@ -13,17 +13,23 @@ from videoxl.video import (
     VideoError,
     open_video,
     plan_sampling,
+    plan_sampling_by_time,
     preprocess_frames,
     synthetic_frame,
     synthetic_frame_index,
     write_audio_only_file,
     write_synthetic_video,
+    write_vfr_video,
 )
 
 
 def decoded_indices(pixels: np.ndarray) -> list[int]:
     """Frame indices encoded in preprocessed (B, 3, s, s) synthetic frames."""
     return [synthetic_frame_index((frame.transpose(1, 2, 0) + 1.0) * 127.5) for frame in pixels]
+
+
+def official_times(indices, fps: float) -> list[float]:
+    return [round(int(i) / fps, 1) for i in indices]
 
 
 def read_all(source, batch_frames: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -34,98 +40,75 @@ def read_all(source, batch_frames: int = 16) -> tuple[np.ndarray, np.ndarray]:
 # --- the sampling rule, pure ------------------------------------------------------------------
 
 
-def test_short_video_is_sampled_up_to_max_fps():
-    # 5 s at 30 fps: f = min(4, 1024 / 5) = 4 -> step round(7.5) = 8 -> 19 frames (3.75 fps).
-    plan = plan_sampling(num_frames=150, video_fps=30.0, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 150, 8))
-    np.testing.assert_allclose(plan.timestamps, np.arange(0, 150, 8) / 30.0)
-    assert plan.frame_indices.dtype == np.int64 and plan.timestamps.dtype == np.float64
+def official_rule(num_frames: int, video_fps: float, max_frames: int, fps: float = 1.0, max_fps: float = 4.0):
+    """Video-XL-2's load_video (lmms_eval/models/videoxl2.py), written out step by step."""
+    step = round(video_fps / fps)
+    frame_idx = [i for i in range(0, num_frames, step)]
+    higher_fps = min(max_frames // len(frame_idx), max_fps)
+    if higher_fps > fps:
+        higher_steps = round(video_fps / higher_fps)
+        frame_idx = [i for i in range(0, num_frames, higher_steps)]
+    if len(frame_idx) > max_frames:
+        frame_idx = np.linspace(0, num_frames - 1, max_frames, dtype=int).tolist()
+    return frame_idx, [round(i / video_fps, 1) for i in frame_idx]
 
 
-def test_short_video_rate_is_limited_by_the_budget():
-    # 20 s at 30 fps with a budget of 40 frames: f = 40 / 20 = 2 -> step 15 -> 40 frames.
-    plan = plan_sampling(num_frames=600, video_fps=30.0, max_frames=40)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 600, 15))
+def _case_table() -> list[tuple[float, float, int]]:
+    """(duration s, source fps, budget): hand-picked edges plus 200 drawn cases."""
+    cases = [(20, 24, 48), (5, 30, 1024), (20, 30, 40), (600, 30, 1024), (7200, 30, 1024), (7200, 25, 1024),
+             (60, 29.97, 1024), (600, 30000 / 1001, 1024), (10, 12.5, 1024), (1000, 12.5, 1024),
+             (1024, 25, 1024), (1024.04, 25, 1024), (10, 10, 1024), (3, 8, 256), (0.5, 60, 8)]
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        cases.append((float(rng.choice([2, 7, 20, 33.3, 60, 95, 300, 601, 1800, 3600, 7250])),
+                      float(rng.choice([12.5, 23.976, 24, 25, 29.97, 30, 50, 59.94, 60])),
+                      int(rng.choice([8, 16, 32, 48, 64, 100, 256, 512, 1000, 1024, 2048]))))
+    return cases
 
 
-def test_medium_video_is_paced_by_the_budget_above_fps():
-    # 10 min at 30 fps: f = max(1, min(4, 1024 / 600)) = 1.707 -> step round(17.58) = 18.
-    plan = plan_sampling(num_frames=600 * 30, video_fps=30.0, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 18000, 18))
-    assert len(plan) == 1000
+def test_sampling_follows_the_official_rule_on_a_table_of_cases():
+    for seconds, video_fps, budget in _case_table():
+        num_frames = max(1, int(seconds * video_fps))
+        expected_idx, expected_ts = official_rule(num_frames, video_fps, budget)
+        plan = plan_sampling(num_frames=num_frames, video_fps=video_fps, max_frames=budget)
+        case = (seconds, video_fps, budget)
+        assert plan.frame_indices.tolist() == expected_idx, case
+        assert plan.timestamps.tolist() == expected_ts, case
+        assert plan.frame_indices.dtype == np.int64 and plan.timestamps.dtype == np.float64
 
 
-def test_long_video_is_sampled_uniformly():
-    # 2 h at 25 fps: 7200 s * 1 fps > 1024.
+def test_short_video_at_a_budget_steps_by_an_integer_rate():
+    # 20 s at 24 fps, budget 48: 20 frames at 1 fps; higher = min(48 // 20, 4) = 2 -> step 12 -> 40 frames.
+    plan = plan_sampling(num_frames=480, video_fps=24.0, max_frames=48)
+    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 480, 12))
+    assert len(plan) == 40
+
+
+def test_rounding_is_pythons_half_to_even():
+    # 10 fps at max_fps 4: round(2.5) = 2 (not 3); 30 fps: round(7.5) = 8.
+    assert plan_sampling(num_frames=100, video_fps=10.0, max_frames=1024).frame_indices.tolist() == list(range(0, 100, 2))
+    assert plan_sampling(num_frames=150, video_fps=30.0, max_frames=1024).frame_indices.tolist() == list(range(0, 150, 8))
+    # Frame 16500 at 30000/1001 fps is 550.55 s: Python's round gives 550.5, numpy's 550.6.
+    plan = plan_sampling(num_frames=18000, video_fps=30000 / 1001, max_frames=1000)  # step 30
+    assert plan.frame_indices[550] == 16500 and plan.timestamps[550] == 550.5
+
+
+def test_long_video_is_sampled_uniformly_with_truncation():
     num_frames = 2 * 3600 * 25
     plan = plan_sampling(num_frames=num_frames, video_fps=25.0, max_frames=1024)
-    assert len(plan) == 1024
-    np.testing.assert_array_equal(plan.frame_indices, np.round(np.linspace(0, num_frames - 1, 1024)).astype(np.int64))
-    assert plan.frame_indices[0] == 0 and plan.frame_indices[-1] == num_frames - 1
-    np.testing.assert_allclose(plan.timestamps, plan.frame_indices / 25.0)
+    truncated = np.linspace(0, num_frames - 1, 1024).astype(np.int64)
+    np.testing.assert_array_equal(plan.frame_indices, truncated)
+    assert not np.array_equal(truncated, np.round(np.linspace(0, num_frames - 1, 1024)))  # the case matters
+    assert plan.frame_indices[-1] == num_frames - 1
 
 
-@pytest.mark.parametrize(
-    ("num_frames", "video_fps", "step"),
-    [
-        (1798, 29.97, 7),  # 60 s: f = 4, 29.97 / 4 = 7.49
-        (17982, 29.97, 18),  # 600 s: f = 1024 / 600 = 1.707, 29.97 / 1.707 = 17.56
-        (125, 12.5, 3),  # 10 s: f = 4, 12.5 / 4 = 3.125
-        (3750, 12.5, 4),  # 300 s: f = 1024 / 300 = 3.41, 12.5 / 3.41 = 3.66
-    ],
-)
-def test_odd_frame_rates(num_frames, video_fps, step):
-    plan = plan_sampling(num_frames=num_frames, video_fps=video_fps, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, num_frames, step))
-    np.testing.assert_allclose(plan.timestamps, np.arange(0, num_frames, step) / video_fps)
-
-
-def test_odd_frame_rate_whose_rounded_step_overshoots_goes_uniform():
-    # 1000 s at 12.5 fps: f = 1.024 -> step round(12.2) = 12 -> 1042 frames > 1024: rather
-    # than cutting the last ~18 s, the budget is spread over the whole video.
-    plan = plan_sampling(num_frames=12500, video_fps=12.5, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.round(np.linspace(0, 12499, 1024)).astype(np.int64))
-    assert plan.frame_indices[-1] == 12499 and len(plan) == 1024
-
-
-def test_video_exactly_at_the_budget():
-    # 1024 s at 25 fps: duration * fps == max_frames -> not uniform, 1 fps, step 25.
-    at_budget = plan_sampling(num_frames=1024 * 25, video_fps=25.0, max_frames=1024)
-    np.testing.assert_array_equal(at_budget.frame_indices, np.arange(0, 1024 * 25, 25))
-    # One frame more tips it over: uniform.
-    over = plan_sampling(num_frames=1024 * 25 + 1, video_fps=25.0, max_frames=1024)
-    np.testing.assert_array_equal(over.frame_indices, np.round(np.linspace(0, 1024 * 25, 1024)).astype(np.int64))
-
-
-def test_rate_never_drops_below_fps():
-    # max_fps below fps: the base rate wins (10 s at 30 fps, 2 fps -> step 15).
-    plan = plan_sampling(num_frames=300, video_fps=30.0, fps=2.0, max_fps=1.0, max_frames=1024)
-    np.testing.assert_array_equal(plan.frame_indices, np.arange(0, 300, 15))
-
-
-def test_low_frame_rate_source_takes_every_frame_and_one_frame_is_enough():
+def test_slow_sources_take_every_frame_where_the_official_step_would_be_zero():
+    # 2 fps source at max_fps 4: round(2 / 4) = 0 officially (range() fails); here step 1.
     np.testing.assert_array_equal(plan_sampling(num_frames=20, video_fps=2.0, max_frames=1024).frame_indices,
                                   np.arange(20))
     single = plan_sampling(num_frames=1, video_fps=30.0, max_frames=1024)
     np.testing.assert_array_equal(single.frame_indices, [0])
     np.testing.assert_array_equal(single.timestamps, [0.0])
-
-
-def test_sampling_invariants_over_random_inputs():
-    rng = np.random.default_rng(0)
-    for _ in range(400):
-        num_frames = int(rng.integers(1, 300_000))
-        video_fps = float(rng.choice([0.5, 1, 5, 12.5, 23.976, 24, 25, 29.97, 30, 59.94, 60, 120]))
-        max_frames = int(rng.integers(1, 2048))
-        fps = float(rng.choice([0.5, 1.0, 2.0]))
-        plan = plan_sampling(num_frames=num_frames, video_fps=video_fps, fps=fps, max_fps=4.0, max_frames=max_frames)
-        indices = plan.frame_indices
-        assert 1 <= len(indices) <= max_frames
-        assert indices[0] == 0 and indices[-1] < num_frames
-        assert np.all(np.diff(indices) > 0)
-        np.testing.assert_allclose(plan.timestamps, indices / video_fps)
-        if num_frames / video_fps * fps > max_frames:  # uniform: covers the whole video
-            assert indices[-1] == num_frames - 1
 
 
 @pytest.mark.parametrize(
@@ -142,6 +125,29 @@ def test_sampling_rejects_bad_arguments(kwargs):
         plan_sampling(**kwargs)
 
 
+def test_sampling_by_time_equals_the_official_rule_on_a_constant_grid():
+    for seconds, video_fps, budget in _case_table()[:60]:
+        num_frames = max(1, int(seconds * video_fps))
+        times = np.arange(num_frames) / video_fps
+        by_time = plan_sampling_by_time(times, duration_s=num_frames / video_fps, max_frames=budget)
+        expected_idx, expected_ts = official_rule(num_frames, video_fps, budget)
+        assert by_time.frame_indices.tolist() == expected_idx, (seconds, video_fps, budget)
+        assert by_time.timestamps.tolist() == expected_ts
+
+
+def test_sampling_by_time_takes_the_frame_on_screen():
+    # 16 frames over 5.12 s, bunched: the rule runs at 16 / 5.12 = 3.125 fps -> every grid
+    # point; each takes the frame shown at that time, once.
+    times = np.array([0, 0.1, 0.2, 0.3, 0.4, 1.51, 1.6, 1.7, 2.5, 2.6, 3.0, 3.1, 4.0, 4.5, 5.0, 5.0 + 0.08])
+    plan = plan_sampling_by_time(times, duration_s=5.12, max_frames=1024)
+    grid = np.arange(16) / 3.125
+    expected = sorted({int(np.searchsorted(times, t + 1e-6, side="right") - 1) for t in grid})
+    assert plan.frame_indices.tolist() == expected
+    assert plan.timestamps.tolist() == [round(float(times[i]), 1) for i in expected]
+    with pytest.raises(ValueError):
+        plan_sampling_by_time(times[::-1], duration_s=6.0, max_frames=8)
+
+
 # --- sampling on real files -------------------------------------------------------------------
 
 
@@ -154,7 +160,7 @@ def test_synthetic_video_samples_the_planned_frames(synthetic_video):
     pixels, timestamps = read_all(source)
     assert pixels.shape == (40, 3, 384, 384) and pixels.dtype == np.float32
     assert decoded_indices(pixels) == list(range(0, 80, 2))
-    np.testing.assert_allclose(timestamps, np.arange(0, 80, 2) / 8.0)
+    assert timestamps.tolist() == official_times(range(0, 80, 2), 8.0)
     assert "clip.mp4" in source.source_description
 
 
@@ -168,21 +174,24 @@ def test_odd_frame_rate_files(tmp_path, seconds, fps, step):
     expected = np.arange(0, num_frames, step)
     pixels, timestamps = read_all(source)
     assert decoded_indices(pixels) == expected.tolist()
-    np.testing.assert_allclose(timestamps, expected / fps, rtol=1e-4)
+    assert timestamps.tolist() == official_times(expected, fps)
 
 
 def test_longer_file_paced_and_uniform(tmp_path):
-    # 40 s at 25 fps (1000 frames). Budget 64: f = 1.6 -> step 16. Budget 16: uniform.
+    # 40 s at 25 fps (1000 frames). Budget 64: 40 frames at 1 fps, higher = 64 // 40 = 1 -> stays
+    # at step 25. Budget 16: uniform, truncated linspace.
     path = write_synthetic_video(tmp_path / "long.mkv", seconds=40, fps=25, width=96, height=64)
     paced = open_video(path, image_size=32, max_frames=64)
     assert paced.source_num_frames == 1000  # .mkv declares no frame count: packets counted
-    np.testing.assert_array_equal(paced.plan.frame_indices, np.arange(0, 1000, 16))
-    assert decoded_indices(read_all(paced)[0]) == list(range(0, 1000, 16))
+    np.testing.assert_array_equal(paced.plan.frame_indices, np.arange(0, 1000, 25))
+    assert decoded_indices(read_all(paced)[0]) == list(range(0, 1000, 25))
 
     uniform = open_video(path, image_size=32, max_frames=16)
-    expected = np.round(np.linspace(0, 999, 16)).astype(int)
+    expected = np.linspace(0, 999, 16, dtype=int)
     np.testing.assert_array_equal(uniform.plan.frame_indices, expected)
-    assert decoded_indices(read_all(uniform)[0]) == [i % 4096 for i in expected]
+    pixels, timestamps = read_all(uniform)
+    assert decoded_indices(pixels) == [i % 4096 for i in expected]
+    assert timestamps.tolist() == official_times(expected, 25.0)
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".avi", ".mkv", ".ts"])
@@ -193,7 +202,7 @@ def test_containers_agree(tmp_path, suffix):
     assert source.source_num_frames == 24 and source.source_fps == pytest.approx(8.0)
     pixels, timestamps = read_all(source)
     assert decoded_indices(pixels) == list(range(0, 24, 2))
-    np.testing.assert_allclose(timestamps, np.arange(0, 24, 2) / 8.0)
+    assert timestamps.tolist() == official_times(range(0, 24, 2), 8.0)
 
 
 def test_file_with_audio_uses_the_video_stream(tmp_path):
@@ -300,7 +309,7 @@ def test_image_folder_in_natural_order_at_source_fps(tmp_path):
     fast = open_video(tmp_path, image_size=32, source_fps=8.0)  # 1.6 s at 8 fps: step 2
     pixels, timestamps = read_all(fast)
     assert decoded_indices(pixels) == [0, 2, 4, 6, 8, 10, 12]
-    np.testing.assert_allclose(timestamps, np.arange(0, 13, 2) / 8.0)
+    assert timestamps.tolist() == official_times(range(0, 13, 2), 8.0)
 
 
 def test_array_source():
@@ -381,3 +390,140 @@ def test_synthetic_frame_index_round_trips():
     for index in (0, 1, 15, 16, 255, 256, 4095):
         assert synthetic_frame_index(synthetic_frame(index)) == index
     assert not np.array_equal(synthetic_frame(1), synthetic_frame(17))
+
+
+# --- timing from presentation times, seeking, scalers, decoders -------------------------------
+
+needs_x264 = pytest.mark.skipif("libx264" not in av.codecs_available, reason="this FFmpeg build has no libx264")
+
+
+def _sequential_frames(path: Path, indices) -> np.ndarray:
+    """Every frame decoded in order (no seeking, no skipping), the planned ones kept: the reference."""
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return np.stack([frames[i] for i in indices])
+
+
+@needs_x264
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".ts"])
+def test_seeking_decoder_gives_the_sequential_pixels_and_decodes_less(tmp_path, suffix, caplog):
+    # H.264 with 3 B-frames, a keyframe every 10 frames; MP4 carries an edit list for the
+    # B-frame delay, MPEG-TS starts at 1.4 s: timestamps still count from the first frame.
+    path = write_synthetic_video(tmp_path / f"b{suffix}", seconds=12, fps=10, width=64, height=48,
+                                 codec="libx264", gop=10)
+    for budget in (16, 30):  # uniform over keyframes and between them; 1 fps
+        source = open_video(path, image_size=48, max_frames=budget)
+        expected_idx, expected_ts = official_rule(120, 10.0, budget)
+        assert source.plan.frame_indices.tolist() == expected_idx
+        with caplog.at_level("DEBUG", logger="videoxl.video"):
+            pixels, timestamps = read_all(source)
+        assert timestamps.tolist() == expected_ts
+        np.testing.assert_array_equal(pixels, preprocess_frames(_sequential_frames(path, expected_idx), 48))
+    summary = [r.getMessage() for r in caplog.records if "packets sent" in r.getMessage()]
+    sent = [int(m.split(" packets sent")[0].split()[-1]) for m in summary]
+    # keyframe targets: one packet each (MPEG-TS seeks land near, not on, the keyframe: a few more)
+    assert sent[0] <= (12 if suffix != ".ts" else 30) and all(n < 120 for n in sent), summary
+
+
+def test_variable_frame_rate_file_is_timed_by_presentation_time(tmp_path):
+    # 16 frames over ~5.1 s, bunched (the issue's case): timestamps are the frames' own times.
+    times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.51, 1.6, 1.7, 2.5, 2.6, 3.0, 5.0, 5.04, 5.08, 5.12]
+    path = write_vfr_video(tmp_path / "vfr.mkv", times)
+    source = open_video(path, image_size=32)
+    expected = plan_sampling_by_time(np.array(times), duration_s=5.22, max_frames=1024)  # + median interval
+    assert source.plan.frame_indices.tolist() == expected.frame_indices.tolist()
+    pixels, timestamps = read_all(source)
+    assert decoded_indices(pixels) == expected.frame_indices.tolist()
+    assert timestamps.tolist() == [round(times[i], 1) for i in expected.frame_indices]
+    # frame 7 is shown at 1.6 s (a count-based reader at the container's nominal rate said 0.3 s)
+    assert dict(zip(expected.frame_indices.tolist(), timestamps.tolist()))[7] == 1.6
+    assert source.duration_s == pytest.approx(5.22)
+
+
+def test_variable_rate_file_with_a_late_start_counts_from_its_first_frame(tmp_path):
+    times = [2.0 + t for t in (0, 0.5, 0.6, 0.7, 2.0, 2.1, 4.0, 4.04)]
+    path = write_vfr_video(tmp_path / "late.mkv", times)
+    source = open_video(path, image_size=32)
+    pixels, timestamps = read_all(source)
+    assert timestamps[0] == 0.0
+    assert timestamps.tolist() == [round(times[i] - 2.0, 1) for i in decoded_indices(pixels)]
+
+
+def test_ffmpeg_scaler_is_close_to_pillow_but_not_equal(synthetic_video):
+    pillow = read_all(open_video(synthetic_video, max_frames=8))[0]
+    ffmpeg = read_all(open_video(synthetic_video, max_frames=8, scaler="ffmpeg"))[0]
+    difference = np.abs(pillow - ffmpeg) * 127.5  # on the 0..255 scale
+    assert decoded_indices(ffmpeg) == decoded_indices(pillow)
+    assert 0 < difference.max() <= 64 and difference.mean() < 4
+    with pytest.raises(ValueError, match="scaler"):
+        open_video(synthetic_video, scaler="area")
+
+
+def test_hardware_decoding_falls_back_to_software_and_says_so(synthetic_video, caplog):
+    with caplog.at_level("INFO", logger="videoxl.video"):
+        auto = read_all(open_video(synthetic_video, max_frames=4, image_size=32))[0]
+    used = [r.getMessage() for r in caplog.records if "decoding with" in r.getMessage()]
+    assert used and ("software" in used[0] or "NVDEC" in used[0] or "nvv4l2dec" in used[0])
+    off = read_all(open_video(synthetic_video, max_frames=4, image_size=32, hw_decode="off"))[0]
+    np.testing.assert_array_equal(auto, off)
+    with pytest.raises(ValueError, match="hw_decode"):
+        open_video(synthetic_video, hw_decode="cuda")
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def test_single_image_is_one_group_of_four_padded_to_a_square(tmp_path):
+    picture = synthetic_frame(5, width=60, height=40)
+    expected = np.full((60, 60, 3), 127, np.uint8)  # the official pad: SigLIP's mean colour, centred
+    expected[10:50] = picture
+    Image.fromarray(picture).save(tmp_path / "still.png")
+    for source in (open_video(tmp_path / "still.png", image_size=32), open_video(Image.fromarray(picture), image_size=32),
+                   open_video(picture, image_size=32)):
+        assert source.num_frames == 4 and source.plan.timestamps.tolist() == [0.0] * 4
+        pixels, timestamps = read_all(source)
+        np.testing.assert_array_equal(pixels, preprocess_frames(np.stack([expected] * 4), 32))
+    with pytest.raises(VideoError, match="source_fps"):
+        open_video(tmp_path / "still.png", source_fps=2.0)
+
+
+# --- arrays through DLPack ---------------------------------------------------------------------
+
+
+def test_cpu_torch_frames_are_viewed_without_a_copy():
+    torch = pytest.importorskip("torch")
+    frames = np.stack([synthetic_frame(i, width=40, height=30) for i in range(20)])
+    tensor = torch.from_numpy(frames.copy())
+    source = open_video(tensor, source_fps=2.0, image_size=32)
+    assert source.device_frames is None
+    first = next(source._read_frames(np.array([3])))
+    assert np.shares_memory(first, tensor.numpy())  # a view of the tensor's memory
+    np.testing.assert_array_equal(read_all(source)[0], read_all(open_video(frames, source_fps=2.0, image_size=32))[0])
+
+
+class _FakeDeviceArray:
+    """Stands in for a CUDA tensor: DLPack says device 2 (CUDA); frames copy to the host with .cpu()."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self._frames, self.shape, self.dtype = frames, frames.shape, "torch.uint8"
+
+    def __dlpack__(self, **_):
+        raise BufferError("device memory")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __getitem__(self, index):
+        frame = self._frames[index]
+        return type("Frame", (), {"__dlpack__": self.__dlpack__, "__dlpack_device__": self.__dlpack_device__,
+                                  "cpu": lambda _self: type("Host", (), {"numpy": lambda _s: frame})()})()
+
+
+def test_device_frames_stay_on_the_device_and_batches_still_work():
+    frames = np.stack([synthetic_frame(i, width=40, height=30) for i in range(20)])
+    device = _FakeDeviceArray(frames)
+    source = open_video(device, source_fps=2.0, image_size=32)
+    assert source.device_frames is device
+    assert decoded_indices(read_all(source)[0]) == list(range(20))
+    with pytest.raises(VideoError, match=r"\(N, H, W, 3\)"):
+        open_video(_FakeDeviceArray(frames[..., 0]), source_fps=2.0)
