@@ -127,10 +127,13 @@ def whole_sequence_prefill(torch, backend, layout, visual: np.ndarray, *, masks:
         q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # (1, H, L, D)
         if masks is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=backend.scale, enable_gqa=True)[0].transpose(0, 1)
+        # KV heads repeated for the query heads, as the official eager code does (repeat_kv), so
+        # SDPA may take its memory-efficient kernel, which reads a boolean mask
+        groups = query.shape[1] // key.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = torch.empty_like(query)
         for start, end, mask in masks:
-            o = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask,
-                                               scale=backend.scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=backend.scale)
             out[start:end] = o[0].transpose(0, 1)
         return out
 
@@ -362,14 +365,19 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(run_frames(torch, backend, pipeline, tokenizer, cfg, count, args=args, device=device,
                                          deadline=deadline, floor_info=floor_info))
         previous = (count, time.perf_counter() - t0)
+        write(report, args, started)  # after every frame count: a run killed by an outer timeout keeps what it measured
+    print(write(report, args, started))
+    return 0
+
+
+def write(report: dict, args, started: float) -> str:
     report["total_s"] = time.perf_counter() - started
     text = markdown(report)
-    print(text)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
