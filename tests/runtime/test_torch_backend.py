@@ -26,7 +26,7 @@ from videoxl.export import torch_backend
 from videoxl.export.model import VideoXLModel
 from videoxl.export.reference import ReferenceInference
 from videoxl.export.torch_backend import TorchBackend
-from videoxl.layout import ChunkVisibility, prefix_visibility
+from videoxl.layout import ChunkVisibility
 from videoxl.plugins import build, kernels
 from videoxl.runtime.ort_backend import OnnxRuntimeBackend
 from videoxl.runtime.pipeline import InferenceOptions, Pipeline
