@@ -12,7 +12,8 @@
 #   3. install          pip install -e . offline (no deps, no build isolation); falls back to
 #                       a folder of links on PYTHONPATH when setuptools cannot do it offline
 #   4. kernels          libvideoxl_kernels.so for the GPU found (nvidia-smi compute_cap)
-#   5. gpu tests        pytest -m gpu tests/plugins (kernel numerics at the real shapes)
+#   5. gpu tests        pytest -m gpu tests/plugins (kernel numerics at the real shapes) and
+#                       tests/runtime/test_torch_backend.py (the torch backend on the kernels)
 #   6. attention bench  bench/bench_attention_gpu.py (ours vs SDPA flash vs the mask mode)
 #   7. end to end       bench/bench_e2e_gpu.py when present (hook; see below)
 #   8. report           $OUT/gpu_results.md and $OUT/gpu_results.json
@@ -162,7 +163,8 @@ step kernels 150 build_kernels
 gpu_tests() {
     local extra=()
     [ "$DRY_RUN" = 1 ] && extra=(-k "not emulated")  # a dry run only proves the file collects and skips cleanly
-    "$PYTHON" -m pytest -m gpu tests/plugins -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" "${extra[@]}"
+    "$PYTHON" -m pytest -m gpu tests/plugins tests/runtime/test_torch_backend.py -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/gpu_tests.xml" "${extra[@]}"
 }
 export -f gpu_tests
 step gpu_tests 200 gpu_tests
@@ -179,14 +181,15 @@ attention_bench() {
 export -f attention_bench
 step attention 150 attention_bench
 
-# --- 7. END-TO-END HOOK ------------------------------------------------------------------------
-# bench/bench_e2e_gpu.py (random-weight Video-XL-2 at 512 / 2,048 frames: vision, prefill,
-# selection, decode, peak memory) is added separately. Contract with this script: it accepts
-# --json FILE and --markdown FILE, and --dry-run (tiny model on CPU) when DRY_RUN=1.
+# --- 7. end to end ------------------------------------------------------------------------------
+# bench/bench_e2e_gpu.py: random-weight Video-XL-2 made on the GPU in bf16, at 512 / 2,048 frames:
+# vision, prefill (ours, dense SDPA, the official mask), selection, decode vs the bandwidth floor,
+# peak memory. It time-boxes itself (--budget-s) inside this step's limit. --dry-run: a tiny model
+# on the CPU with the emulated kernels.
 if [ -f bench/bench_e2e_gpu.py ]; then
     e2e_bench() {
-        local extra=()
-        [ "$DRY_RUN" = 1 ] && extra=(--dry-run)
+        local extra=(--budget-s 170)
+        [ "$DRY_RUN" = 1 ] && extra=(--dry-run --library "$LIBRARY")
         "$PYTHON" bench/bench_e2e_gpu.py --json "$OUT/e2e.json" --markdown "$OUT/e2e.md" "${extra[@]}"
     }
     export -f e2e_bench

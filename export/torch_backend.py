@@ -1,33 +1,61 @@
 """PyTorch behind the runtime's Backend interface (`--backend torch`), on any torch device.
 
-The KV cache lives in torch tensors on the model's device, laid out as the other backends lay it
-out ([sparse | dense] rows per layer, keys rotated where they are written), and every op follows
-`videoxl.ops` contract v2 in plain torch. On the CPU it checks the runtime loop against
-`ReferenceInference` (which keeps the official pre-RoPE cache) and gives the eager baseline for
-benchmarks; on CUDA it is the starting point of the GPU path without TensorRT.
+The KV cache lives in torch tensors on the model's device, allocated once per video and per
+question and laid out as the other backends lay it out ([sparse | dense] rows per layer, keys
+rotated where they are written); every op follows `videoxl.ops` contract v2. Two ways to run
+the three custom pieces (chunk attention, the bi-level gather, block scoring):
+
+    kernels on   our CUDA kernels through `videoxl.plugins.kernels` (the C launchers the TensorRT
+                 plugins call): the default on a CUDA device when the library loads; on the CPU
+                 only against a host build of the kernels (the tests' emulation)
+    kernels off  plain torch (fp32 softmax on the CPU: the reference numerics; SDPA on CUDA)
+
+Dense layers are PyTorch in the model's dtype (bf16/fp16 on a GPU). Decode steps read a
+capacity bucket of the cache plus a valid length held in a device tensor, so on CUDA each
+(tokens, bucket) step is captured once as a CUDA graph and replayed for every later step of
+that bucket (`DecodeStep`); nothing is allocated per token after the capture.
+
+On the CPU this backend checks the runtime loop against `ReferenceInference` (which keeps the
+official pre-RoPE cache) and gives the eager baseline for benchmarks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
-from videoxl.export.llm import apply_rope
+from videoxl.export.llm import apply_rope, rope_inv_freq
 from videoxl.export.model import VideoXLModel
 from videoxl.export.reference import attend
 from videoxl.layout import ChunkVisibility
+from videoxl.runtime.trt_backend import DECODE_BUCKET_ROWS, capacity_bucket
 from videoxl.text import SpecialTokens, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_SCORE_BLOCKS = 8192  # VIDEOXL_MAX_SCORE_BLOCKS in plugins/block_score/block_score.h
+
+# A layer's attention inside `TorchBackend.forward`: (layer, query rotated, key rotated, value) -> (Q, Hq, D).
+LayerAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chunk_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
     past_len: int, visible_past_index: torch.Tensor, timestamp_query_index: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """`videoxl::ChunkSparseAttention` (contract v2) in torch: the past is read through index lists."""
+    """`videoxl::ChunkSparseAttention` (contract v2) in torch: the past is read through index lists.
+
+    The visible past is gathered (a copy: this is the "gather + attention" baseline the kernel
+    avoids). On the CPU the softmax runs in float32 (`attend`, the reference numerics); on CUDA
+    SDPA runs it with a boolean mask.
+    """
     q_len = query.shape[0]
     own = torch.arange(q_len, device=query.device)
 
@@ -35,6 +63,12 @@ def chunk_sparse_attention(
         keys, values = torch.cat([past_key[rows], key]), torch.cat([past_value[rows], value])
         visible = torch.cat([torch.ones(len(query_pos), len(rows), dtype=torch.bool, device=query.device),
                              own[None, :] <= query_pos[:, None]], dim=1)
+        if query.is_cuda:
+            out = F.scaled_dot_product_attention(
+                queries.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                attn_mask=visible, scale=scale, enable_gqa=True,
+            )
+            return out[0].transpose(0, 1)
         return attend(queries, keys, values, visible, scale)[0]
 
     out = run(query, visible_past_index, own)
@@ -60,6 +94,8 @@ def bilevel_kv_gather(
 
 
 class _Rows:
+    """Per-layer K and V buffers of `rows` rows on the backend's device, allocated once."""
+
     def __init__(self, backend: "TorchBackend", rows: int) -> None:
         cfg = backend.config
         shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
@@ -87,25 +123,79 @@ class TorchVideoCache(VideoCache):
 
 
 @dataclass
+class DecodeStep:
+    """One (new tokens, bucket rows) decode step of one decode cache, with its static buffers.
+
+    `run` reads only these buffers and the cache's first `bucket` rows, and writes the new KV at
+    rows past_len.. through an index computed on the device, so it can be recorded once: every
+    later step of the same key updates `input_ids` and `past_len` in place and replays `graph`.
+    """
+
+    input_ids: torch.Tensor  # (T,) int64, device
+    past_len: torch.Tensor  # (1,) int64, device: the valid length the step reads
+    run: Callable[[], torch.Tensor]  # -> logits (1, V) float32
+    graph: object | None = None  # a captured torch.cuda.CUDAGraph (or a test's stand-in)
+    logits: torch.Tensor | None = None  # the graph's output buffer, rewritten by each replay
+
+
+@dataclass
 class TorchDecodeCache(DecodeCache):
     rows: _Rows
     capacity: int
     length: int = 0
+    steps: dict[tuple[int, int], DecodeStep] = field(default_factory=dict)  # graphs die with the cache
 
 
 class TorchBackend(Backend):
+    """Video-XL-2 in PyTorch on `device`; our kernels for the custom ops where available (module docstring).
+
+    kernels: True (use them, fail if the library does not load), False (plain torch), None (on
+    when `device` is CUDA and the library loads). attention_kernel: the launcher's "auto",
+    "simt" or "mma". cuda_graphs: replay decode steps as CUDA graphs (default: on CUDA).
+    """
+
     name = "torch"
 
     def __init__(
-        self, checkpoint: str | Path, *, dtype: str = "fp32", model: VideoXLModel | None = None, device: str = "cpu"
+        self, checkpoint: str | Path | None = None, *, dtype: str = "fp32", model: VideoXLModel | None = None,
+        device: str = "cpu", tokenizer=None, kernels: bool | None = None, attention_kernel: str = "auto",
+        cuda_graphs: bool | None = None,
     ) -> None:
+        if model is None and checkpoint is None:
+            raise ValueError("TorchBackend needs a checkpoint or a model")
         self.device = torch.device(device)
         self.model = (model or VideoXLModel.from_pretrained(checkpoint, dtype=dtype)).to(self.device)
         self.config = self.model.cfg
-        self.image_token_id = SpecialTokens.from_tokenizer(load_tokenizer(checkpoint)).vision_pad
+        self.image_token_id = SpecialTokens.from_tokenizer(tokenizer or load_tokenizer(checkpoint)).vision_pad
         self.float_dtype = np.dtype(np.float16 if self.model.dtype == torch.float16 else np.float32)
         self.scale = self.config.head_dim**-0.5
         self.theta = self.config.rope_theta
+        self.inv_freq = rope_inv_freq(self.config.head_dim, self.theta).to(self.device)  # made once, on the device
+        self.kernels = self._load_kernels(kernels)
+        self.attention_kernel = attention_kernel
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        self.graph_factory: Callable[[], object] | None = torch.cuda.CUDAGraph if self.cuda_graphs else None
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.decode_counts = {"plain": 0, "captured": 0, "replayed": 0}
+        log.info("torch backend on %s (%s), kernels %s, decode graphs %s", self.device, self.model.dtype,
+                 "on" if self.kernels else "off", "on" if self.graph_factory else "off")
+
+    def _load_kernels(self, wanted: bool | None):
+        """videoxl.plugins.kernels with its library loaded, or None for the plain torch path."""
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        from videoxl.plugins import kernels
+
+        try:
+            kernels.load_library()
+        except Exception as err:  # a missing nvcc or a failed build: the plain path still runs
+            if wanted:
+                raise
+            log.warning("kernel library unavailable (%s): plain torch attention, gather and scoring", err)
+            return None
+        return kernels
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.model.dtype)
@@ -113,6 +203,35 @@ class TorchBackend(Backend):
     def _ids(self, ids) -> torch.Tensor:
         return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
 
+    # --- the LLM with a pluggable attention ------------------------------------------------------
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
+        """(L, H) embeddings at (L,) device positions -> (L, H) final hidden states.
+
+        The decoder layers of `export.llm`, with RoPE computed once per call from this backend's
+        device tables (equal to `apply_rope`), so a decode step stays on the device and records
+        into a CUDA graph.
+        """
+        cfg, body = self.config, self.model.model
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        half = cfg.head_dim // 2
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            xf = x.float()
+            return (xf * cos + torch.cat([-xf[..., half:], xf[..., :half]], dim=-1) * sin).to(x.dtype)
+
+        x = embeds
+        for index, layer in enumerate(body.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            q = rotate(attn.q_proj(h).view(-1, cfg.num_attention_heads, cfg.head_dim))
+            k = rotate(attn.k_proj(h).view(-1, cfg.num_key_value_heads, cfg.head_dim))
+            v = attn.v_proj(h).view(-1, cfg.num_key_value_heads, cfg.head_dim)
+            x = x + attn.o_proj(attention(index, q, k, v).reshape(x.shape[0], cfg.hidden_size))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return body.norm(x)
+
+    # --- Backend interface ---------------------------------------------------------------------
     @torch.no_grad()
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
         return self.model.encode_frames(torch.from_numpy(pixels).to(self.device)).float().cpu().numpy().astype(self.float_dtype)
@@ -125,60 +244,158 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def prefill_chunk(self, cache: TorchVideoCache, input_ids, visual_embeds, vis: ChunkVisibility) -> np.ndarray:
-        base, rows = cache.sparse_rows, cache.rows
+        if vis.end > cache.dense_rows:
+            raise ValueError(f"chunk rows [{vis.start}, {vis.end}) outside the dense tier of {cache.dense_rows} rows")
+        base, rows, cfg = cache.sparse_rows, cache.rows, self.config
         visible = self._ids(vis.visible_past_index)
         ts_queries = self._ids(vis.timestamp_query_index)
+        if self.kernels is not None:  # index lists, past_len and workspace made once per chunk, read by every layer
+            past_len = self._ids([vis.start])
+            workspace = torch.empty(max(1, self.kernels.chunk_attention_workspace_bytes(
+                num_queries=vis.end - vis.start, past_capacity=cache.dense_rows, num_visible=len(visible),
+                num_timestamp_queries=len(ts_queries), num_q_heads=cfg.num_attention_heads,
+                num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=str(self.model.dtype).split(".")[-1],
+            )), dtype=torch.uint8, device=self.device)
 
-        def attention(layer: int, query, key, value, key_rotated) -> torch.Tensor:
+        def attention(layer: int, query, key, value) -> torch.Tensor:
             past_k, past_v = rows.keys[layer][base:], rows.values[layer][base:]
-            out = chunk_sparse_attention(query, key_rotated, value, past_k, past_v, vis.start, visible, ts_queries, self.scale)
-            past_k[vis.start : vis.end], past_v[vis.start : vis.end] = key_rotated, value
+            if self.kernels is not None:
+                out = self.kernels.chunk_attention_torch(
+                    query, key, value, past_k, past_v, past_len=past_len, visible_past_index=visible,
+                    timestamp_query_index=ts_queries, scale=self.scale, workspace=workspace, variant=self.attention_kernel,
+                )
+            else:
+                out = chunk_sparse_attention(query, key, value, past_k, past_v, vis.start, visible, ts_queries, self.scale)
+            past_k[vis.start : vis.end], past_v[vis.start : vis.end] = key, value
             return out
 
         ids = self._ids(input_ids)
         embeds = self.model.embed(ids, self._t(visual_embeds), image_token_id=self.image_token_id)
-        hidden = self.model.forward_hidden(embeds, torch.arange(vis.start, vis.end, device=self.device), attention)
+        hidden = self.forward(embeds, torch.arange(vis.start, vis.end, device=self.device), attention)
         return self.model.logits(hidden[-1:]).cpu().numpy()
 
     @torch.no_grad()
     def gather(self, cache: TorchVideoCache, plan: GatherPlan, *, into: TorchDecodeCache | None = None) -> None:
         target = cache.rows if into is None else into.rows
+        limit = cache.sparse_rows if into is None else into.capacity
+        if plan.out_start + plan.rows > limit:
+            raise ValueError(f"gather rows [{plan.out_start}, {plan.out_start + plan.rows}) past the destination's {limit} rows")
         out = slice(plan.out_start, plan.out_start + plan.rows)
+        if self.kernels is not None:  # the plan goes up once; every layer's launch reads it
+            index, weight, target_position = (torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                                              for a in (plan.gather_index, plan.gather_weight, plan.target_position))
         for layer in range(self.config.num_hidden_layers):
-            key, value = bilevel_kv_gather(cache.rows.keys[layer], cache.rows.values[layer], plan, cache.positions, self.theta)
-            target.keys[layer][out], target.values[layer][out] = key, value
+            if self.kernels is not None:  # writes the destination rows in place
+                self.kernels.bilevel_kv_gather_torch(
+                    cache.rows.keys[layer], cache.rows.values[layer], index, weight, cache.positions, target_position,
+                    rope_theta=self.theta, out=(target.keys[layer][out], target.values[layer][out]),
+                )
+            else:
+                key, value = bilevel_kv_gather(cache.rows.keys[layer], cache.rows.values[layer], plan, cache.positions, self.theta)
+                target.keys[layer][out], target.values[layer][out] = key, value
         if into is not None:
             into.length = out.stop
 
-    def _run_on_cache(self, cache: TorchDecodeCache, input_ids, *, write: bool, mass: list | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def score(self, cache: TorchDecodeCache, input_ids) -> np.ndarray:
         ids, past = self._ids(input_ids), cache.length
-        if write and past + len(ids) > cache.capacity:
-            raise RuntimeError(f"decode cache full: {past} + {len(ids)} > capacity {cache.capacity}")
+        # float64 sums in plain torch (the reference's); the kernel accumulates float32 with atomics
+        mass = torch.zeros(past, dtype=torch.float32 if self.kernels is not None else torch.float64, device=self.device)
+        row_bounds = torch.stack([torch.arange(past), torch.arange(1, past + 1)], 1).to(self.device)
 
-        def attention(layer: int, query, key, value, key_rotated) -> torch.Tensor:
-            keys = torch.cat([cache.rows.keys[layer][:past], key_rotated])
+        def attention(layer: int, query, key, value) -> torch.Tensor:
+            keys = torch.cat([cache.rows.keys[layer][:past], key])
             values = torch.cat([cache.rows.values[layer][:past], value])
             own = torch.arange(len(ids), device=self.device)
             visible = torch.cat([torch.ones(len(ids), past, dtype=torch.bool, device=self.device), own[None] <= own[:, None]], 1)
             out, probs = attend(query, keys, values, visible, self.scale)
-            if mass is not None:
-                mass.append(probs.sum(dim=(0, 1))[:past].double())
-            if write:
-                cache.rows.keys[layer][past : past + len(ids)], cache.rows.values[layer][past : past + len(ids)] = key_rotated, value
+            if self.kernels is None:
+                mass.add_(probs.sum(dim=(0, 1))[:past].double())
+                return out
+            # The block-score kernel takes a softmax over all the keys it is given, so each query
+            # gets its own launch over the past plus its causal own keys (as the score graph sees
+            # them); one-row "blocks" give the per-row mass this interface returns.
+            for q in range(len(ids)):
+                for start in range(0, past, MAX_SCORE_BLOCKS):
+                    stop = min(past, start + MAX_SCORE_BLOCKS)
+                    self.kernels.block_scores_torch(query[q : q + 1], keys[: past + q + 1], row_bounds[start:stop],
+                                                    scale=self.scale, scores=mass[start:stop])
             return out
 
-        hidden = self.model.forward_hidden(self.model.model.embed_tokens(ids), torch.arange(past, past + len(ids), device=self.device), attention)
-        if write:
-            cache.length += len(ids)
-        return hidden
-
-    @torch.no_grad()
-    def score(self, cache: TorchDecodeCache, input_ids) -> np.ndarray:
-        masses: list[torch.Tensor] = []
-        self._run_on_cache(cache, input_ids, write=False, mass=masses)
-        return torch.stack(masses).sum(0).float().cpu().numpy()
+        self.forward(self.model.model.embed_tokens(ids), torch.arange(past, past + len(ids), device=self.device), attention)
+        return mass.float().cpu().numpy()
 
     @torch.no_grad()
     def decode(self, cache: TorchDecodeCache, input_ids) -> np.ndarray:
-        hidden = self._run_on_cache(cache, input_ids, write=True)
-        return self.model.logits(hidden[-1:]).cpu().numpy()
+        """One step: the (tokens, bucket) step of this cache, replayed as a CUDA graph after its first use."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        past, t = cache.length, len(ids)
+        if past + t > cache.capacity:
+            raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
+        bucket = capacity_bucket(past + t, granule=DECODE_BUCKET_ROWS, capacity=cache.capacity)
+        key = (t, bucket)
+        step = cache.steps.get(key) or cache.steps.setdefault(key, self._decode_step(cache, t, bucket))
+        step.input_ids.copy_(torch.from_numpy(ids))
+        step.past_len.fill_(past)
+        if step.graph is not None:
+            step.graph.replay()
+            logits = step.logits
+            self.decode_counts["replayed"] += 1
+        else:
+            logits = step.run()  # the first use runs plainly: it is also the warm-up a capture needs
+            self.decode_counts["plain"] += 1
+            if self.graph_factory is not None and t == 1:  # the question's tokens run once per cache: not worth a graph
+                self._capture(step)
+        cache.length = past + t
+        return logits.cpu().numpy()
+
+    def _capture(self, step: DecodeStep) -> None:
+        graph = self.graph_factory()
+        if isinstance(graph, torch.cuda.CUDAGraph):
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                step.logits = step.run()
+        else:  # a test's stand-in records the callable itself
+            step.logits = graph.capture(step.run)
+        step.graph = graph
+        self.decode_counts["captured"] += 1
+
+    def _decode_step(self, cache: TorchDecodeCache, t: int, bucket: int) -> DecodeStep:
+        """Static buffers and the callable of one (t, bucket) step; see `DecodeStep`."""
+        cfg, device = self.config, self.device
+        input_ids = torch.zeros(t, dtype=torch.int64, device=device)
+        past_len = torch.zeros(1, dtype=torch.int64, device=device)
+        own = torch.arange(t, device=device)
+        all_queries = own.clone()  # every new token sees the whole valid past [0, past_len)
+        no_rows = torch.zeros(0, dtype=torch.int64, device=device)
+        cache_rows = torch.arange(bucket, device=device)
+        causal = own[None, :] <= own[:, None]
+        keys = [k[:bucket] for k in cache.rows.keys]  # views: fixed addresses, what a graph records
+        values = [v[:bucket] for v in cache.rows.values]
+        if self.kernels is not None:
+            workspace = torch.empty(max(1, self.kernels.chunk_attention_workspace_bytes(
+                num_queries=t, past_capacity=bucket, num_visible=0, num_timestamp_queries=t,
+                num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                dtype=str(self.model.dtype).split(".")[-1],
+            )), dtype=torch.uint8, device=device)
+
+        def run() -> torch.Tensor:
+            positions = past_len + own  # (T,) on the device: the graph reads the valid length when it runs
+
+            def attention(layer: int, query, key, value) -> torch.Tensor:
+                if self.kernels is not None:
+                    out = self.kernels.chunk_attention_torch(
+                        query, key, value, keys[layer], values[layer], past_len=past_len, visible_past_index=no_rows,
+                        timestamp_query_index=all_queries, scale=self.scale, workspace=workspace, variant=self.attention_kernel,
+                    )
+                else:
+                    visible = torch.cat([(cache_rows < past_len)[None].expand(t, bucket), causal], dim=1)
+                    out = attend(query, torch.cat([keys[layer], key]), torch.cat([values[layer], value]), visible, self.scale)[0]
+                keys[layer].index_copy_(0, positions, key)
+                values[layer].index_copy_(0, positions, value)
+                return out
+
+            hidden = self.forward(self.model.model.embed_tokens(input_ids), positions, attention)
+            return self.model.logits(hidden[-1:])
+
+        return DecodeStep(input_ids, past_len, run)
