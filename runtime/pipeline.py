@@ -141,6 +141,7 @@ class RunReport:
     select_s: float = 0.0
     decode_s: float = 0.0
     first_token_s: float | None = None  # from the question to its first answer token (block choice, question pass)
+    ready_after_last_frame_s: float | None = None  # last frame read -> its vision and the last chunks prefilled
     new_tokens: int = 0
     dense_kv_bytes: int = 0
     mixed_kv_bytes: int = 0
@@ -161,6 +162,8 @@ class RunReport:
             *(["vision, prefill   reused (done once for this video)"] if self.reused_prefill else [
                 f"vision            {self.vision_s:.2f} s",
                 f"prefill           {self.prefill_s:.2f} s",
+                *([f"video ready       {self.ready_after_last_frame_s:.2f} s after its last frame was read"]
+                  if self.ready_after_last_frame_s is not None else []),
             ]),
             f"block selection   {self.select_s:.2f} s: dense blocks {self.dense_blocks} of {self.num_blocks}",
             f"decode            {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tokens/s",
@@ -201,28 +204,22 @@ class Pipeline:
         self.progress = progress
 
     # --- vision -----------------------------------------------------------------------------
-    def encode_video(self, video: VideoSource, *, frame_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """-> visual embeddings (G, 144, H) and the sampled frames' timestamps (N,)."""
-        embeds, times = [], []
-        bar = tqdm(total=video.num_frames, unit="frame", desc="vision", disable=not self.progress)
-        for batch in prefetch(video.iter_batches(frame_batch)):  # decode batch k+1 while encoding batch k
-            pixels = batch.pixels
-            missing = (-len(pixels)) % self.config.frames_per_group
-            if missing:  # repeat the last frame, as the model pads its last group
-                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], missing, axis=0)])
-            embeds.append(self.backend.encode_frames(pixels))
-            times.append(batch.timestamps)
-            bar.update(len(batch.timestamps))
-        bar.close()
-        return np.concatenate(embeds), np.concatenate(times)
-
     def layout(self, question: str, frame_times: np.ndarray) -> TokenLayout:
         group_times = group_start_times(frame_times, self.config.frames_per_group)
         layout, _ = build_prompt(self.tokenizer, question, group_times, tokens_per_group=self.config.tokens_per_group)
         return layout
 
     # --- prefill ----------------------------------------------------------------------------
-    def prefill(self, layout: TokenLayout, visual_embeds: np.ndarray, options: InferenceOptions) -> TwoTierKVStore:
+    def prefill(
+        self, layout: TokenLayout, visual_embeds: np.ndarray | Iterable[np.ndarray], options: InferenceOptions,
+        *, report: RunReport | None = None,
+    ) -> TwoTierKVStore:
+        """Prefix, then chunk by chunk; `visual_embeds` (G, 144, H) or batches of groups as they come.
+
+        Given batches, each chunk runs as soon as its groups have arrived, so the prefill of chunk k
+        overlaps the decoding (and, on another device, the encoding) of the frames of chunk k+1.
+        `report`, when given, gets the prefill seconds (the chunk calls only).
+        """
         cfg = self.config
         chunk_groups = options.chunk_groups or cfg.chunk_groups
         window = cfg.window_chunks if options.window_chunks is None else options.window_chunks
@@ -230,16 +227,38 @@ class Pipeline:
             # plain causal, still computed chunk by chunk (bounded memory): every earlier chunk is in the window
             window = num_chunks(layout, chunk_groups)
         store = TwoTierKVStore(self.backend, cfg, layout, block_groups=options.block_groups or cfg.block_groups)
-        pieces = [prefix_visibility(layout)] + [
-            chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window, rule=options.prefill_rule)
+        pieces = [(prefix_visibility(layout), 0)] + [
+            (chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window, rule=options.prefill_rule),
+             min((k + 1) * chunk_groups, layout.num_groups))  # groups that must have arrived
             for k in range(num_chunks(layout, chunk_groups))
         ]
-        flat_visual = visual_embeds.reshape(-1, visual_embeds.shape[-1])
-        visual_seen = 0
-        for vis in tqdm(pieces, desc="prefill", unit="chunk", disable=not self.progress):
-            count = int(layout.is_visual[vis.start : vis.end].sum())
-            store.prefill_chunk(layout.input_ids[vis.start : vis.end], flat_visual[visual_seen : visual_seen + count], vis)
-            visual_seen += count
+        batches = [visual_embeds] if isinstance(visual_embeds, np.ndarray) else visual_embeds
+        arrived: list[np.ndarray] = []  # visual rows (tokens, H), in order
+        groups = visual_seen = 0
+        bar = tqdm(total=len(pieces), desc="prefill", unit="chunk", disable=not self.progress)
+
+        def run_ready() -> None:
+            nonlocal visual_seen
+            while pieces and pieces[0][1] <= groups:
+                vis, _ = pieces.pop(0)
+                count = int(layout.is_visual[vis.start : vis.end].sum())
+                rows = np.concatenate(arrived) if len(arrived) > 1 else arrived[0] if arrived else np.zeros((0, cfg.hidden_size))
+                arrived[:] = [rows] if len(rows) else []
+                started = time.perf_counter()
+                store.prefill_chunk(layout.input_ids[vis.start : vis.end], rows[visual_seen : visual_seen + count], vis)
+                if report is not None:
+                    report.prefill_s += time.perf_counter() - started
+                visual_seen += count
+                bar.update()
+
+        run_ready()  # the prefix needs no frame
+        for batch in batches:
+            arrived.append(batch.reshape(-1, batch.shape[-1]))
+            groups += batch.shape[0]
+            run_ready()
+        bar.close()
+        if pieces:
+            raise ValueError(f"{groups} groups of visual embeddings for a prompt of {layout.num_groups}")
         return store
 
     # --- block selection ----------------------------------------------------------------------
@@ -298,13 +317,38 @@ class Pipeline:
             if bad:
                 raise ValueError(f"--dense-blocks {bad} out of range: this video has blocks 0..{num_blocks - 1}")
         self.check_host_memory(layout, options, max_new_tokens=max_new_tokens)
-        report = RunReport()
-        started = time.perf_counter()
-        visual_embeds, frame_times = self.encode_video(video, frame_batch=options.frame_batch)
-        report.vision_s = time.perf_counter() - started
-        report.frames = len(frame_times)
-        store = self._prefill_timed(layout, visual_embeds, options, report)
+        report, times = RunReport(), []
+        store = self.prefill(layout, self._encoded_batches(video, options.frame_batch, report, times), options, report=report)
+        report.ready_after_last_frame_s = time.perf_counter() - report.ready_after_last_frame_s
+        frame_times = np.concatenate(times)
+        report.frames, report.groups, report.prompt_tokens = len(frame_times), layout.num_groups, layout.num_tokens
+        report.chunks = num_chunks(layout, options.chunk_groups or self.config.chunk_groups)
+        report.dense_kv_bytes = kv_bytes(self.config, store.filled, self.backend.float_dtype.itemsize)
         return PreparedVideo(frame_times, layout, store, options, report)
+
+    def _encoded_batches(self, video: VideoSource, frame_batch: int, report: RunReport, times: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """Visual embeddings batch by batch, frames decoded one batch ahead on another thread.
+
+        Sets report.vision_s (encoding only) and stamps report.ready_after_last_frame_s with the
+        moment the last frame has been read (prepare turns it into a duration).
+        """
+        bar = tqdm(total=video.num_frames, unit="frame", desc="vision", disable=not self.progress)
+        read = 0
+        for batch in prefetch(video.iter_batches(frame_batch)):  # decode batch k+1 while encoding batch k
+            read += len(batch.timestamps)
+            if read >= video.num_frames:  # the last frame has been read: what follows is what the user waits for
+                report.ready_after_last_frame_s = time.perf_counter()
+            pixels = batch.pixels
+            missing = (-len(pixels)) % self.config.frames_per_group
+            if missing:  # repeat the last frame, as the model pads its last group
+                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], missing, axis=0)])
+            started = time.perf_counter()
+            embeds = self.backend.encode_frames(pixels)
+            report.vision_s += time.perf_counter() - started
+            times.append(batch.timestamps)
+            bar.update(len(batch.timestamps))
+            yield embeds
+        bar.close()
 
     def check_host_memory(self, layout: TokenLayout, options: InferenceOptions, *, max_new_tokens: int | None = None) -> int:
         """Bytes of host memory the KV cache of `layout` will take (HostMemoryError when over what is free).
@@ -369,9 +413,7 @@ class Pipeline:
         return self._respond(layout, store, options, gen, on_text, report)
 
     def _prefill_timed(self, layout: TokenLayout, visual_embeds: np.ndarray, options: InferenceOptions, report: RunReport) -> TwoTierKVStore:
-        started = time.perf_counter()
-        store = self.prefill(layout, visual_embeds, options)
-        report.prefill_s = time.perf_counter() - started
+        store = self.prefill(layout, visual_embeds, options, report=report)
         report.groups, report.prompt_tokens = len(visual_embeds), layout.num_tokens
         report.chunks = num_chunks(layout, options.chunk_groups or self.config.chunk_groups)
         report.dense_kv_bytes = kv_bytes(self.config, store.filled, self.backend.float_dtype.itemsize)

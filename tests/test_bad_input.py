@@ -254,7 +254,7 @@ def test_export_flags_refused_at_parse_time(tiny_checkpoint, tmp_path, capsys):
 @pytest.fixture
 def no_vision(monkeypatch):
     """Fails the test if the vision tower runs."""
-    monkeypatch.setattr("videoxl.runtime.pipeline.Pipeline.encode_video", _never("the vision tower ran"))
+    monkeypatch.setattr("videoxl.runtime.pipeline.Pipeline._encoded_batches", _never("the vision tower ran"))
 
 
 def test_dense_block_list_out_of_range_before_vision(tiny_onnx, synthetic_video, capsys, no_vision):

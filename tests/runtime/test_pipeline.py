@@ -83,17 +83,17 @@ def test_torch_backend_through_the_same_loop(tiny_checkpoint, tiny_model, tiny_t
 
 def test_video_end_to_end_streams(tiny_model, tiny_tokenizer, ort_pipeline, synthetic_video):
     cfg = tiny_model.cfg
-    video = open_video(synthetic_video, image_size=cfg.image_size, max_frames=32)
+    video = open_video(synthetic_video, image_size=cfg.image_size, max_frames=40)  # 10 s at 4 fps: 40 frames
     pieces: list[str] = []
     options = InferenceOptions(dense_blocks=1, **GEOMETRY)
     gen = GenerationConfig(max_new_tokens=20)
     answer = ort_pipeline.answer(video, "What moves?", options=options, gen=gen, on_text=pieces.append)
-    assert answer.report.frames == video.num_frames == 32 and answer.report.groups == 8
+    assert answer.report.frames == video.num_frames == 40 and answer.report.groups == 10
     assert "".join(pieces) == answer.text and 0 < len(answer.token_ids) <= 20
     assert answer.report.prefill_s > 0 and answer.report.decode_tokens_per_s > 0
 
     # the reference on the same frames gives the same tokens
-    pixels = np.concatenate([b.pixels for b in video.iter_batches(32)])
+    pixels = np.concatenate([b.pixels for b in video.iter_batches(40)])
     with torch.no_grad():
         visual = tiny_model.encode_frames(torch.from_numpy(pixels))
     layout = ort_pipeline.layout("What moves?", video.plan.timestamps)
@@ -144,3 +144,40 @@ def test_follow_up_questions_reuse_the_prefill(tiny_onnx, tiny_tokenizer, synthe
     for answer in answers:  # latency from the question: block choice, then the question's decode pass
         assert answer.report.select_s < answer.report.first_token_s <= answer.report.select_s + answer.report.decode_s
         assert f"first token       {answer.report.first_token_s:.3f} s after the question" in answer.report.lines()
+
+
+def test_chunks_are_prefilled_while_later_frames_are_still_read(tiny_onnx, tiny_tokenizer, synthetic_video, monkeypatch):
+    """prepare interleaves: chunk k runs as soon as its groups are encoded, before the last frames are
+    read; what is left after the last frame is one chunk's work, not the video's."""
+    backend = OnnxRuntimeBackend(tiny_onnx)
+    pipeline = Pipeline(backend, tiny_tokenizer)
+    video = open_video(synthetic_video, image_size=backend.config.image_size, max_frames=40)
+    events: list[str] = []
+    batches, prefill = video.iter_batches, backend.prefill_chunk
+
+    def logged_batches(size):
+        for batch in batches(size):
+            events.append("frames")
+            yield batch
+
+    def logged_prefill(cache, ids, visual, vis):
+        events.append("chunk")
+        return prefill(cache, ids, visual, vis)
+
+    monkeypatch.setattr(video, "iter_batches", logged_batches)
+    monkeypatch.setattr(backend, "prefill_chunk", logged_prefill)
+    options = InferenceOptions(dense_blocks=1, frame_batch=8, **GEOMETRY)  # 2 groups per batch and per chunk
+    prepared = pipeline.prepare(video, options=options)
+    video_chunks = events.count("chunk") - 1  # the first call is the prefix
+    assert video_chunks == prepared.report.chunks == 5 and events.count("frames") == 5
+    last_frames = len(events) - 1 - events[::-1].index("frames")
+    # the reader runs up to two batches ahead of the encoder (one queued, one being decoded), so at
+    # most three chunks (of 5) are left when the last frames have been read; encoding everything
+    # first would leave all five and the prefix
+    before_last = events[:last_frames].count("chunk") - 1
+    assert before_last >= 2 and video_chunks - before_last <= 3
+    report = prepared.report
+    assert 0 < report.ready_after_last_frame_s < report.vision_s + report.prefill_s
+    assert any(line.startswith("video ready") for line in report.lines())
+    fresh = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer).answer(video, "What moves?", options=options)
+    assert pipeline.ask(prepared, "What moves?").token_ids == fresh.token_ids
