@@ -1,7 +1,7 @@
 """Thin cuda-python helpers: errors, one device arena, one pinned host pool, streams, events, graphs.
 
     DeviceArena(budget)     ONE cudaMalloc, carved by ArenaLayout into named regions:
-                            | weights | activations | prefill_past | kv_source | mixed | io |
+                            | weights | activations | io | video | decode |
                             every region starts on a 256-byte boundary
     PinnedHostPool(bytes)   ONE cudaMallocHost; numpy arrays are views carved out of it
     Stream, Event           a compute stream and copy streams, ordered by events
