@@ -121,14 +121,19 @@ class LLMGraphWriter:
         b.op("Identity", k_rot, outputs=[present_key])
         b.op("Identity", v, outputs=[present_value])
 
-    def _cache_visible(self, b: GraphBuilder, ids: str) -> tuple[str, str]:
-        """(T, P + T) bool over [past buffer ++ new keys]: past rows < past_len, new keys causally."""
+    def _cache_prologue(self, b: GraphBuilder) -> tuple[str, str, str, str]:
+        """What decode and score share: token embeddings, the (T, P + T) mask over [past buffer ++ new
+        keys] (past rows < past_len, new keys causally), and RoPE at positions past_len + t."""
+        x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
         past_pos = b.arange(b.const(0), b.dim(kv_names("past", 0)[0], 0))
-        query_pos = self._positions(b, ids)
+        query_pos = self._positions(b, "input_ids")
         key_pos = b.op("Concat", past_pos, query_pos, axis=0)
         causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
-        valid = b.op("Concat", b.op("Less", past_pos, "past_len"), b.op("Expand", b.const([True], np.bool_), b.op("Shape", ids)), axis=0)
-        return b.op("And", causal, b.op("Unsqueeze", valid, b.const([0]))), query_pos
+        new = b.op("Expand", b.const([True], np.bool_), b.op("Shape", "input_ids"))
+        valid = b.op("Concat", b.op("Less", past_pos, "past_len"), new, axis=0)
+        visible = b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
+        cos, sin = rope_tables(b, query_pos, self._inv_freq(b))
+        return x, visible, cos, sin
 
     def _splice_visual(self, b: GraphBuilder, embeds: str, ids: str, image_token_id: int) -> str:
         """Placeholder rows take the visual embeddings in order (no NonZero: TensorRT for RTX lacks it).
@@ -165,9 +170,7 @@ class LLMGraphWriter:
 
     def decode(self) -> onnx.ModelProto:
         cfg, b = self.cfg, GraphBuilder(external=self.external)
-        x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
-        visible, positions = self._cache_visible(b, "input_ids")
-        cos, sin = rope_tables(b, positions, self._inv_freq(b))
+        x, visible, cos, sin = self._cache_prologue(b)
 
         def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
             self._store_present(b, i, k_rot, v)
@@ -181,9 +184,7 @@ class LLMGraphWriter:
     def score(self) -> onnx.ModelProto:
         """The decode layers with explicit probabilities: their mass on each past row, summed."""
         cfg, b = self.cfg, GraphBuilder(external=self.external)
-        x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
-        visible, positions = self._cache_visible(b, "input_ids")
-        cos, sin = rope_tables(b, positions, self._inv_freq(b))
+        x, visible, cos, sin = self._cache_prologue(b)
         scale = b.const(cfg.head_dim**-0.5, np.float32)
         num_past = b.op("Shape", kv_names("past", 0)[0], start=0, end=1)
         masses: list[str] = []

@@ -124,11 +124,7 @@ DECODE = GraphContract(
 
 SCORE = GraphContract(
     "score",
-    inputs=(
-        IOSpec("input_ids", ("new_tokens",), "int64", "the question's tokens at positions past_len + t"),
-        IOSpec("past_len", (1,), "int64", "valid rows of the scoring cache"),
-        *_kv("past", "past_tokens", "the all-sparse scoring cache"),
-    ),
+    inputs=DECODE.inputs,  # the question against the all-sparse scoring cache, as a decode step would run it
     outputs=(
         IOSpec("attention_mass", ("past_tokens",), "float32", "attention probability each past row receives, summed over layers, heads and queries"),
     ),
