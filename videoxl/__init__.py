@@ -10,7 +10,8 @@ import os
 
 __version__ = "0.1.0"
 
+# The package logger; VIDEOXL_LOG_LEVEL sets its level. Handlers are the application's business
+# (the CLI installs one), so importing videoxl configures no logging.
 logger = logging.getLogger("videoxl")
 if os.environ.get("VIDEOXL_LOG_LEVEL"):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(os.environ["VIDEOXL_LOG_LEVEL"].upper())

@@ -574,8 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else 2
-    if args.verbose:
+    if args.verbose or os.environ.get("VIDEOXL_LOG_LEVEL"):
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
         logger.setLevel(logging.INFO)
     from videoxl.config import ConfigError
     from videoxl.outdir import Terminated, describe_os_error, is_filesystem_error

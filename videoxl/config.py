@@ -45,6 +45,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VideoXLConfig:
+    """Every shape and constant of one Video-XL-2 model, built from its checkpoint's `config.json`.
+
+    The defaults are the released 8B model's (DESIGN §1); `from_checkpoint` reads a Hugging Face
+    checkpoint, `save`/`load` the copy an export or engine directory carries beside its graphs,
+    and `model_hash` fingerprints it so stale artifacts are refused. Passed everywhere: no shape
+    constant is written twice.
+    """
+
     # --- SigLIP vision tower -------------------------------------------------------------
     vision_hidden_size: int = 1152
     vision_intermediate_size: int = 4304
