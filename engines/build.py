@@ -251,7 +251,7 @@ def _graph_weights(model: onnx.ModelProto) -> WeightFormat | None:
 
 def _export_weights(graphs: list[_Graph], onnx_dir: Path) -> WeightFormat:
     """The one weight format of the export's graphs (what the engines will hold), checked against its manifest."""
-    found = {g.weights for g in graphs if g.weights is not None}
+    found = {g.weights for g in graphs if g.weights is not None} or {WeightFormat()}  # no linears at all: nothing quantized
     if len(found) != 1:
         listing = ", ".join(f"{g.path.name}: {g.weights}" for g in graphs if g.weights is not None)
         raise EngineBuildError(f"{onnx_dir}: graphs with different weight formats ({listing}); re-export with `videoxl export --weights ...`")
