@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
@@ -70,6 +71,7 @@ from videoxl.engines.trt_module import (
 )
 from videoxl import graphs as graph_contract
 from videoxl.ops import ALL_OPS, DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from videoxl.weight_format import WeightFormat
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class _Graph:
     precision: str | None
     external_files: tuple[str, ...]
     custom_nodes: tuple[str, ...]  # names of the videoxl-domain nodes (each a plugin when plugins are used)
+    weights: WeightFormat | None = None  # from its DequantizeLinear weights; None: a graph without linears
 
 
 def build_engines(
@@ -129,6 +132,7 @@ def build_engines(
     if precision is None:
         precision = _export_precision(graphs, onnx_dir)
     _check_precision(graphs, precision, onnx_dir)
+    weights = _export_weights(graphs, onnx_dir)
     targets = _resolve_targets(trt, targets)
     _check_precision_targets(precision, targets)
     kv_bytes = kv_cache_bytes(cfg, limits, precision)
@@ -159,7 +163,7 @@ def build_engines(
                 if (onnx_dir / name).is_file():
                     shutil.copy2(onnx_dir / name, staging / name)
             manifest = _manifest(
-                trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, limits=limits,
+                trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, weights=weights, limits=limits,
                 ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
                 memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
             )
@@ -218,7 +222,49 @@ def _read_graph(onnx_dir: Path, name: str, cfg: VideoXLConfig) -> _Graph:
     )
     _check_contract_io(path, graph_contract.GRAPHS[name], cfg, inputs, [o.name for o in model.graph.output])
     custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
-    return _Graph(name, path, inputs, _graph_precision(model), tuple(external), custom)
+    return _Graph(name, path, inputs, _graph_precision(model), tuple(external), custom, _graph_weights(model))
+
+
+def _graph_weights(model: onnx.ModelProto) -> WeightFormat | None:
+    """The weight format a graph's linears are stored in, read from the graph itself.
+
+    Weight-only quantized linears are DequantizeLinear(int4|int8 initializer, scale) -> MatMul
+    (``videoxl.weight_format``): any int4 weight makes the graph int4 (its lm_head is int8), int8
+    weights alone make it int8; a graph with float MatMul weights only is fp; none at all, None.
+    """
+    elem = {t.name: t.data_type for t in model.graph.initializer}
+    int4_blocks = {
+        next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and elem.get(node.input[0]) == onnx.TensorProto.INT4
+    }
+    if int4_blocks:
+        if len(int4_blocks) > 1:
+            raise EngineBuildError(f"{model.graph.name}: int4 weights with several block sizes {sorted(int4_blocks)}; re-export")
+        return WeightFormat("int4", int4_blocks.pop())
+    if any(node.op_type == "DequantizeLinear" and elem.get(node.input[0]) == onnx.TensorProto.INT8 for node in model.graph.node):
+        return WeightFormat("int8")
+    if any(node.op_type == "MatMul" and node.input[1] in elem for node in model.graph.node):
+        return WeightFormat()
+    return None
+
+
+def _export_weights(graphs: list[_Graph], onnx_dir: Path) -> WeightFormat:
+    """The one weight format of the export's graphs (what the engines will hold), checked against its manifest."""
+    found = {g.weights for g in graphs if g.weights is not None} or {WeightFormat()}  # no linears at all: nothing quantized
+    if len(found) != 1:
+        listing = ", ".join(f"{g.path.name}: {g.weights}" for g in graphs if g.weights is not None)
+        raise EngineBuildError(f"{onnx_dir}: graphs with different weight formats ({listing}); re-export with `videoxl export --weights ...`")
+    weights = found.pop()
+    export_manifest = onnx_dir / "export_manifest.json"
+    if export_manifest.is_file():
+        try:
+            recorded = WeightFormat.from_manifest(json.loads(export_manifest.read_text()).get("weights"))
+        except (ValueError, KeyError, TypeError) as err:
+            raise EngineBuildError(f"{export_manifest}: unreadable weights entry ({err})") from err
+        if recorded != weights:
+            raise EngineBuildError(f"{onnx_dir}: the graphs hold {weights} weights but export_manifest.json says {recorded}; re-export")
+    return weights
 
 
 def _check_contract_io(
@@ -589,6 +635,7 @@ def _manifest(
     *,
     targets: tuple[str, ...],
     precision: str,
+    weights: WeightFormat,
     limits: BuildLimits,
     ranges: dict,
     use_plugins: bool,
@@ -610,6 +657,8 @@ def _manifest(
         "tensorrt": {"flavour": flavour_of(trt), "version": trt.__version__},
         "compute_capabilities": list(targets),
         "precision": precision,
+        # weight-only int8/int4 linears (DequantizeLinear -> MatMul, TensorRT's weight-only GEMMs); activations in `precision`
+        "weights": weights.manifest_entry(),
         "limits": limits.to_dict(),
         "tokens": {
             "per_group": tokens.group_tokens,

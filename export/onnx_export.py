@@ -35,10 +35,12 @@ from videoxl.outdir import check_out_dir, staged
 from videoxl.export.model import DTYPES, VideoXLModel
 from videoxl.export.onnx_graph import OPSET, ExternalData
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
+from videoxl.export.quantize import quantize_projector
 from videoxl.graphs import GRAPHS, LLM_WEIGHTS, manifest_entry
 from videoxl.ops import DOMAIN, OPSET_VERSION
 from videoxl.runtime.artifacts import file_inventory, previous_export_problem
 from videoxl.text import SpecialTokens, load_tokenizer
+from videoxl.weight_format import WeightFormat
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +175,23 @@ def export_onnx(
     opset: int = OPSET,
     max_frames: int | None = None,
     external_data: bool | None = None,
+    weights: WeightFormat | str = "fp",
 ) -> Path:
     """Export the four graphs plus config, tokenizer and manifest. Returns out_dir (resolved).
 
-    Refused before loading the model: a bad dtype or opset, an --out that could lose files
-    (see ``videoxl.outdir``), a parent that is not writable or has too little free space.
+    ``weights``: "fp", "int8", "int4" (block 128) or a ``WeightFormat`` (``videoxl.weight_format``):
+    the LLM, lm_head and projector linears as int8/int4 + scales -> DequantizeLinear -> MatMul.
+    Refused before loading the model: a bad dtype, opset or weight format (an int4 block that does
+    not divide a linear's width), an --out that could lose files (see ``videoxl.outdir``), a parent
+    that is not writable or has too little free space.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    weights = WeightFormat.parse(weights) if isinstance(weights, str) else weights
     out_dir = check_export_request(checkpoint_dir, out_dir, dtype=dtype, opset=opset, max_frames=max_frames)
     started = time.perf_counter()
     cfg = VideoXLConfig.from_checkpoint(checkpoint_dir)
     export_config_check(cfg)
+    weights.check_widths(cfg)
     tokenizer = load_tokenizer(checkpoint_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
     needed_bytes, use_external = estimated_export_bytes(checkpoint_dir, dtype, external_data=external_data)
@@ -192,10 +200,11 @@ def export_onnx(
         max_frames = cfg.max_frames if max_frames is None else max_frames
         log.info("exporting vision graph")
         export_vision(model, staging / GRAPH_FILES["vision"], opset)
+        quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights)
         if use_external:
             save_model(onnx.load(str(staging / GRAPH_FILES["vision"])), staging / GRAPH_FILES["vision"], external_data=True)
         shared = ExternalData(staging / LLM_WEIGHTS) if use_external else None
-        writer = LLMGraphWriter(model, dtype, external=shared)
+        writer = LLMGraphWriter(model, dtype, external=shared, weights=weights)
         for name, build in (
             ("prefill_chunk", lambda: writer.prefill_chunk(special.vision_pad)),
             ("decode", writer.decode),
@@ -223,6 +232,7 @@ def export_onnx(
             "videoxl_version": videoxl.__version__,
             "model_hash": cfg.model_hash(),
             "dtype": dtype,
+            "weights": weights.manifest_entry(),
             "opset": opset,
             "custom_ops": {"domain": DOMAIN, "version": OPSET_VERSION},
             "graph_contract": manifest_entry(cfg),

@@ -74,15 +74,19 @@ class GraphBuilder:
         return name in self._initializer_names
 
     def initializer(self, name: str, array: np.ndarray, onnx_dtype: int | None = None) -> str:
-        self._initializer_names.add(name)
         if onnx_dtype == TensorProto.BFLOAT16:
             payload, elem_type = _bf16_bits(array).tobytes(), TensorProto.BFLOAT16
         else:
             payload, elem_type = np.ascontiguousarray(array).tobytes(), helper.np_dtype_to_tensor_dtype(array.dtype)
+        return self.raw_initializer(name, payload, array.shape, elem_type)
+
+    def raw_initializer(self, name: str, payload: bytes, dims: tuple[int, ...], elem_type: int) -> str:
+        """An initializer from its raw bytes (packed types such as INT4 have no numpy dtype)."""
+        self._initializer_names.add(name)
         if self.external is not None and len(payload) >= 1024:
-            tensor = self.external.tensor(name, payload, array.shape, elem_type)
+            tensor = self.external.tensor(name, payload, dims, elem_type)
         else:
-            tensor = helper.make_tensor(name, elem_type, array.shape, payload, raw=True)
+            tensor = helper.make_tensor(name, elem_type, dims, payload, raw=True)
         self.initializers.append(tensor)
         return name
 

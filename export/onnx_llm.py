@@ -4,7 +4,9 @@ Their inputs and outputs are `videoxl.graphs` (the graph contract); layouts are 
 (tokens, heads, head_dim), one sequence. Keys are rotated once, when computed, and cached rotated:
 no graph rotates or concatenates a past. Linear layers are `MatMul` (+ `Add` for a bias) with the
 weight stored transposed, (in, out), under the checkpoint's name plus ".T": the form weight
-quantizers (ONNX Runtime's MatMulNBits, ModelOpt) and TensorRT's weight-only GEMMs take.
+quantizers (ONNX Runtime's MatMulNBits, ModelOpt) and TensorRT's weight-only GEMMs take. With
+`--weights int8|int4` that weight is int8/int4 values + scales -> DequantizeLinear -> MatMul
+(`videoxl.weight_format`, `export/quantize.py`).
 
 prefill_chunk:  the chunk at positions past_len + i, attention by videoxl::ChunkSparseAttention
 decode:         T tokens at positions past_len + t against a capacity buffer, standard Attention
@@ -33,15 +35,22 @@ from videoxl.export.onnx_ops import (
     rope,
     rope_tables,
 )
+from videoxl.export.quantize import dequantize_attrs, quantized_tensors
 from videoxl.graphs import DECODE, KV_GATHER, PREFILL_CHUNK, SCORE, GraphContract, kv_names
+from videoxl.weight_format import WeightFormat
 
 ONNX_ELEM = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
 
 class LLMGraphWriter:
-    def __init__(self, model: VideoXLModel, dtype: str, external: ExternalData | None = None) -> None:
+    def __init__(
+        self, model: VideoXLModel, dtype: str, external: ExternalData | None = None, weights: WeightFormat = WeightFormat()
+    ) -> None:
         self.model, self.cfg, self.dtype, self.external = model, model.cfg, dtype, external
         self.elem = ONNX_FLOAT[dtype]
+        self.weights = weights
+        # scales are stored in the export dtype (bf16: float32 values bf16 holds exactly, see quantize_weight)
+        self._scale_dtype = {"fp16": np.dtype(np.float16), "bf16": "bf16"}.get(dtype, np.dtype(np.float32))
         self.state = model.state_dict()  # tensors are converted one at a time, when a graph uses them
 
     # --- building blocks ------------------------------------------------------------------
@@ -55,11 +64,31 @@ class LLMGraphWriter:
 
     def _linear(self, b: GraphBuilder, x: str, prefix: str, bias: bool) -> str:
         """x (n, in) @ W.T (in, out) [+ b]: MatMul with a constant (in, out) weight, quantizer-friendly."""
-        name = f"{prefix}.weight.T"
-        if not b.has_initializer(name):
-            b.initializer(name, self._cast(np.ascontiguousarray(self.state[f"{prefix}.weight"].detach().float().numpy().T)), self.elem)
-        y = b.op("MatMul", x, name)
+        y = b.op("MatMul", x, self._linear_weight(b, prefix))
         return b.op("Add", y, self._weight(b, f"{prefix}.bias")) if bias else y
+
+    def _linear_weight(self, b: GraphBuilder, prefix: str) -> str:
+        """The (in, out) weight: a float initializer, or int8/int4 values + scales -> DequantizeLinear.
+
+        The scales are in the export dtype, so DequantizeLinear yields the graph's float type.
+        """
+        name = f"{prefix}.weight.T"
+        bits = self.weights.bits_of(prefix)
+        if bits is None:
+            if not b.has_initializer(name):
+                b.initializer(name, self._cast(self._transposed(prefix)), self.elem)
+            return name
+        q_name, s_name = f"{name}.q", f"{name}.scale"
+        if not b.has_initializer(q_name):
+            (_, payload, dims, elem), (_, scale) = quantized_tensors(
+                name, self._transposed(prefix), bits, self.weights.block_size, self._scale_dtype
+            )
+            b.raw_initializer(q_name, payload, dims, elem)
+            b.initializer(s_name, scale, self.elem)
+        return b.op("DequantizeLinear", q_name, s_name, **dequantize_attrs(bits, self.weights.block_size))
+
+    def _transposed(self, prefix: str) -> np.ndarray:
+        return np.ascontiguousarray(self.state[f"{prefix}.weight"].detach().float().numpy().T)
 
     def _rms_norm(self, b: GraphBuilder, x: str, weight: str) -> str:
         xf = b.op("Cast", x, to=TensorProto.FLOAT)

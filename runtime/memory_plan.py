@@ -49,9 +49,9 @@ from videoxl import graphs
 from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines.profiles import format_bytes, parse_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError, KVSlabs
+from videoxl.weight_format import FORMATS, WeightFormat, weight_bytes
 
 KV_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-WEIGHT_BITS = (16, 8, 4)
 PIXEL_BYTES = 4  # frames enter the vision graph as float32
 
 
@@ -102,6 +102,7 @@ class PlanInputs:
     dtype_bytes: int
     weight_dtype_bytes: float
     weights_bytes: int | None
+    weights: WeightFormat | None  # int8/int4 linears counted at their real bytes (None: weight_dtype_bytes for all)
     unified_memory: bool
     max_new_tokens: int
     timestamp_tokens_per_group: int
@@ -228,6 +229,7 @@ def plan_memory(
     unified_memory: bool = False,
     weights_bytes: int | None = None,
     weight_dtype_bytes: float | None = None,
+    weights: WeightFormat | str | None = None,
     max_new_tokens: int = 256,
     timestamp_tokens_per_group: int = 6,
     prefix_tokens: int = 64,
@@ -238,7 +240,10 @@ def plan_memory(
 
     ``dense_blocks`` is the task-aware top-k (first, last and prefix blocks come on top);
     ``weights_bytes`` overrides the estimate from the config's parameter counts, which uses
-    ``weight_dtype_bytes`` (default ``dtype_bytes``; 1 for int8, 0.5 for int4 weights).
+    ``weight_dtype_bytes`` (default ``dtype_bytes``) for every parameter, or, given ``weights``
+    ("fp", "int8", "int4" or a ``WeightFormat``), the bytes an export in that format holds: its
+    int8/int4 linears with their scales, everything else at ``weight_dtype_bytes``
+    (``videoxl.weight_format.weight_bytes``).
     When the plan does not fit, ``advice`` lists changes that do, each checked by re-planning.
     """
     inputs = PlanInputs(
@@ -248,7 +253,8 @@ def plan_memory(
         block_groups=config.block_groups if block_groups is None else block_groups,
         dense_blocks=dense_blocks, dtype_bytes=dtype_bytes,
         weight_dtype_bytes=dtype_bytes if weight_dtype_bytes is None else weight_dtype_bytes,
-        weights_bytes=weights_bytes, unified_memory=unified_memory, max_new_tokens=max_new_tokens,
+        weights_bytes=weights_bytes, weights=WeightFormat.parse(weights) if isinstance(weights, str) else weights,
+        unified_memory=unified_memory, max_new_tokens=max_new_tokens,
         timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
     )
@@ -297,6 +303,13 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     params = estimate_params(cfg)
     if i.weights_bytes is not None:
         weights, weights_detail = i.weights_bytes, "given"
+    elif i.weights is not None:
+        if i.weight_dtype_bytes not in (1, 2, 4):
+            raise ValueError(f"with --weights the float parts need a float width of 2 or 4 bytes, got {i.weight_dtype_bytes}")
+        modules = weight_bytes(cfg, i.weights, int(i.weight_dtype_bytes), params)
+        weights = sum(modules.values())
+        weights_detail = f"{i.weights} linears, the rest {i.weight_dtype_bytes:g} B/param: " + ", ".join(
+            f"{name} {format_bytes(n)}" for name, n in modules.items())
     else:
         weights = math.ceil(sum(params.values()) * i.weight_dtype_bytes)
         weights_detail = f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B"
@@ -395,10 +408,15 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
         elif (n := max_frames_that_fit(cfg, i, dtype_bytes=2)) > best:
             advice.append(f"use fp16 KV (--kv-dtype fp16): {n} frames fit")
     if i.weights_bytes is None:
-        for bits in (8, 4):
-            if i.weight_dtype_bytes > bits / 8 and _fits(cfg, i, weight_dtype_bytes=bits / 8):
-                advice.append(f"{bits}-bit weights (--weight-bits {bits}) fit all {i.frames} frames")
+        order = list(FORMATS)
+        current = order.index(i.weights.name) if i.weights is not None else 0
+        for name in order[current + 1 :]:
+            fmt = WeightFormat.parse(name)
+            if _fits(cfg, i, weights=fmt, weight_dtype_bytes=min(i.weight_dtype_bytes, 2)):
+                advice.append(f"{fmt} weights (--weights {name}; export with `videoxl export --weights {name}`) fit all {i.frames} frames")
                 break
+            if (n := max_frames_that_fit(cfg, i, weights=fmt, weight_dtype_bytes=min(i.weight_dtype_bytes, 2))) > best:
+                advice.append(f"{fmt} weights (--weights {name}) fit {n} frames")
     return advice, (best if best > 0 else None)
 
 
@@ -501,7 +519,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--unified-memory", action="store_true", help="host and device share the budget (Jetson)")
     p.add_argument("--dense-blocks", type=_dense_blocks_arg, default=4, metavar="K|all", help="task-aware top-K dense blocks (default 4)")
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="fp16")
-    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=None, help="default: the KV dtype's width")
+    p.add_argument("--weights", default=None, metavar="fp|int8|int4",
+                   help="weight format of the export (videoxl export --weights): int8/int4 linears at their real bytes "
+                        "with scales, embeddings and vision in the KV dtype (default: every weight in the KV dtype)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N", help="int4 block size (default 128)")
     p.add_argument("--weights-bytes", type=parse_bytes, metavar="BYTES", help="measured weight size (overrides the estimate)")
     p.add_argument("--chunk-groups", type=int, metavar="C")
     p.add_argument("--window", type=int, dest="window_chunks", metavar="P")
@@ -518,7 +539,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, block_groups=args.block_groups,
         dense_blocks=args.dense_blocks, dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype],
         unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
-        weight_dtype_bytes=None if args.weight_bits is None else args.weight_bits / 8,
+        weights=None if args.weights is None else WeightFormat.parse(args.weights, args.block_size),
         max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
     )
     print(plan.table())

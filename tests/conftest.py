@@ -56,3 +56,21 @@ def make_layout(tiny_tokenizer, tiny_model):
         return layout
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_quantized(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """quantized(format) -> the tiny checkpoint exported with --weights int8 or int4 (block 32), once each."""
+    from videoxl.export.onnx_export import export_onnx
+    from videoxl.weight_format import WeightFormat
+
+    exports: dict[str, Path] = {}
+
+    def quantized(name: str) -> Path:
+        if name not in exports:
+            # the tiny model's linears are 64 and 128 wide: int4 blocks of 32 (128 needs the real widths)
+            fmt = WeightFormat.parse(name, 32 if name == "int4" else None)
+            exports[name] = export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx_q") / name, max_frames=256, weights=fmt)
+        return exports[name]
+
+    return quantized

@@ -210,7 +210,12 @@ def add_export_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="ONNX directory to write (replaced only on success)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="graph dtype; ONNX Runtime on the CPU runs fp32 (default: %(default)s)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the vision graph, 18 to 23 (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset of the graphs; the exporter writes 23 (default: %(default)s)")
+    p.add_argument("--weights", default="fp", metavar="fp|int8|int4",
+                   help="weight-only quantization of the LLM, lm_head and projector linears: int8 per output channel, "
+                        "int4 block-wise with an int8 lm_head; embeddings and vision stay float (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="int4 only: input rows per scale, a power of two >= 16 dividing every linear's input width (default: 128)")
     p.add_argument("--max-frames", type=_int_at_least(1), default=None, help="longest video the graphs are meant for")
     p.add_argument("--external-data", action="store_true", default=None, help="force weights into .data files (auto above 2 GB)")
     p.set_defaults(func=cmd_export)
@@ -518,7 +523,13 @@ def _ask_and_stream(pipeline, prepared, question: str, gen, *, evaluating: bool 
 def cmd_export(args) -> int:
     from videoxl.export.onnx_export import export_onnx
 
-    out = export_onnx(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, max_frames=args.max_frames, external_data=args.external_data)
+    from videoxl.weight_format import WeightFormat
+
+    weights = WeightFormat.parse(args.weights, args.block_size)  # a bad flag fails here, before any work
+    out = export_onnx(
+        args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, max_frames=args.max_frames,
+        external_data=args.external_data, weights=weights,
+    )
     print(f"wrote {out}")
     return 0
 

@@ -90,7 +90,7 @@ def test_1000_frames_fit_a_16gb_jetson_with_unified_memory():
 
     fp16 = plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True)
     assert not fp16.fits
-    assert any("--weight-bits 8" in line for line in fp16.advice)
+    assert any("--weights int8" in line for line in fp16.advice)
     assert plan_memory(REAL, frames=1000, budget_bytes=16 * GiB, unified_memory=True, weight_dtype_bytes=1).fits
 
 
@@ -203,7 +203,7 @@ def test_cli_plan_prints_the_table(capsys, tmp_path):
 
     REAL.save(tmp_path / "config.json")  # an ONNX or engine directory's config
     assert _plan_command(["--config", str(tmp_path), "--frames", "1000", "--gpu-memory-budget", "16GiB",
-                          "--unified-memory", "--weight-bits", "4"]) == 0
+                          "--unified-memory", "--weights", "int4"]) == 0
     assert "unified memory" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no config.json"):
         _plan_command(["--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"])
@@ -221,3 +221,63 @@ def test_cli_plan_rejects_a_missing_config(capsys, tmp_path):
 
     assert main(["plan", "--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+# --- weight formats (videoxl export --weights): real bytes, the 16 GB Jetson Orin question ---------
+@pytest.mark.parametrize("name", ["fp", "int8", "int4"])
+def test_weight_bytes_equal_the_exported_tiny_model(tiny_onnx, tiny_onnx_quantized, tiny_model, name):
+    """The planner's bytes per format are the bytes the export holds: the LLM's initializers, the projector's."""
+    import onnx
+
+    from videoxl.weight_format import WeightFormat, quantized_linears, weight_bytes
+
+    root = tiny_onnx if name == "fp" else tiny_onnx_quantized(name)
+    fmt = WeightFormat.parse(name, 32 if name == "int4" else None)
+    cfg = tiny_model.cfg
+    planned = weight_bytes(cfg, fmt, 4, estimate_params(cfg))
+    decode = onnx.load(str(root / "decode.onnx")).graph.initializer  # embeddings, every layer, final norm, lm_head
+    held = sum(len(t.raw_data) for t in decode if t.name != "rope_inv_freq")
+    assert held == planned["llm"]
+    vision = {t.name: len(t.raw_data) for t in onnx.load(str(root / "vision.onnx")).graph.initializer}
+    projector = [lin for lin in quantized_linears(cfg) if lin.name.startswith("model.mm_projector")]
+    if fmt.quantized:
+        held_projector = sum(n for t, n in vision.items() if t.startswith("model.mm_projector"))
+        assert held_projector == sum(fmt.linear_bytes(lin, 4) for lin in projector)
+    assert planned["projector"] == sum(fmt.linear_bytes(lin, 4) for lin in projector) + 4 * 2 * cfg.hidden_size  # + biases
+    if name == "int4":  # the LLM's linears: int4 + fp32 scale per 32 rows = 0.625 B/param; lm_head int8
+        assert planned["llm"] < 0.4 * weight_bytes(cfg, WeightFormat(), 4, estimate_params(cfg))["llm"]
+
+
+ORIN = 16 * 10**9  # a 16 GB Jetson Orin: host and device share these bytes
+
+
+@pytest.mark.parametrize("name,fits_1000,most_frames", [("fp", False, None), ("int8", True, (1500, 2000)), ("int4", True, (2500, 3000))])
+def test_jetson_orin_16gb_with_quantized_weights(name, fits_1000, most_frames):
+    """fp16 weights alone exceed 16 GB; int8 fits ~1,760 frames and int4 (block 128) ~2,700, each re-planned true."""
+    assert plan_memory(REAL, frames=1000, budget_bytes=ORIN, unified_memory=True, weights=name).fits == fits_1000
+    plan = plan_memory(REAL, frames=10_000, budget_bytes=ORIN, unified_memory=True, weights=name)
+    assert not plan.fits
+    if most_frames is None:
+        assert plan.max_frames_that_fit is None and any("weights alone" in line for line in plan.advice)
+        assert any(re.search(r"int8 weights \(--weights int8\) fit \d+ frames", line) for line in plan.advice)
+        return
+    frames = plan.max_frames_that_fit
+    assert most_frames[0] < frames < most_frames[1] and frames % 4 == 0
+    assert plan_memory(REAL, frames=frames, budget_bytes=ORIN, unified_memory=True, weights=name).fits
+    assert not plan_memory(REAL, frames=frames + 4, budget_bytes=ORIN, unified_memory=True, weights=name).fits
+
+
+def test_real_weight_bytes_by_hand():
+    from videoxl.weight_format import Linear, WeightFormat
+
+    fp, int8, int4 = (plan_memory(REAL, frames=4, budget_bytes=80 * GiB, weights=w).item("weights").nbytes for w in ("fp", "int8", "int4"))
+    assert fp == 2 * sum(estimate_params(REAL).values())  # fp: every parameter in fp16
+    # int4: per layer q, o 3584^2, k, v 3584 x 512, gate, up, down 3 x 3584 x 18944 at 0.5 B + an fp16 scale per 128 rows
+    linear = 2 * 3584**2 + 2 * 3584 * 512 + 3 * 3584 * 18944
+    lm_head = 3584 * 152064
+    projector = 1152 * 3584 + 3584**2
+    saved4 = 28 * (linear * 2 - linear // 2 - linear // 128 * 2) + (lm_head * 2 - lm_head - 152064 * 2) + (projector * 2 - projector // 2 - projector // 128 * 2)
+    assert fp - int4 == saved4
+    assert 5.5 * GiB < int4 < 5.7 * GiB and 8.4 * GiB < int8 < 8.6 * GiB
+    assert WeightFormat.parse("int4", 64).linear_bytes(Linear("x", 128, 8), 2) == 128 * 8 // 2 + (128 // 64) * 8 * 2
+    assert WeightFormat.parse("int8").linear_bytes(Linear("x", 128, 8), 2) == 128 * 8 + 8 * 2
