@@ -293,6 +293,8 @@ class PreparedCache:
 
     def get(self, key: str, backend: Backend) -> tuple[PreparedVideo | None, str | None]:
         """(prepared video, "memory" | "disk") or (None, None); a corrupt disk entry is deleted."""
+        if key in self._memory and not self._memory[key][0].store.cache.live:
+            del self._memory[key]  # its KV memory now holds another video (a backend that keeps one at a time)
         if key in self._memory:
             self._memory.move_to_end(key)
             self.stats.memory_hits += 1

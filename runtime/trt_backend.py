@@ -156,6 +156,10 @@ class TrtVideoCache(VideoCache):
     def __init__(self, backend: "TensorRTBackend", dense_rows: int, sparse_rows: int, generation: int) -> None:
         self.backend, self.dense_rows, self.sparse_rows, self.generation = backend, dense_rows, sparse_rows, generation
 
+    @property
+    def live(self) -> bool:
+        return self.backend._video is self
+
     def arrays(self) -> dict[str, np.ndarray]:
         return self.backend._download_video(self)
 

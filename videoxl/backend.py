@@ -55,6 +55,11 @@ class VideoCache(ABC):
         """(sparse_rows + dense_rows,) int64: sparse keys are kept before RoPE (0), dense keys at their position."""
         return np.concatenate([np.zeros(self.sparse_rows, np.int64), np.arange(self.dense_rows, dtype=np.int64)])
 
+    @property
+    def live(self) -> bool:
+        """False once the backend reused this cache's memory for another video (it keeps one at a time)."""
+        return True
+
     @abstractmethod
     def arrays(self) -> dict[str, np.ndarray]:
         """Host copies of both tiers, 'key.{layer}' / 'value.{layer}' (sparse_rows + dense_rows, Hkv, D)."""

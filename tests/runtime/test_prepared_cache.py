@@ -140,3 +140,14 @@ def test_store_state_refuses_a_mismatched_shape(pipeline, synthetic_video):
     state["key.0"] = state["key.0"][:-1]
     with pytest.raises(ValueError, match=r"KV state key.0: expected float32\["):
         TwoTierKVStore.from_state(pipeline.backend, pipeline.config, prepared.layout, block_groups=2, state=state)
+
+
+def test_a_kept_video_whose_kv_memory_was_reused_is_not_handed_out(pipeline, synthetic_video, monkeypatch):
+    """A backend that keeps one video's KV at a time (TensorRT) reuses its memory for the next video:
+    the memory entry of the earlier one is dropped, not handed out."""
+    cache = PreparedCache(fingerprint="f", memory_budget_bytes=1 << 30)
+    prepared = pipeline.prepare(_video(pipeline, synthetic_video), options=OPTIONS)
+    cache.put("k", prepared, to_disk=False)
+    assert cache.get("k", pipeline.backend)[1] == "memory"
+    monkeypatch.setattr(type(prepared.store.cache), "live", property(lambda self: False))
+    assert cache.get("k", pipeline.backend) == (None, None)

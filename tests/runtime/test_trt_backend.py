@@ -504,6 +504,10 @@ def test_simulated_an_older_cache_handle_is_refused(simulated):
     backend.new_decode_cache(16)
     with pytest.raises(RuntimeError, match="holds a newer one"):
         backend.decode(first, np.array([1], np.int64))
+    video = backend.new_video_cache(dense_rows=40, sparse_rows=10)
+    assert video.live  # what the prepared-video cache asks before it hands out a kept video
+    backend.new_video_cache(dense_rows=40, sparse_rows=10)
+    assert not video.live
 
 
 # --- close() after CUDA errors ----------------------------------------------------------------------------
