@@ -110,11 +110,19 @@ class GraphBuilder:
         return self.op("Range", start, stop, self.const(1))
 
 
-def _bf16_bits(array: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns with round-to-nearest-even."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + rounding) >> 16).astype(np.uint16)
+def _bf16_bits(array: np.ndarray, block: int = 2**24) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns with round-to-nearest-even.
+
+    Converted ``block`` elements at a time: the uint32 temporaries of a whole 152064 x 3584
+    lm_head would add ~6 GB to the export's peak memory.
+    """
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).reshape(-1)
+    out = np.empty(bits.shape, dtype=np.uint16)
+    for start in range(0, bits.size, block):
+        part = bits[start:start + block]
+        rounding = ((part >> 16) & 1) + 0x7FFF
+        out[start:start + block] = (part + rounding) >> 16
+    return out.reshape(np.shape(array))
 
 
 def value_info(name: str, elem_type: int, shape: list[str | int]) -> onnx.ValueInfoProto:

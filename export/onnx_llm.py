@@ -14,8 +14,11 @@ kv_gather:      videoxl::BilevelKVGather over one layer's source KV
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 from videoxl.config import VideoXLConfig
@@ -39,10 +42,14 @@ ONNX_ELEM = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
 
 class LLMGraphWriter:
-    def __init__(self, model: VideoXLModel, dtype: str, external: ExternalData | None = None) -> None:
+    def __init__(
+        self, model: VideoXLModel, dtype: str, external: ExternalData | None = None, *, state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """``state`` (default: the model's state dict) is where weights are read, one tensor at a time
+        when a graph uses it: a ``checkpoint.LazyStateDict`` streams an 8B model's LLM from its shards."""
         self.model, self.cfg, self.dtype, self.external = model, model.cfg, dtype, external
         self.elem = ONNX_FLOAT[dtype]
-        self.state = model.state_dict()  # tensors are converted one at a time, when a graph uses them
+        self.state = model.state_dict() if state is None else state
 
     # --- building blocks ------------------------------------------------------------------
     def _weight(self, b: GraphBuilder, name: str) -> str:
@@ -51,7 +58,7 @@ class LLMGraphWriter:
         return name
 
     def _cast(self, array: np.ndarray) -> np.ndarray:
-        return array.astype(np.float16) if self.dtype == "fp16" else array.astype(np.float32)
+        return array.astype(np.float16) if self.dtype == "fp16" else array.astype(np.float32, copy=False)
 
     def _linear(self, b: GraphBuilder, x: str, prefix: str, bias: bool) -> str:
         """x (n, in) @ W.T (in, out) [+ b]: MatMul with a constant (in, out) weight, quantizer-friendly."""
