@@ -75,7 +75,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(PRECISION_BYTES)
 DEFAULT_RTX_TARGETS = ("sm_89",)
-BF16_MIN_TARGET = (8, 0)  # Ampere: the first architecture with bf16 tensor cores
+BF16_MIN_TARGET = (8, 0)
+# Graphs with this many bytes of weights are built weight-stripped by default: the plan would
+# otherwise hold a second copy of the weights, next to the ONNX external data it came from.
+STRIP_WEIGHTS_BYTES = 2**31  # Ampere: the first architecture with bf16 tensor cores
 _ONNX_PRECISIONS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 __all__ = ["EngineBuildError", "build_engines", "PRECISIONS", "DEFAULT_RTX_TARGETS"]
@@ -105,6 +108,7 @@ def build_engines(
     use_plugins: bool = True,
     memory_budget_bytes: int | None = None,
     progress: bool = False,
+    strip_weights: bool | None = None,
 ) -> Path:
     """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
@@ -112,7 +116,9 @@ def build_engines(
     so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
-    the KV cache of the largest profile (``kv_cache_bytes``). Returns ``out_dir``.
+    the KV cache of the largest profile (``kv_cache_bytes``). ``strip_weights`` builds
+    weight-stripped, refittable plans (default: for graphs of 2 GiB of weights or more, the 8B LLM);
+    their manifest entry's ``weights`` says the loader must refit them from the ONNX. Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -154,6 +160,7 @@ def build_engines(
                     shape_values=shape_values[graph.name], targets=targets, use_plugins=use_plugins, precision=precision,
                     use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                     progress=progress,
+                    strip_weights=(graph_weight_bytes(graph.path) >= STRIP_WEIGHTS_BYTES) if strip_weights is None else strip_weights,
                 )
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
@@ -370,6 +377,7 @@ def _build_one(
     cache_bytes: bytes | None,
     timing,
     progress: bool,
+    strip_weights: bool = False,
 ):
     started = time.perf_counter()
     logger.errors.clear()
@@ -378,7 +386,9 @@ def _build_one(
     parser = trt.OnnxParser(network, logger)
     if use_plugins:
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(str(graph.path)):
+    weight_maps = _load_external_weights(parser, graph) if graph.external_files else []
+    parsed = parser.parse_model_proto() if weight_maps else parser.parse_from_file(str(graph.path))
+    if not parsed:
         errors = [_parser_error_text(parser.get_error(i)) for i in range(parser.num_errors)] or list(logger.errors)
         raise EngineBuildError(
             f"{graph.path}: the {describe(trt)} ONNX parser failed with {len(errors)} error(s):\n  - " + "\n  - ".join(errors)
@@ -417,6 +427,11 @@ def _build_one(
             config.set_flag(trt.BuilderFlag.BF16)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 engines are the parity baseline: no TF32 matmuls
+    if strip_weights:
+        # The plan keeps no weights (REFIT_IDENTICAL lets the builder optimise as if they were
+        # constants): the loader refits them from the ONNX external data (`weights` in the manifest).
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     monitor = _progress_monitor(trt, graph.name, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
@@ -452,6 +467,7 @@ def _build_one(
         io["outputs"][tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
     serialized = builder.build_serialized_network(network, config)
+    weight_maps.clear()  # the parser (and its network) no longer needs the mapped weights
     if serialized is None:
         errors = list(logger.errors) or ["(TensorRT reported no error text; rerun with VIDEOXL_LOG_LEVEL=debug)"]
         raise EngineBuildError(
@@ -475,10 +491,67 @@ def _build_one(
         "needs_plugins": bool(plugin_layers),
         "native_attention_layers": len(attention_layers),
         "host_inputs": sorted(n for n, where in locations.items() if where == "host"),
+        "weights": _weights_entry(graph, strip_weights),
         "locations_from": located_by,
         **io,
     }
     return entry, timing
+
+
+def _load_external_weights(parser, graph: _Graph) -> list:
+    """Hand the parser every external initializer as a pointer into a read-only memory map of its
+    .data file; returns the views, which must outlive the build.
+
+    ``parse_from_file`` would copy an 8B model's 15 GB of weights into the parser's own heap: mapped,
+    they are clean file pages the kernel can drop and re-read under memory pressure, so the build
+    fits a machine with less RAM than the weights.
+    """
+    import numpy as np
+
+    model = onnx.load(str(graph.path), load_external_data=False)
+    if not parser.load_model_proto(model.SerializeToString(), str(graph.path)):
+        raise EngineBuildError(f"{graph.path}: the ONNX parser refused the model proto ({parser.get_error(0).desc()})")
+    del model.graph.node[:]  # only the initializers' names and locations are needed below
+    maps: dict[str, np.memmap] = {}
+    views = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info["location"]
+        if location not in maps:
+            maps[location] = np.memmap(graph.path.parent / location, dtype=np.uint8, mode="r")
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", maps[location].size - offset))
+        view = maps[location][offset : offset + length]
+        if not parser.load_initializer(tensor.name, view.ctypes.data, length):
+            raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {tensor.name!r} ({length} bytes from {location})")
+        views.append(view)
+    return views
+
+
+def _weights_entry(graph: _Graph, strip_weights: bool) -> dict[str, Any]:
+    """What the loader must do about the engine's weights."""
+    if not strip_weights:
+        return {"in_engine": True}
+    return {
+        "in_engine": False,
+        # TensorRT's OnnxParserRefitter.refit_from_file(onnx) then Refitter.refit_cuda_engine(), before the first run
+        "refit_from_onnx": graph.path.name,
+        "external_data": list(graph.external_files),
+    }
+
+
+def graph_weight_bytes(graph_path: Path) -> int:
+    """Bytes of a graph's initializers (external data included) from its proto, without reading the data."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+        else:
+            total += len(tensor.raw_data)
+    return total
 
 
 def _input_locations(trt: ModuleType, logger, serialized, network) -> tuple[dict[str, str], str]:

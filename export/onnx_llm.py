@@ -64,7 +64,8 @@ class LLMGraphWriter:
         """x (n, in) @ W.T (in, out) [+ b]: MatMul with a constant (in, out) weight, quantizer-friendly."""
         name = f"{prefix}.weight.T"
         if not b.has_initializer(name):
-            b.initializer(name, self._cast(np.ascontiguousarray(self.state[f"{prefix}.weight"].detach().float().numpy().T)), self.elem)
+            # transposed by torch in the checkpoint dtype: numpy's strided .T copy takes seconds per 7B matrix
+            b.initializer(name, self._cast(self.state[f"{prefix}.weight"].detach().t().contiguous().float().numpy()), self.elem)
         y = b.op("MatMul", x, name)
         return b.op("Add", y, self._weight(b, f"{prefix}.bias")) if bias else y
 
