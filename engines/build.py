@@ -76,9 +76,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = tuple(PRECISION_BYTES)
 DEFAULT_RTX_TARGETS = ("sm_89",)
 BF16_MIN_TARGET = (8, 0)
-# Graphs with this many bytes of weights are built weight-stripped by default: the plan would
-# otherwise hold a second copy of the weights, next to the ONNX external data it came from.
-STRIP_WEIGHTS_BYTES = 2**31  # Ampere: the first architecture with bf16 tensor cores
+# Graphs with this many bytes of weights are built for weight streaming and serialised to their
+# file as they are built (the 8B LLM graphs): the device need not hold all of them, nor the build
+# process a second in-memory copy of the plan.
+STREAM_WEIGHTS_BYTES = 2**31  # Ampere: the first architecture with bf16 tensor cores
 _ONNX_PRECISIONS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 __all__ = ["EngineBuildError", "build_engines", "PRECISIONS", "DEFAULT_RTX_TARGETS"]
@@ -108,7 +109,7 @@ def build_engines(
     use_plugins: bool = True,
     memory_budget_bytes: int | None = None,
     progress: bool = False,
-    strip_weights: bool | None = None,
+    stream_weights: bool | None = None,
 ) -> Path:
     """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
@@ -116,9 +117,9 @@ def build_engines(
     so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
-    the KV cache of the largest profile (``kv_cache_bytes``). ``strip_weights`` builds
-    weight-stripped, refittable plans (default: for graphs of 2 GiB of weights or more, the 8B LLM);
-    their manifest entry's ``weights`` says the loader must refit them from the ONNX. Returns ``out_dir``.
+    the KV cache of the largest profile (``kv_cache_bytes``). ``stream_weights`` builds
+    weight-streaming engines, serialised straight to their files (default: for graphs of 2 GiB of
+    weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets. Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -160,7 +161,7 @@ def build_engines(
                     shape_values=shape_values[graph.name], targets=targets, use_plugins=use_plugins, precision=precision,
                     use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                     progress=progress,
-                    strip_weights=(graph_weight_bytes(graph.path) >= STRIP_WEIGHTS_BYTES) if strip_weights is None else strip_weights,
+                    stream_weights=(graph_weight_bytes(graph.path) >= STREAM_WEIGHTS_BYTES) if stream_weights is None else stream_weights,
                 )
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
@@ -377,7 +378,7 @@ def _build_one(
     cache_bytes: bytes | None,
     timing,
     progress: bool,
-    strip_weights: bool = False,
+    stream_weights: bool = False,
 ):
     started = time.perf_counter()
     logger.errors.clear()
@@ -427,11 +428,12 @@ def _build_one(
             config.set_flag(trt.BuilderFlag.BF16)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 engines are the parity baseline: no TF32 matmuls
-    if strip_weights:
-        # The plan keeps no weights (REFIT_IDENTICAL lets the builder optimise as if they were
-        # constants): the loader refits them from the ONNX external data (`weights` in the manifest).
-        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+    if stream_weights:
+        # Weight streaming: the engine keeps its weights in host memory and the loader chooses how
+        # many bytes stay resident on the device (the rest is streamed per layer). STRIP_PLAN and
+        # REFIT would keep them out of the plan, but TensorRT for RTX 1.7 cannot build a refittable
+        # engine without a GPU (its JIT fails with a CUDA error), so they are not used here.
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     monitor = _progress_monitor(trt, graph.name, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
@@ -466,20 +468,32 @@ def _build_one(
         tensor = network.get_output(i)
         io["outputs"][tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
-    serialized = builder.build_serialized_network(network, config)
+    path = staging / f"{graph.name}.engine"
+    if stream_weights:
+        # Written to the file as TensorRT serialises it: a 15 GB plan never sits in one host buffer.
+        with open(path, "wb") as f:
+            built = builder.build_serialized_network_to_stream(network, config, _FileWriter(trt, f))
+        serialized = None
+    else:
+        serialized = builder.build_serialized_network(network, config)
+        built = serialized is not None
     weight_maps.clear()  # the parser (and its network) no longer needs the mapped weights
-    if serialized is None:
+    if not built:
         errors = list(logger.errors) or ["(TensorRT reported no error text; rerun with VIDEOXL_LOG_LEVEL=debug)"]
         raise EngineBuildError(
             f"{graph.path.name}: {describe(trt)} could not build the engine for {', '.join(targets)}:\n  - "
             + "\n  - ".join(errors)
         )
-    locations, located_by = _input_locations(trt, logger, serialized, network)
+    if serialized is not None:
+        locations, located_by = _input_locations(trt, logger, serialized, network)
+        with open(path, "wb") as f:
+            f.write(memoryview(serialized))
+        del serialized
+    else:  # reading a 15 GB plan back only to ask it would double the build's memory: ask the network
+        tensors = [network.get_input(i) for i in range(network.num_inputs)]
+        locations, located_by = {t.name: "host" if t.is_shape_tensor else "device" for t in tensors}, "network"
     for name, location in locations.items():
         io["inputs"][name]["location"] = location
-    path = staging / f"{graph.name}.engine"
-    with open(path, "wb") as f:
-        f.write(memoryview(serialized))
     seconds = time.perf_counter() - started
     log.info("built %s (%s) in %.1f s", path.name, format_bytes(path.stat().st_size), seconds)
     entry = {
@@ -491,7 +505,7 @@ def _build_one(
         "needs_plugins": bool(plugin_layers),
         "native_attention_layers": len(attention_layers),
         "host_inputs": sorted(n for n, where in locations.items() if where == "host"),
-        "weights": _weights_entry(graph, strip_weights),
+        "weights": _weights_entry(graph, stream_weights),
         "locations_from": located_by,
         **io,
     }
@@ -530,16 +544,30 @@ def _load_external_weights(parser, graph: _Graph) -> list:
     return views
 
 
-def _weights_entry(graph: _Graph, strip_weights: bool) -> dict[str, Any]:
+def _weights_entry(graph: _Graph, stream_weights: bool) -> dict[str, Any]:
     """What the loader must do about the engine's weights."""
-    if not strip_weights:
-        return {"in_engine": True}
+    if not stream_weights:
+        return {"streamable": False}
     return {
-        "in_engine": False,
-        # TensorRT's OnnxParserRefitter.refit_from_file(onnx) then Refitter.refit_cuda_engine(), before the first run
-        "refit_from_onnx": graph.path.name,
-        "external_data": list(graph.external_files),
+        "streamable": True,
+        # ICudaEngine.weight_streaming_budget_v2 = the device bytes the weights may keep resident
+        # (streamable_weights_size = all of them), set before the first execution context
+        "loader": "set weight_streaming_budget_v2 before creating an execution context",
     }
+
+
+class _FileWriter:
+    """IStreamWriter over an open file (the bindings' base class is looked up at call time)."""
+
+    def __new__(cls, trt: ModuleType, file):
+        class Writer(trt.IStreamWriter):
+            def __init__(self) -> None:
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data) -> int:
+                return file.write(memoryview(data))
+
+        return Writer()
 
 
 def graph_weight_bytes(graph_path: Path) -> int:
