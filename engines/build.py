@@ -77,7 +77,11 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(PRECISION_BYTES)
 DEFAULT_RTX_TARGETS = ("sm_89",)
-BF16_MIN_TARGET = (8, 0)  # Ampere: the first architecture with bf16 tensor cores
+BF16_MIN_TARGET = (8, 0)
+# Graphs with this many bytes of weights are built for weight streaming and serialised to their
+# file as they are built (the 8B LLM graphs): the device need not hold all of them, nor the build
+# process a second in-memory copy of the plan.
+STREAM_WEIGHTS_BYTES = 2**31  # Ampere: the first architecture with bf16 tensor cores
 _ONNX_PRECISIONS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 __all__ = ["EngineBuildError", "build_engines", "PRECISIONS", "DEFAULT_RTX_TARGETS"]
@@ -108,6 +112,7 @@ def build_engines(
     use_plugins: bool = True,
     memory_budget_bytes: int | None = None,
     progress: bool = False,
+    stream_weights: bool | None = None,
 ) -> Path:
     """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
@@ -115,7 +120,9 @@ def build_engines(
     so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
-    the KV cache of the largest profile (``kv_cache_bytes``). Returns ``out_dir``.
+    the KV cache of the largest profile (``kv_cache_bytes``). ``stream_weights`` builds
+    weight-streaming engines, serialised straight to their files (default: for graphs of 2 GiB of
+    weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets. Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -158,6 +165,7 @@ def build_engines(
                     shape_values=shape_values[graph.name], targets=targets, use_plugins=use_plugins, precision=precision,
                     use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
                     progress=progress,
+                    stream_weights=(graph_weight_bytes(graph.path) >= STREAM_WEIGHTS_BYTES) if stream_weights is None else stream_weights,
                 )
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
@@ -416,6 +424,7 @@ def _build_one(
     cache_bytes: bytes | None,
     timing,
     progress: bool,
+    stream_weights: bool = False,
 ):
     started = time.perf_counter()
     logger.errors.clear()
@@ -424,7 +433,9 @@ def _build_one(
     parser = trt.OnnxParser(network, logger)
     if use_plugins:
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(str(graph.path)):
+    weight_maps = _load_external_weights(parser, graph) if graph.external_files else []
+    parsed = parser.parse_model_proto() if weight_maps else parser.parse_from_file(str(graph.path))
+    if not parsed:
         errors = [_parser_error_text(parser.get_error(i)) for i in range(parser.num_errors)] or list(logger.errors)
         raise EngineBuildError(
             f"{graph.path}: the {describe(trt)} ONNX parser failed with {len(errors)} error(s):\n  - " + "\n  - ".join(errors)
@@ -463,6 +474,12 @@ def _build_one(
             config.set_flag(trt.BuilderFlag.BF16)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 engines are the parity baseline: no TF32 matmuls
+    if stream_weights:
+        # Weight streaming: the engine keeps its weights in host memory and the loader chooses how
+        # many bytes stay resident on the device (the rest is streamed per layer). STRIP_PLAN and
+        # REFIT would keep them out of the plan, but TensorRT for RTX 1.7 cannot build a refittable
+        # engine without a GPU (its JIT fails with a CUDA error), so they are not used here.
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     monitor = _progress_monitor(trt, graph.name, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
@@ -497,19 +514,32 @@ def _build_one(
         tensor = network.get_output(i)
         io["outputs"][tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+    path = staging / f"{graph.name}.engine"
+    if stream_weights:
+        # Written to the file as TensorRT serialises it: a 15 GB plan never sits in one host buffer.
+        with open(path, "wb") as f:
+            built = builder.build_serialized_network_to_stream(network, config, _FileWriter(trt, f))
+        serialized = None
+    else:
+        serialized = builder.build_serialized_network(network, config)
+        built = serialized is not None
+    weight_maps.clear()  # the parser (and its network) no longer needs the mapped weights
+    if not built:
         errors = list(logger.errors) or ["(TensorRT reported no error text; rerun with VIDEOXL_LOG_LEVEL=debug)"]
         raise EngineBuildError(
             f"{graph.path.name}: {describe(trt)} could not build the engine for {', '.join(targets)}:\n  - "
             + "\n  - ".join(errors)
         )
-    locations, located_by = _input_locations(trt, logger, serialized, network)
+    if serialized is not None:
+        locations, located_by = _input_locations(trt, logger, serialized, network)
+        with open(path, "wb") as f:
+            f.write(memoryview(serialized))
+        del serialized
+    else:  # reading a 15 GB plan back only to ask it would double the build's memory: ask the network
+        tensors = [network.get_input(i) for i in range(network.num_inputs)]
+        locations, located_by = {t.name: "host" if t.is_shape_tensor else "device" for t in tensors}, "network"
     for name, location in locations.items():
         io["inputs"][name]["location"] = location
-    path = staging / f"{graph.name}.engine"
-    with open(path, "wb") as f:
-        f.write(memoryview(serialized))
     seconds = time.perf_counter() - started
     log.info("built %s (%s) in %.1f s", path.name, format_bytes(path.stat().st_size), seconds)
     entry = {
@@ -521,10 +551,81 @@ def _build_one(
         "needs_plugins": bool(plugin_layers),
         "native_attention_layers": len(attention_layers),
         "host_inputs": sorted(n for n, where in locations.items() if where == "host"),
+        "weights": _weights_entry(graph, stream_weights),
         "locations_from": located_by,
         **io,
     }
     return entry, timing
+
+
+def _load_external_weights(parser, graph: _Graph) -> list:
+    """Hand the parser every external initializer as a pointer into a read-only memory map of its
+    .data file; returns the views, which must outlive the build.
+
+    ``parse_from_file`` would copy an 8B model's 15 GB of weights into the parser's own heap: mapped,
+    they are clean file pages the kernel can drop and re-read under memory pressure, so the build
+    fits a machine with less RAM than the weights.
+    """
+    import numpy as np
+
+    model = onnx.load(str(graph.path), load_external_data=False)
+    if not parser.load_model_proto(model.SerializeToString(), str(graph.path)):
+        raise EngineBuildError(f"{graph.path}: the ONNX parser refused the model proto ({parser.get_error(0).desc()})")
+    del model.graph.node[:]  # only the initializers' names and locations are needed below
+    maps: dict[str, np.memmap] = {}
+    views = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info["location"]
+        if location not in maps:
+            maps[location] = np.memmap(graph.path.parent / location, dtype=np.uint8, mode="r")
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", maps[location].size - offset))
+        view = maps[location][offset : offset + length]
+        if not parser.load_initializer(tensor.name, view.ctypes.data, length):
+            raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {tensor.name!r} ({length} bytes from {location})")
+        views.append(view)
+    return views
+
+
+def _weights_entry(graph: _Graph, stream_weights: bool) -> dict[str, Any]:
+    """What the loader must do about the engine's weights."""
+    if not stream_weights:
+        return {"streamable": False}
+    return {
+        "streamable": True,
+        # ICudaEngine.weight_streaming_budget_v2 = the device bytes the weights may keep resident
+        # (streamable_weights_size = all of them), set before the first execution context
+        "loader": "set weight_streaming_budget_v2 before creating an execution context",
+    }
+
+
+class _FileWriter:
+    """IStreamWriter over an open file (the bindings' base class is looked up at call time)."""
+
+    def __new__(cls, trt: ModuleType, file):
+        class Writer(trt.IStreamWriter):
+            def __init__(self) -> None:
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data) -> int:
+                return file.write(memoryview(data))
+
+        return Writer()
+
+
+def graph_weight_bytes(graph_path: Path) -> int:
+    """Bytes of a graph's initializers (external data included) from its proto, without reading the data."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+        else:
+            total += len(tensor.raw_data)
+    return total
 
 
 def _input_locations(trt: ModuleType, logger, serialized, network) -> tuple[dict[str, str], str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -73,10 +74,12 @@ def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, tuple[tuple[int, 
     return shapes
 
 
-def load_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+def load_into(model: torch.nn.Module, checkpoint_dir: str | Path, *, only: tuple[str, ...] | None = None) -> None:
     """Copy the checkpoint into `model` tensor by tensor (peak memory: the model plus one tensor).
 
     Missing, unexpected and mis-shaped keys are all reported, with their names, before any copy.
+    ``only`` (key prefixes) copies just those tensors; the others are still checked by name and
+    shape and may stay on the meta device (an exporter that streams the LLM weights later).
     """
     source = str(checkpoint_dir)
     found = checkpoint_shapes(checkpoint_dir)
@@ -106,7 +109,8 @@ def load_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
         log.info("%s: %d unused keys ignored (e.g. %s)", source, len(unused), sorted(unused)[0])
     by_shard: dict[Path, list[str]] = {}
     for key in expected:
-        by_shard.setdefault(found[key][1], []).append(key)
+        if only is None or key.startswith(only):
+            by_shard.setdefault(found[key][1], []).append(key)
     with torch.no_grad():
         for path, keys in by_shard.items():
             try:
@@ -115,6 +119,33 @@ def load_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
                         expected[key].copy_(f.get_tensor(key).to(expected[key].dtype))
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+
+
+class LazyStateDict(Mapping):
+    """key -> tensor read from its shard on each access: a whole checkpoint's weights, one tensor in memory.
+
+    The exporter converts the LLM's ~15 GB of weights one tensor at a time through this mapping
+    instead of loading the model first (which would hold every weight, then convert on top).
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, keys: list[str] | None = None) -> None:
+        found = checkpoint_shapes(checkpoint_dir)
+        self._shard = {k: found[k][1] for k in (found if keys is None else keys)}
+        self.shapes = {k: found[k][0] for k in self._shard}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self._shard[key]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shard)
+
+    def __len__(self) -> int:
+        return len(self._shard)
 
 
 def _preview(items: list[str], limit: int = 5) -> str:

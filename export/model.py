@@ -20,6 +20,9 @@ from videoxl.export.vision import (
     resize_grid,
 )
 
+# The submodules of `model.*` that turn frames into LLM embeddings (the vision graph).
+VISUAL_MODULES = ("vision_tower", "sae", "mm_projector")
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -41,7 +44,10 @@ class VideoXLModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, *, dtype: str = "fp32") -> "VideoXLModel":
+    def from_pretrained(cls, checkpoint_dir: str | Path, *, dtype: str = "fp32", llm_weights: bool = True) -> "VideoXLModel":
+        """The model in ``dtype``. ``llm_weights=False`` loads only the visual modules (vision tower,
+        compressor, projector: ~0.9 GB in bf16); the LLM's parameters stay on the meta device, shapes
+        only, for an exporter that streams them from the checkpoint (``checkpoint.LazyStateDict``)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
         cfg = VideoXLConfig.from_checkpoint(checkpoint_dir)
@@ -54,8 +60,14 @@ class VideoXLModel(nn.Module):
                 model = cls(cfg)
         finally:
             torch.set_default_dtype(previous)
-        model = model.to_empty(device="cpu")
-        load_into(model, checkpoint_dir)
+        if llm_weights:
+            model = model.to_empty(device="cpu")
+            load_into(model, checkpoint_dir)
+        else:
+            backbone = model.model
+            for name in VISUAL_MODULES:
+                setattr(backbone, name, getattr(backbone, name).to_empty(device="cpu"))
+            load_into(model, checkpoint_dir, only=tuple(f"model.{name}." for name in VISUAL_MODULES))
         return model.eval()
 
     @property
@@ -69,13 +81,7 @@ class VideoXLModel(nn.Module):
 
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, 384, 384) normalised frames -> (G, 144, H) LLM embeddings, G = ceil(N / 4)."""
-        cfg = self.cfg
-        features = self.vision_features(pixels)  # (N, 729, C)
-        maps = resize_grid(features, cfg.vision_grid, cfg.compressor_grid)  # (N, C, 24, 24)
-        groups = group_frames(pad_to_groups(maps, cfg.frames_per_group), cfg.frames_per_group)
-        compressed = self.model.sae(groups)  # (G, C, 24, 24)
-        tokens = self.model.mm_projector(compressed.flatten(2).transpose(1, 2))  # (G, 576, H)
-        return pool_tokens(tokens, cfg.compressor_grid, cfg.pool_stride)  # (G, 144, H)
+        return encode_frames(self.cfg, self.model.vision_tower, self.model.sae, self.model.mm_projector, pixels)
 
     # --- language -------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None = None, *, image_token_id: int) -> torch.Tensor:
@@ -95,3 +101,14 @@ class VideoXLModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def encode_frames(cfg: VideoXLConfig, tower: nn.Module, sae: nn.Module, projector: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 384, 384) normalised frames -> (G, 144, H); the visual modules only (the vision graph's body)."""
+    dtype = next(projector.parameters()).dtype
+    features = tower(pixels.to(dtype))  # (N, 729, C)
+    maps = resize_grid(features, cfg.vision_grid, cfg.compressor_grid)  # (N, C, 24, 24)
+    groups = group_frames(pad_to_groups(maps, cfg.frames_per_group), cfg.frames_per_group)
+    compressed = sae(groups)  # (G, C, 24, 24)
+    tokens = projector(compressed.flatten(2).transpose(1, 2))  # (G, 576, H)
+    return pool_tokens(tokens, cfg.compressor_grid, cfg.pool_stride)  # (G, 144, H)

@@ -32,7 +32,8 @@ import videoxl
 from videoxl.config import VideoXLConfig
 from videoxl.files import file_sha256
 from videoxl.outdir import check_out_dir, staged
-from videoxl.export.model import DTYPES, VideoXLModel
+from videoxl.export.checkpoint import LazyStateDict
+from videoxl.export.model import DTYPES, VISUAL_MODULES, VideoXLModel, encode_frames
 from videoxl.export.onnx_graph import OPSET, ExternalData
 from videoxl.export.onnx_llm import LLMGraphWriter, export_config_check
 from videoxl.export.quantize import quantize_projector
@@ -54,14 +55,19 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class VisionGraph(torch.nn.Module):
-    """Frames (4G, 3, S, S) -> (G, 144, H); the runtime pads the frame count to a multiple of 4."""
+    """Frames (4G, 3, S, S) -> (G, 144, H); the runtime pads the frame count to a multiple of 4.
+
+    Holds the visual modules only: torch.export lifts every parameter of the module it traces,
+    and the LLM's (meta-device, streamed separately) must not become vision initializers.
+    """
 
     def __init__(self, model: VideoXLModel) -> None:
         super().__init__()
-        self.model = model
+        self.cfg = model.cfg
+        self.tower, self.sae, self.projector = (getattr(model.model, name) for name in VISUAL_MODULES)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_frames(pixel_values)
+        return encode_frames(self.cfg, self.tower, self.sae, self.projector, pixel_values)
 
 
 @contextlib.contextmanager
@@ -79,12 +85,13 @@ def _quiet_torch_export() -> Iterator[None]:
         torch_onnx.setLevel(level)
 
 
-def export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
+def export_vision(model: VideoXLModel, path: Path, opset: int, *, external_data: bool = False) -> None:
+    """The vision graph; with ``external_data`` its weights go to ``<file>.data`` as they are saved."""
     with _quiet_torch_export():
-        _export_vision(model, path, opset)
+        _export_vision(model, path, opset, external_data)
 
 
-def _export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
+def _export_vision(model: VideoXLModel, path: Path, opset: int, external_data: bool) -> None:
     cfg = model.cfg
     groups = torch.export.Dim("groups", min=1, max=4096)
     example = torch.zeros(2 * cfg.frames_per_group, 3, cfg.image_size, cfg.image_size)
@@ -100,7 +107,8 @@ def _export_vision(model: VideoXLModel, path: Path, opset: int) -> None:
         optimize=True,
         verbose=False,
     )
-    program.save(str(path), external_data=False)
+    # Saved straight to external data when asked: no second in-memory copy from load + re-save.
+    program.save(str(path), external_data=external_data)
 
 
 def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
@@ -156,6 +164,79 @@ def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: b
     return (weight_bytes if use_external else 2 * weight_bytes) + 2**20, use_external
 
 
+# Export working memory, calibrated on the full-size synthetic checkpoint (bench/bench_real_size.py;
+# measured peak RSS 4.5 GiB in fp16, 5.5 GiB in bf16; this estimate says 6.9 GiB): the process with
+# torch loaded, the visual modules' weights times what torch.onnx holds while it exports them
+# (module, ONNX model, serialisation), and the largest LLM tensor's conversion (float32 copy, then
+# the converted bytes).
+EXPORT_BASE_BYTES = 1 * 2**30
+VISION_WORKING_FACTOR = 3
+LLM_TENSOR_WORKING_BYTES_PER_ELEMENT = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMemory:
+    """What an export holds at its peak, from the safetensors headers alone."""
+
+    vision_weight_bytes: int  # the visual modules in the export dtype (loaded whole for torch.onnx)
+    llm_weight_bytes: int  # streamed to disk one tensor at a time, never resident
+    largest_llm_tensor: str
+    largest_llm_tensor_elements: int
+
+    @property
+    def need_bytes(self) -> int:
+        return (EXPORT_BASE_BYTES + VISION_WORKING_FACTOR * self.vision_weight_bytes
+                + LLM_TENSOR_WORKING_BYTES_PER_ELEMENT * self.largest_llm_tensor_elements)
+
+
+def export_memory(checkpoint_dir: Path, dtype: str) -> ExportMemory:
+    """The export's peak working set: visual modules resident, LLM tensors converted one at a time."""
+    from videoxl.export.checkpoint import checkpoint_shapes
+
+    visual_prefixes = tuple(f"model.{name}." for name in VISUAL_MODULES)
+    vision = llm = 0
+    largest, largest_elements = "", 0
+    for key, (shape, _) in checkpoint_shapes(checkpoint_dir).items():
+        elements = 1
+        for dim in shape:
+            elements *= int(dim)
+        if key.startswith(visual_prefixes):
+            vision += elements
+        elif key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")):
+            llm += elements
+            if elements > largest_elements:
+                largest, largest_elements = key, elements
+    return ExportMemory(vision * DTYPE_BYTES[dtype], llm * DTYPE_BYTES[dtype], largest, largest_elements)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_export_memory(checkpoint_dir: Path, dtype: str, *, available: int | None = None) -> ExportMemory:
+    """Refuse, before loading anything, an export whose working set exceeds the available memory."""
+    memory = export_memory(checkpoint_dir, dtype)
+    available = available_memory_bytes() if available is None else available
+    if available is not None and memory.need_bytes > available:
+        gib = 2**30
+        raise MemoryError(
+            f"exporting {checkpoint_dir} in {dtype} needs about {memory.need_bytes / gib:.1f} GiB of memory "
+            f"({EXPORT_BASE_BYTES / gib:.0f} GiB base + {VISION_WORKING_FACTOR} x {memory.vision_weight_bytes / gib:.2f} GiB "
+            f"of visual weights + the largest LLM tensor {memory.largest_llm_tensor} converting, "
+            f"{LLM_TENSOR_WORKING_BYTES_PER_ELEMENT * memory.largest_llm_tensor_elements / gib:.1f} GiB); "
+            f"only {available / gib:.1f} GiB is available: close other programs or export on a larger machine"
+        )
+    return memory
+
+
 def check_export_request(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str, opset: int, max_frames: int | None) -> Path:
     """Everything about an export that is knowable before loading the model; returns the resolved --out."""
     if dtype not in DTYPES:
@@ -195,16 +276,23 @@ def export_onnx(
     tokenizer = load_tokenizer(checkpoint_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
     needed_bytes, use_external = estimated_export_bytes(checkpoint_dir, dtype, external_data=external_data)
+    memory = check_export_memory(checkpoint_dir, dtype)
+    log.info("export working set about %.1f GiB (LLM weights %.1f GiB streamed, one tensor at a time)",
+             memory.need_bytes / 2**30, memory.llm_weight_bytes / 2**30)
     with staged(out_dir, needed_bytes=needed_bytes) as staging:
-        model = VideoXLModel.from_pretrained(checkpoint_dir, dtype=dtype)
+        # Only the visual modules are loaded; the LLM's weights go from the checkpoint's shards to
+        # the ONNX external data one tensor at a time, so an 8B export never holds them all.
+        model = VideoXLModel.from_pretrained(checkpoint_dir, dtype=dtype, llm_weights=False)
         max_frames = cfg.max_frames if max_frames is None else max_frames
         log.info("exporting vision graph")
-        export_vision(model, staging / GRAPH_FILES["vision"], opset)
-        quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights)
-        if use_external:
-            save_model(onnx.load(str(staging / GRAPH_FILES["vision"])), staging / GRAPH_FILES["vision"], external_data=True)
+        export_vision(model, staging / GRAPH_FILES["vision"], opset, external_data=use_external)
+        if quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights) and use_external:
+            vision = staging / GRAPH_FILES["vision"]  # rewritten inline: back to its external data file
+            save_model(onnx.load(str(vision)), vision, external_data=True)
         shared = ExternalData(staging / LLM_WEIGHTS) if use_external else None
-        writer = LLMGraphWriter(model, dtype, external=shared, weights=weights)
+        visual_prefixes = tuple(f"model.{name}." for name in VISUAL_MODULES)
+        llm_state = LazyStateDict(checkpoint_dir, [k for k in model.state_dict() if not k.startswith(visual_prefixes)])
+        writer = LLMGraphWriter(model, dtype, external=shared, weights=weights, state=llm_state)
         for name, build in (
             ("prefill_chunk", lambda: writer.prefill_chunk(special.vision_pad)),
             ("decode", writer.decode),

@@ -16,8 +16,11 @@ kv_gather:      videoxl::BilevelKVGather over one layer's source KV
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 from videoxl.config import VideoXLConfig
@@ -44,14 +47,17 @@ ONNX_ELEM = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
 class LLMGraphWriter:
     def __init__(
-        self, model: VideoXLModel, dtype: str, external: ExternalData | None = None, weights: WeightFormat = WeightFormat()
+        self, model: VideoXLModel, dtype: str, external: ExternalData | None = None, *,
+        weights: WeightFormat = WeightFormat(), state: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        """``state`` (default: the model's state dict) is where weights are read, one tensor at a time
+        when a graph uses it: a ``checkpoint.LazyStateDict`` streams an 8B model's LLM from its shards."""
         self.model, self.cfg, self.dtype, self.external = model, model.cfg, dtype, external
         self.elem = ONNX_FLOAT[dtype]
         self.weights = weights
         # scales are stored in the export dtype (bf16: float32 values bf16 holds exactly, see quantize_weight)
         self._scale_dtype = {"fp16": np.dtype(np.float16), "bf16": "bf16"}.get(dtype, np.dtype(np.float32))
-        self.state = model.state_dict()  # tensors are converted one at a time, when a graph uses them
+        self.state = model.state_dict() if state is None else state
 
     # --- building blocks ------------------------------------------------------------------
     def _weight(self, b: GraphBuilder, name: str) -> str:
@@ -60,7 +66,7 @@ class LLMGraphWriter:
         return name
 
     def _cast(self, array: np.ndarray) -> np.ndarray:
-        return array.astype(np.float16) if self.dtype == "fp16" else array.astype(np.float32)
+        return array.astype(np.float16) if self.dtype == "fp16" else array.astype(np.float32, copy=False)
 
     def _linear(self, b: GraphBuilder, x: str, prefix: str, bias: bool) -> str:
         """x (n, in) @ W.T (in, out) [+ b]: MatMul with a constant (in, out) weight, quantizer-friendly."""
@@ -88,7 +94,8 @@ class LLMGraphWriter:
         return b.op("DequantizeLinear", q_name, s_name, **dequantize_attrs(bits, self.weights.block_size))
 
     def _transposed(self, prefix: str) -> np.ndarray:
-        return np.ascontiguousarray(self.state[f"{prefix}.weight"].detach().float().numpy().T)
+        # transposed by torch in the checkpoint dtype: numpy's strided .T copy takes seconds per 7B matrix
+        return self.state[f"{prefix}.weight"].detach().t().contiguous().float().numpy()
 
     def _rms_norm(self, b: GraphBuilder, x: str, weight: str) -> str:
         xf = b.op("Cast", x, to=TensorProto.FLOAT)

@@ -238,6 +238,12 @@ def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, num_shards: int
         _write_json(out / "model.safetensors.index.json",
                     {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
+    write_tokenizer_files(out, hf_config)
+    return out
+
+
+def write_tokenizer_files(out: Path, hf_config: dict[str, Any]) -> None:
+    """tokenizer.json (byte-level, :func:`tiny_tokenizer`), tokenizer_config.json and generation_config.json."""
     tiny_tokenizer().save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -255,4 +261,3 @@ def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, num_shards: int
         "pad_token_id": ENDOFTEXT_ID,
         "do_sample": False,
     })
-    return out

@@ -1,0 +1,140 @@
+"""The real 8B Video-XL-2 on a small box: synthetic checkpoint -> export -> engine builds, measured.
+
+Every step runs in its own process, so its peak RSS is its own (``os.wait4``), under a hard
+address-space cap (``--cap-gib``, default 20) so that a step can never take the machine down:
+
+    checkpoint   python -m videoxl.synthetic (full size, bf16, 4 GiB shards)
+    export       videoxl export --dtype fp16 | bf16 (external data)  + the path-based ONNX checker
+    build        videoxl build per target (sm_89, sm_120) with and without plugins
+    plan         videoxl plan --config real, beside what the builds report
+
+Results are appended to bench/RESULTS.md under "Real size" (``--write``) and printed.
+Not part of ``make test``: the full run takes about an hour and ~50 GB of disk.
+
+    python bench/bench_real_size.py --workdir /big/disk/realsize [--steps checkpoint,export,build] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def run_step(label: str, argv: list[str], *, cap_gib: float, log_path: Path) -> dict:
+    """Run ``argv`` niced under an address-space cap; returns seconds, peak RSS and the exit code."""
+    cap = int(cap_gib * GIB)
+
+    def limit() -> None:
+        os.nice(10)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    result = {"step": label, "seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+              "exit": os.waitstatus_to_exitcode(status), "log": str(log_path)}
+    print(f"{label}: {result['exit']=} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB", flush=True)
+    return result
+
+
+def graph_bytes(onnx_dir: Path) -> dict[str, dict]:
+    """Per graph: its .onnx bytes, the external data it references, and the path-based checker's verdict."""
+    import onnx
+
+    from videoxl.engines.build import graph_weight_bytes
+    from videoxl.export.onnx_export import GRAPH_FILES
+
+    out = {}
+    for name, file in GRAPH_FILES.items():
+        path = onnx_dir / file
+        try:
+            onnx.checker.check_model(str(path))  # by path: the only form that handles > 2 GB
+            checker = "ok"
+        except Exception as err:  # the checker raises its own ValidationError; keep its words
+            checker = f"{type(err).__name__}: {err}"[:200]
+        out[name] = {"onnx_bytes": path.stat().st_size, "weight_bytes": graph_weight_bytes(path), "checker": checker}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--steps", default="checkpoint,export,build,plan")
+    parser.add_argument("--dtypes", default="fp16,bf16")
+    parser.add_argument("--targets", default="sm_89,sm_120")
+    parser.add_argument("--cap-gib", type=float, default=20.0)
+    parser.add_argument("--max-frames", type=int, default=1024)
+    parser.add_argument("--keep-exports", action="store_true", help="keep every export (default: delete after its builds)")
+    args = parser.parse_args(argv)
+    steps = set(args.steps.split(","))
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    results: dict = {"steps": []}
+    results_path = work / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    checkpoint = work / "checkpoint"
+    if "checkpoint" in steps:
+        step = run_step("checkpoint", [py, "-m", "videoxl.synthetic", str(checkpoint)], cap_gib=args.cap_gib,
+                        log_path=work / "checkpoint.log")
+        step["bytes"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        results["steps"].append(step)
+        save()
+    for dtype in args.dtypes.split(","):
+        onnx_dir = work / f"onnx_{dtype}"
+        if "export" in steps:
+            step = run_step(f"export {dtype}", [py, "-m", "videoxl.cli", "export", "--checkpoint", str(checkpoint),
+                                                "--out", str(onnx_dir), "--dtype", dtype, "--opset", "23",
+                                                "--max-frames", str(args.max_frames)],
+                            cap_gib=args.cap_gib, log_path=work / f"export_{dtype}.log")
+            if step["exit"] == 0:
+                step["graphs"] = graph_bytes(onnx_dir)
+            results["steps"].append(step)
+            save()
+        if "build" in steps:
+            for target in args.targets.split(","):
+                if dtype == "bf16" and target != "sm_89":
+                    continue  # one bf16 build shows the dtype; sm_120 is checked in fp16
+                for plugins in (False, True):
+                    out = work / f"engines_{dtype}_{target}_{'plugins' if plugins else 'inlined'}"
+                    label = f"build {dtype} {target} {'plugins' if plugins else 'no plugins'}"
+                    step = run_step(label, [py, "-m", "videoxl.cli", "build", "--onnx", str(onnx_dir), "--out", str(out),
+                                            "--target", target, "--max-frames", str(args.max_frames),
+                                            *([] if plugins else ["--no-plugins"])],
+                                    cap_gib=args.cap_gib, log_path=work / f"{out.name}.log")
+                    manifest = out / "manifest.json"
+                    if step["exit"] == 0 and manifest.is_file():
+                        engines = json.loads(manifest.read_text())["engines"]
+                        step["engines"] = {n: {k: e.get(k) for k in ("bytes", "build_seconds", "weights", "device_memory_bytes")}
+                                           for n, e in engines.items()}
+                    results["steps"].append(step)
+                    save()
+        if not args.keep_exports and "build" in steps and dtype != args.dtypes.split(",")[-1]:
+            subprocess.run(["rm", "-rf", str(onnx_dir)], check=False)  # disk: one export at a time
+    if "plan" in steps:
+        plan = subprocess.run([py, "-m", "videoxl.cli", "plan", "--config", "real", "--frames", str(args.max_frames), "--gpu-memory-budget", "80GiB"],
+                              capture_output=True, text=True, cwd=ROOT)
+        results["plan"] = plan.stdout + plan.stderr
+        save()
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
