@@ -183,7 +183,7 @@ def test_export_under_a_file(tiny_checkpoint, user_dir, capsys):
 
 
 def test_disk_full_mid_export_keeps_the_previous_export(tiny_checkpoint, export_copy, monkeypatch, capsys):
-    def disk_full(model, path, opset):
+    def disk_full(model, path, opset, **_):
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
