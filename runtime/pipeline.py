@@ -233,27 +233,25 @@ class Pipeline:
             for k in range(num_chunks(layout, chunk_groups))
         ]
         batches = [visual_embeds] if isinstance(visual_embeds, np.ndarray) else visual_embeds
-        arrived: list[np.ndarray] = []  # visual rows (tokens, H), in order
-        groups = visual_seen = 0
+        pending: list[np.ndarray] = []  # visual rows (tokens, H) arrived and not yet prefilled, in order
+        groups = 0
         bar = tqdm(total=len(pieces), desc="prefill", unit="chunk", disable=not self.progress)
 
         def run_ready() -> None:
-            nonlocal visual_seen
             while pieces and pieces[0][1] <= groups:
                 vis, _ = pieces.pop(0)
                 count = int(layout.is_visual[vis.start : vis.end].sum())
-                rows = np.concatenate(arrived) if len(arrived) > 1 else arrived[0] if arrived else np.zeros((0, cfg.hidden_size))
-                arrived[:] = [rows] if len(rows) else []
+                rows = np.concatenate(pending) if len(pending) > 1 else pending[0] if pending else np.zeros((0, cfg.hidden_size))
+                pending[:] = [rows[count:]] if len(rows) > count else []  # only what later chunks still need
                 started = time.perf_counter()
-                store.prefill_chunk(layout.input_ids[vis.start : vis.end], rows[visual_seen : visual_seen + count], vis)
+                store.prefill_chunk(layout.input_ids[vis.start : vis.end], rows[:count], vis)
                 if report is not None:
                     report.prefill_s += time.perf_counter() - started
-                visual_seen += count
                 bar.update()
 
         run_ready()  # the prefix needs no frame
         for batch in batches:
-            arrived.append(batch.reshape(-1, batch.shape[-1]))
+            pending.append(batch.reshape(-1, batch.shape[-1]))
             groups += batch.shape[0]
             run_ready()
         bar.close()
