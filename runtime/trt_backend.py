@@ -54,7 +54,6 @@ from videoxl.runtime.cuda_memory import (
     ArenaOverflowError,
     CudaGraph,
     DeviceArena,
-    Event,
     FirstFitAllocator,
     KVSlabs,
     PinnedHostPool,
@@ -342,7 +341,6 @@ class TensorRTBackend(Backend):
         self.engines: dict[str, _Engine] = {}
         self._runtime = self._allocator = self.pinned = self.arena = None
         self._streams: list[Stream] = []
-        self._events: list[Event] = []
         self._video: TrtVideoCache | None = None
         self._decode_cache: TrtDecodeCache | None = None
         self._generation = 0
@@ -437,7 +435,7 @@ class TensorRTBackend(Backend):
 
         Queued work is waited for first (pinned buffers and the arena may still be read or written
         by it), then graphs and contexts, engines (their weights live in the arena), pinned memory,
-        events, streams and the arena are released in that order. Every release is attempted even
+        the stream and the arena are released in that order. Every release is attempted even
         when an earlier one failed (after a sticky error they all fail: the process must restart to
         get the memory back); each failure is logged once and the handle is dropped, so a second
         call does nothing.
@@ -462,9 +460,7 @@ class TensorRTBackend(Backend):
         pinned, self.pinned = self.pinned, None
         if pinned is not None:
             attempt("freeing the pinned host pool", pinned.close)
-        events, streams, self._events, self._streams = self._events, self._streams, [], []
-        for index, event in enumerate(events):
-            attempt(f"destroying event {index}", event.close)
+        streams, self._streams = self._streams, []
         for stream in streams:
             attempt(f"destroying the {stream.name} stream", stream.close)
         arena, self.arena = self.arena, None
