@@ -644,9 +644,9 @@ def test_simulated_dense_tier_in_host_memory_refuses_the_evaluation_rule(make_si
     assert backend.engines["prefill_chunk"].engine.executions == 0  # refused before any work
 
 
-@pytest.mark.parametrize("slow", ["compute", "copy"])
-def test_simulated_dense_tier_survives_a_slow_stream(make_simulated, tiny_onnx, tiny_tokenizer, make_layout, slow):
-    """One stream lags 3 ms an item: the host tier still holds ONNX Runtime's dense rows (copies out
+@pytest.mark.parametrize(("slow", "lag_ms"), [("compute", 3.0), ("copy", 20.0)])
+def test_simulated_dense_tier_survives_a_slow_stream(make_simulated, tiny_onnx, tiny_tokenizer, make_layout, slow, lag_ms):
+    """One stream lags (the copy stream longer than a chunk's compute, so that copies pile up): the host tier still holds ONNX Runtime's dense rows (copies out
     waited for their chunk; compaction waited for the copies out; the download for the host tier), a
     question staging every block still gets ONNX Runtime's tokens (each pass waited for its uploads,
     the next pass for the previous one), and a state loaded over a video still being copied out is
@@ -658,7 +658,7 @@ def test_simulated_dense_tier_survives_a_slow_stream(make_simulated, tiny_onnx, 
 
     device = FakeCudart(delay_ms=(0.0, 0.3), seed=7)
     backend = make_simulated(device, dense_tier="host", plan_dense_blocks=0)
-    device.set_delay(getattr(backend, slow).handle, 3.0)
+    device.set_delay(getattr(backend, slow).handle, lag_ms)
     cfg = backend.config
     layout, visual = _offload_case(make_layout, cfg)
     options = InferenceOptions(dense_blocks="all", **STREAMING)
