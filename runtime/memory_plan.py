@@ -283,7 +283,7 @@ def plan_memory(
     prefix_tokens: int = 64,
     suffix_tokens: int = 64,
     vision_batch_frames: int = 32,
-    dense_tier: str = "auto",
+    dense_tier: str = "device",
     host_budget_bytes: int | None = None,
 ) -> MemoryPlan:
     """Plan one request of ``frames`` frames against ``budget_bytes`` of GPU memory.
