@@ -1,4 +1,5 @@
-"""TensorRT backend: the five engines on one GPU, with explicit CUDA memory; the KV never leaves it.
+"""TensorRT backend: the five engines on one GPU, with explicit CUDA memory; the KV stays there
+unless the budget sends the dense tier to pinned host memory (``dense_tier``).
 
     engines_dir/manifest.json --check_manifest(this GPU, this TensorRT)--> ok, else BackendUnavailable
     {vision,prefill_chunk,decode,score,kv_gather}.engine --deserialize--> one execution context each
@@ -18,15 +19,34 @@ All device memory is ONE arena (cuda_memory.DeviceArena, ``gpu_memory_budget`` b
 
 The two KV regions are sized by the memory planner for the engines' frame limit (the largest
 frame count that fits when the budget is smaller, see ``max_frames``). Nothing is allocated after
-start-up, and no KV row crosses the bus: the runtime loop hands this backend index plans (its
-small inputs are staged in pinned memory and copied up), and gets logits and attention mass back.
-The dense tier stays on the device whole (the evaluation rule's timestamp queries read all of it);
-moving it to pinned host memory under a smaller budget is not implemented.
+start-up. The runtime loop hands this backend index plans (its small inputs are staged in pinned
+memory and copied up), and gets logits and attention mass back.
 
-One stream (``compute``) runs everything in order; a public call returns after synchronising it,
-so its pinned staging may be rewritten by the next call. Decode steps replay CUDA graphs: the
-decode engine reads a capacity bucket of the cache plus a valid length (``past_len``), so one
-graph per (new tokens, bucket) serves every step of that bucket, see ``DecodeGraphCache``.
+Where the dense tier lives (``dense_tier``: "device", "host", or "auto": the device when the budget
+holds both tiers at the engines' frame limit, else the host when that holds more frames):
+
+    device   the video region holds [sparse | dense] whole; no KV row crosses the bus (the evaluation
+             rule's timestamp queries read the whole dense past every chunk: only this serves them)
+    host     the video region holds [sparse | resident dense rows | staging]; the dense tier is one
+             pinned host allocation (row = position, slabs like the device's, so a run of rows of
+             every layer is one 2-D copy). Streaming rule only (``check_prefill`` refuses the other):
+
+      compute  [compact when full] [chunk: past = resident rows, present -> their end] (chunk_written) [pool] ...
+      copy                          wait chunk_written, the chunk's rows -> host tier  (copied_out)
+      compute  compaction waits copied_out (it overwrites rows that may still be on their way out)
+      copy     question: the chosen rows not resident -> staging, one copy per run   (staged)
+      compute  wait staged, kv_gather over [sparse | resident | staging] -> decode region
+
+             The resident rows (``runtime/dense_tier.py``) stay in position order, so the remapped
+             visible_past_index is below past_len as the kernels need; past_len stays the absolute
+             position. Each chunk's rows cross the bus once; a question brings back only its chosen
+             blocks' rows that are no longer resident (the prefix and the last window stay).
+
+One stream (``compute``) runs everything in order (plus ``copy`` for the host tier); a public call
+returns after synchronising ``compute``, so its pinned staging may be rewritten by the next call.
+Decode steps replay CUDA graphs: the decode engine reads a capacity bucket of the cache plus a
+valid length (``past_len``), so one graph per (new tokens, bucket) serves every step of that
+bucket, see ``DecodeGraphCache``.
 """
 
 from __future__ import annotations
