@@ -111,16 +111,6 @@ def _export_vision(model: VideoXLModel, path: Path, opset: int, external_data: b
     program.save(str(path), external_data=external_data)
 
 
-def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
-    if external_data:
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(path))
-
-
 def external_files(model: onnx.ModelProto) -> list[str]:
     """The .data files a graph's initializers live in (relative to the graph)."""
     return sorted(
@@ -286,9 +276,7 @@ def export_onnx(
         max_frames = cfg.max_frames if max_frames is None else max_frames
         log.info("exporting vision graph")
         export_vision(model, staging / GRAPH_FILES["vision"], opset, external_data=use_external)
-        if quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights) and use_external:
-            vision = staging / GRAPH_FILES["vision"]  # rewritten inline: back to its external data file
-            save_model(onnx.load(str(vision)), vision, external_data=True)
+        quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights, external_data=use_external)
         shared = ExternalData(staging / LLM_WEIGHTS) if use_external else None
         visual_prefixes = tuple(f"model.{name}." for name in VISUAL_MODULES)
         llm_state = LazyStateDict(checkpoint_dir, [k for k in model.state_dict() if not k.startswith(visual_prefixes)])
