@@ -150,8 +150,10 @@ def test_int4_export_with_external_data_matches_inline(tiny_checkpoint, tiny_onn
     Scales under 1 KiB stay inline in the graph that quantized them: every later graph needs its
     own copy (the decode graph used to lack them). The vision graph, rewritten with its quantized
     projector, goes back to one fresh .data file: no stale copy of the float weights before it.
+    The free-space check counts the quantized bytes, not the float ones.
     """
-    from videoxl.export.onnx_export import export_onnx
+    from videoxl.config import VideoXLConfig
+    from videoxl.export.onnx_export import estimated_export_bytes, export_onnx
 
     out = export_onnx(tiny_checkpoint, tmp_path / "int4x", max_frames=256, weights=WeightFormat.parse("int4", 32), external_data=True)
     for graph in ("prefill_chunk", "decode", "score", "vision"):
@@ -163,6 +165,10 @@ def test_int4_export_with_external_data_matches_inline(tiny_checkpoint, tiny_onn
     assert max(int(s.get("offset", 0)) + int(s["length"]) for s in spans) == data.stat().st_size
     assert sum(int(s["length"]) for s in spans) > 0.95 * data.stat().st_size  # alignment padding only
     assert data.stat().st_mode & 0o777 == (out / "vision.onnx").stat().st_mode & 0o777
+    written = sum(p.stat().st_size for p in out.iterdir())
+    fmt, cfg = WeightFormat.parse("int4", 32), VideoXLConfig.from_checkpoint(tiny_checkpoint)
+    estimate, _ = estimated_export_bytes(tiny_checkpoint, "fp32", external_data=True, weights=fmt, config=cfg)
+    assert written <= estimate < estimated_export_bytes(tiny_checkpoint, "fp32", external_data=True)[0]  # the free-space check
     external, inline = OnnxRuntimeBackend(out), OnnxRuntimeBackend(tiny_onnx_quantized("int4"))
     pixels = np.random.default_rng(0).standard_normal((4, 3, 384, 384)).astype(np.float32)
     assert np.abs(external.encode_frames(pixels) - inline.encode_frames(pixels)).max() <= 1e-6
