@@ -97,7 +97,7 @@ def run_worker(args) -> int:
     from videoxl.runtime.prepared_cache import sampling_settings
     from videoxl.video import open_video
 
-    result: dict = {"memory": {"start": memory_summary(smaps_rollup())}}
+    result: dict = {"memory": {"start": memory_summary(smaps_rollup())}, "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     sampler = PeakSampler()
 
     def save() -> None:
@@ -135,9 +135,9 @@ def run_worker(args) -> int:
         method = getattr(backend, name)
 
         def call(*a, **k):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             out = method(*a, **k)
-            calls[name].append((count(*a, **k), time.perf_counter() - t0))
+            calls[name].append((count(*a, **k), time.perf_counter() - t0, time.process_time() - cpu0))
             return out
 
         setattr(backend, name, call)
@@ -168,21 +168,27 @@ def run_worker(args) -> int:
     print(flush=True)
     peak = sampler.stop()
     report = answer.report
-    frames = sum(n for n, _ in calls["encode_frames"])
-    vision_s = sum(s for _, s in calls["encode_frames"])
-    prefill_tokens = sum(n for n, _ in calls["prefill_chunk"])
-    prefill_s = sum(s for _, s in calls["prefill_chunk"])
-    question_tokens, question_s = calls["decode"][0]
-    steps = [s for _, s in calls["decode"][1:]]
+    def totals(name: str, skip: int = 0) -> tuple[int, float, float]:
+        rows = calls[name][skip:]
+        return sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+    # cores: CPU seconds of all this process's threads per wall second (2 = both cores, undisturbed)
+    frames, vision_s, vision_cpu = totals("encode_frames")
+    prefill_tokens, prefill_s, prefill_cpu = totals("prefill_chunk")
+    question_tokens, question_s, question_cpu = calls["decode"][0]
+    steps = [s for _, s, _ in calls["decode"][1:]]
+    _, decode_s, decode_cpu = totals("decode", skip=1)
     result.update({
         "frames": report.frames, "groups": report.groups, "prompt_tokens": report.prompt_tokens, "chunks": report.chunks,
         "vision": {"frames_encoded": frames, "seconds": round(vision_s, 2), "s_per_frame": round(vision_s / frames, 2),
-                   "calls": [(n, round(s, 2)) for n, s in calls["encode_frames"]]},
+                   "cores": round(vision_cpu / vision_s, 2), "calls": [(n, round(s, 2)) for n, s, _ in calls["encode_frames"]]},
         "prefill": {"tokens": prefill_tokens, "seconds": round(prefill_s, 2), "tokens_per_s": round(prefill_tokens / prefill_s, 1),
-                    "calls": [(n, round(s, 2)) for n, s in calls["prefill_chunk"]]},
-        "question_pass": {"tokens": question_tokens, "seconds": round(question_s, 2)},
+                    "cores": round(prefill_cpu / prefill_s, 2), "calls": [(n, round(s, 2)) for n, s, _ in calls["prefill_chunk"]]},
+        "question_pass": {"tokens": question_tokens, "seconds": round(question_s, 2), "cores": round(question_cpu / question_s, 2)},
         "decode": {"tokens": len(steps), "ms_per_token": round(1e3 * sum(steps) / max(len(steps), 1), 1),
-                   "ms_per_token_median": round(1e3 * float(np.median(steps)), 1) if steps else None},
+                   "ms_per_token_median": round(1e3 * float(np.median(steps)), 1) if steps else None,
+                   "cores": round(decode_cpu / decode_s, 2) if steps else None},
+        "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "score_calls": len(calls["score"]), "score_loaded": "score" in backend.sessions,
         "dense_blocks": report.dense_blocks, "num_blocks": report.num_blocks,
         "first_token_s": round(report.first_token_s, 2) if report.first_token_s is not None else None,
