@@ -11,10 +11,20 @@ reads and writes them through I/O binding at row offsets, so no KV is copied bet
     decode/score   past_key.i   <- decode-cache rows [0, length); decode writes [length, length + T)
 
 Sessions: every session holds its own copy of the int4/int8 weights (ONNX Runtime repacks the
-fused MatMulNBits weights per session; float weights in external data are memory-mapped and
-shared), so an 8B int4 export costs ~3.8 GB per LLM session. The score session is loaded on the
-first block choice, which a video of a few blocks never makes (every block is dense); the others
-load with the backend, so their load time is not counted as vision or prefill time.
+fused MatMulNBits weights per session; float weights in external data are memory-mapped), so an
+8B int4 export costs ~4.5 GB per LLM session. Two things keep that to one session for most runs:
+
+- decode runs on the prefill_chunk session (``share_llm_session``, the default): a decode step
+  is a chunk that sees every past row, no timestamp queries, no visual rows
+
+      decode(ids) == prefill_chunk(ids, visual_embeds = [], past_len = length,
+                                   visible_past_index = 0..length-1, timestamp_query_index = [])
+
+  (a generated <|vision_pad|> gets its own embedding row as its "visual" row, so the splice is
+  exact); decode.onnx is then never loaded;
+- the score session is loaded on the first block choice, which a video of a few blocks never
+  makes (every block is dense).
+The others load with the backend, so their load time is not counted as vision or prefill time.
 """
 
 from __future__ import annotations
@@ -26,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 import videoxl
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
+from videoxl.files import confined_path
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_artifacts
@@ -114,11 +126,13 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(
         self, artifacts: OnnxArtifacts | str | Path, *, providers: list[str] | None = None, threads: int = 0,
-        matmul_accuracy_level: int | None = None,
+        matmul_accuracy_level: int | None = None, share_llm_session: bool = True,
     ) -> None:
         """``threads``: intra-op threads per session (0: ONNX Runtime's choice, one per physical core).
         ``matmul_accuracy_level``: MatMulNBits accuracy level of int8/int4 exports (``ACCURACY_LEVELS``;
-        None: ONNX Runtime's default 4, int8 activations; 0 keeps them float32, slower)."""
+        None: ONNX Runtime's default 4, int8 activations; 0 keeps them float32, 2.5x slower for int4).
+        ``share_llm_session``: decode on the prefill_chunk session (module docstring); False loads
+        decode.onnx as well (one more copy of the LLM weights)."""
         self.artifacts = artifacts if isinstance(artifacts, OnnxArtifacts) else load_onnx_artifacts(artifacts)
         self.config = self.artifacts.config
         self.artifact_dir = self.artifacts.root
@@ -140,8 +154,11 @@ class OnnxRuntimeBackend(Backend):
         self.sessions: dict[str, ort.InferenceSession] = {}
         self._bindings: dict[str, ort.IOBinding] = {}
         self.load_seconds: dict[str, float] = {}  # per graph, as loaded
+        self.share_llm_session = share_llm_session
+        self._vision_pad = int(self.artifacts.manifest["special_tokens"]["vision_pad"])
+        self._vision_pad_row: np.ndarray | None = None  # its embedding, read from the export on first need
         for name in GRAPHS:
-            if name not in LAZY_GRAPHS:
+            if name not in LAZY_GRAPHS and not (share_llm_session and name == "decode"):
                 self._session(name)
         self._logits_shape = (1, self.config.vocab_size)
         log.info("ONNX Runtime backend on %s, KV on %s", self.providers, self.device)
@@ -250,7 +267,34 @@ class OnnxRuntimeBackend(Backend):
 
     def decode(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64)
-        self._bind_cache("decode", cache, len(ids), write=True)
-        logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)
+        if self.share_llm_session:
+            self._bind_cache("prefill_chunk", cache, len(ids), write=True)
+            pads = int(np.count_nonzero(ids == self._vision_pad))
+            visual = np.repeat(self._pad_embedding()[None], pads, axis=0) if pads else np.zeros((0, self.config.hidden_size), self.float_dtype)
+            logits = self._run("prefill_chunk", {
+                "input_ids": ids, "visual_embeds": visual, "past_len": np.array([cache.length], np.int64),
+                "visible_past_index": np.arange(cache.length, dtype=np.int64), "timestamp_query_index": np.zeros(0, np.int64),
+            }, "logits", self._logits_shape)
+        else:
+            self._bind_cache("decode", cache, len(ids), write=True)
+            logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)
         cache.length += len(ids)
         return logits
+
+    def _pad_embedding(self) -> np.ndarray:
+        """Row <|vision_pad|> of the embedding table, read from the export (external data: one row's bytes)."""
+        if self._vision_pad_row is None:
+            path = self.artifacts.graph_path("prefill_chunk")
+            table = next(t for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                         if t.name == "model.embed_tokens.weight")
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(table.data_type))
+            row_bytes = int(table.dims[1]) * dtype.itemsize
+            if table.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in table.external_data}
+                with open(confined_path(path.parent, where["location"], what="external data"), "rb") as f:
+                    f.seek(int(where.get("offset", 0)) + self._vision_pad * row_bytes)
+                    row = np.frombuffer(f.read(row_bytes), dtype)
+            else:
+                row = onnx.numpy_helper.to_array(table)[self._vision_pad]
+            self._vision_pad_row = row.astype(self.float_dtype)
+        return self._vision_pad_row

@@ -227,3 +227,20 @@ def test_accuracy_gates_against_fp32(pipelines, case, name, prefill, decode, den
     if name == "int8":
         decided = [a for a, m in zip(agree, margins) if m > 2 * 2 * bound]
         assert len(decided) >= 4 and all(decided)
+
+
+def test_free_space_estimate_of_the_real_int4_export(tmp_path):
+    """The real shapes (a header-only shard: the estimate reads nothing else) against the measured
+    8B int4 fp32 export: 8,170,631,106 bytes written (bench/RESULTS.md, "Real size on the CPU")."""
+    from videoxl.config import VideoXLConfig
+    from videoxl.export.onnx_export import estimated_export_bytes
+    from videoxl.synthetic import real_hf_config, safetensors_header
+    from videoxl.tiny import tiny_checkpoint_shapes
+
+    shapes = tiny_checkpoint_shapes(real_hf_config())
+    (tmp_path / "model.safetensors").write_bytes(safetensors_header(shapes, list(shapes)))
+    measured = 8_170_631_106
+    estimate, external = estimated_export_bytes(
+        tmp_path, "fp32", external_data=None, weights=WeightFormat.parse("int4"), config=VideoXLConfig()
+    )
+    assert external and measured <= estimate <= 1.01 * measured

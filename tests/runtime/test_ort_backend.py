@@ -12,18 +12,40 @@ from videoxl.runtime.ort_backend import LAZY_GRAPHS, OnnxRuntimeBackend
 IDS = np.array([5, 17, 42, 99, 7, 64, 120, 33], dtype=np.int64)
 
 
-def test_score_loads_on_first_use(tiny_onnx):
-    """An 8B int4 LLM session holds ~3.8 GB of repacked weights: the score graph, which only a
-    video with more blocks than top-k + the always-dense ones runs, is not loaded up front."""
+def test_one_llm_session_unless_blocks_are_scored(tiny_onnx):
+    """An 8B int4 LLM session holds ~4.5 GB of repacked weights: decode runs on the prefill_chunk
+    session, and the score graph, which only a video with more blocks than top-k + the always-dense
+    ones runs, is loaded on first use."""
     backend = OnnxRuntimeBackend(tiny_onnx)
     assert LAZY_GRAPHS == ("score",)
-    assert sorted(backend.sessions) == ["decode", "kv_gather", "prefill_chunk", "vision"]
+    assert sorted(backend.sessions) == ["kv_gather", "prefill_chunk", "vision"]
     assert sorted(backend.load_seconds) == sorted(backend.sessions)
     cache = backend.new_decode_cache(16)
     backend.decode(cache, IDS[:4])
     mass = backend.score(cache, IDS[4:])
     assert "score" in backend.sessions and backend.load_seconds["score"] > 0
     assert mass.shape == (4,) and np.all(mass > 0)
+    assert "decode" not in backend.sessions
+
+
+@pytest.mark.parametrize("name", ["fp32", "int4"])
+def test_decode_on_the_prefill_session_equals_the_decode_graph(tiny_onnx, tiny_onnx_quantized, tiny_tokenizer, name):
+    """A question pass and greedy steps, one of them a generated <|vision_pad|> (its embedding row
+    goes in as the step's visual row), through both graphs: the same logits and the same KV rows."""
+    from videoxl.text import SpecialTokens
+
+    root = tiny_onnx if name == "fp32" else tiny_onnx_quantized(name)
+    pad = SpecialTokens.from_tokenizer(tiny_tokenizer).vision_pad
+    shared, separate = OnnxRuntimeBackend(root), OnnxRuntimeBackend(root, share_llm_session=False)
+    assert "decode" in separate.sessions and "decode" not in shared.sessions
+    caches = [b.new_decode_cache(32) for b in (shared, separate)]
+    for ids in (IDS, [pad], [7], [pad, 3, pad]):
+        logits = [b.decode(c, np.array(ids, np.int64)) for b, c in zip((shared, separate), caches)]
+        assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * np.abs(logits[1]).max()
+    assert caches[0].length == caches[1].length == len(IDS) + 5
+    for layer in (0, -1):
+        for a, b in ((caches[0].rows.keys[layer], caches[1].rows.keys[layer]), (caches[0].rows.values[layer], caches[1].rows.values[layer])):
+            np.testing.assert_allclose(a[: caches[0].length], b[: caches[1].length], rtol=0, atol=1e-5)
 
 
 def test_stale_graphs_fail_before_any_session_loads(tiny_onnx, tmp_path, monkeypatch):
