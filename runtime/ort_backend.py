@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
 import videoxl
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
@@ -177,7 +178,11 @@ class OnnxRuntimeBackend(Backend):
         """Graphs exported by another videoxl version fail here, naming the difference."""
         layers = self.config.num_hidden_layers
         for name, contract in GRAPHS.items():
-            graph = onnx.load(str(self.artifacts.graph_path(name)), load_external_data=False).graph
+            path = self.artifacts.graph_path(name)
+            try:
+                graph = onnx.load(str(path), load_external_data=False).graph
+            except DecodeError as err:  # truncated or not a graph (manifests without sizes let one through)
+                raise ArtifactError(f"{path}: cannot load a graph ({str(err).splitlines()[0]}); re-export the directory") from err
             constants = {t.name for t in graph.initializer}  # older IRs list initializers as inputs too
             for kind, expected, found in (
                 ("inputs", contract.input_names(layers), [i.name for i in graph.input if i.name not in constants]),
@@ -185,7 +190,7 @@ class OnnxRuntimeBackend(Backend):
             ):
                 if set(found) != set(expected):
                     raise ArtifactError(
-                        f"{self.artifacts.graph_path(name)}: {kind} differ from what this videoxl {videoxl.__version__} "
+                        f"{path}: {kind} differ from what this videoxl {videoxl.__version__} "
                         f"binds (missing {sorted(set(expected) - set(found))}, unexpected {sorted(set(found) - set(expected))}); "
                         "re-export with `videoxl export`"
                     )
