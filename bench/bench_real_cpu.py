@@ -123,7 +123,8 @@ def run_worker(args) -> int:
 
     ort.InferenceSession = measured_session
     started = time.perf_counter()
-    backend = OnnxRuntimeBackend(artifacts, threads=args.threads, matmul_accuracy_level=args.accuracy_level)
+    backend = OnnxRuntimeBackend(artifacts, threads=args.threads, matmul_accuracy_level=args.accuracy_level,
+                                 share_llm_session=not args.separate_decode)
     result["backend_load_s"] = round(time.perf_counter() - started, 2)
     result["sessions"] = sessions
     result["memory"]["after_load"] = memory_summary(sampler.sample())
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default: ONNX Runtime's, 4)")
+    parser.add_argument("--separate-decode", action="store_true", help="decode on decode.onnx's own session (one more LLM weight copy)")
     parser.add_argument("--worker", choices=["run"], help=argparse.SUPPRESS)
     parser.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
@@ -255,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         step = run_step("run", [py, str(Path(__file__).resolve()), "--workdir", str(work), "--worker", "run", "--onnx", str(onnx_dir),
                                 "--video", str(video), "--result", str(result_file), "--frames", str(args.frames),
                                 "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                                *(["--accuracy-level", str(args.accuracy_level)] if args.accuracy_level is not None else [])],
+                                *(["--accuracy-level", str(args.accuracy_level)] if args.accuracy_level is not None else []),
+                                *(["--separate-decode"] if args.separate_decode else [])],
                         cap_gib=args.cap_gib, log_path=work / "run.log")
         if result_file.is_file():
             step["result"] = json.loads(result_file.read_text())
-        results["run"] = step
+        step["separate_decode"] = args.separate_decode
+        results["run_separate_decode" if args.separate_decode else "run"] = step
         save()
     print(json.dumps(results, indent=2))
     return 0
