@@ -156,7 +156,10 @@ class OnnxRuntimeBackend(Backend):
         self._bindings: dict[str, ort.IOBinding] = {}
         self.load_seconds: dict[str, float] = {}  # per graph, as loaded
         self.share_llm_session = share_llm_session
-        self._vision_pad = int(self.artifacts.manifest["special_tokens"]["vision_pad"])
+        vision_pad = (self.artifacts.manifest.get("special_tokens") or {}).get("vision_pad")
+        if share_llm_session and vision_pad is None:
+            raise ArtifactError(f"{self.artifact_dir}: the export manifest names no vision_pad token; re-export the directory")
+        self._vision_pad = None if vision_pad is None else int(vision_pad)
         self._vision_pad_row: np.ndarray | None = None  # its embedding, read from the export on first need
         for name in GRAPHS:
             if name not in LAZY_GRAPHS and not (share_llm_session and name == "decode"):
