@@ -199,7 +199,7 @@ def run_worker(args) -> int:
     result["memory"]["end"] = memory_summary(smaps_rollup())
     result["memory"]["peak_sampled"] = memory_summary(peak)
     save()
-    if not backend.sessions.get("score"):  # what a video with blocks to choose between would add
+    if "score" not in backend.sessions:  # what a video with blocks to choose between would add
         backend._session("score")
         result["score_session_after_answer"] = sessions.get("score")
         result["memory"]["with_score_session"] = memory_summary(smaps_rollup())
