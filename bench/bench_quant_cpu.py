@@ -1,11 +1,13 @@
 """Weight-only int8/int4 on ONNX Runtime's CPU provider: one full-width Qwen2.5-7B layer's linears.
 
-    python bench/bench_quant_cpu.py [--tokens 1 64] [--repeat 20]
+    python bench/bench_quant_cpu.py [--tokens 1 64] [--repeat 20] [--accuracy-levels 4 0] [--formats fp int8 int4]
 
 Builds q/k/v/o + gate/up/down at the real widths (3584, 512, 18944) as MatMul graphs in fp32,
 int8 (per channel) and int4 (block 128), the exporter's DequantizeLinear -> MatMul form, and
 reports per format: the MatMulNBits nodes in ONNX Runtime's optimized model, the process RSS
-growth from loading the session, and ms per call at 1 token (decode) and 64 tokens (prefill).
+growth from loading the session, and ms per call at 1 token (decode) and 64 tokens (prefill);
+quantized formats once per MatMulNBits accuracy level (4: int8 activations, ONNX Runtime's
+default; 0: float32 activations).
 """
 
 from __future__ import annotations
@@ -59,14 +61,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--accuracy-levels", type=int, nargs="+", default=[4], choices=range(5))
+    parser.add_argument("--formats", nargs="+", default=["fp", "int8", "int4"], choices=["fp", "int8", "int4"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in (WeightFormat(), WeightFormat.parse("int8"), WeightFormat.parse("int4")):
+        for fmt, level in [(WeightFormat.parse(f), lvl) for f in args.formats for lvl in (args.accuracy_levels if f != "fp" else [None])]:
             path = Path(tmp) / f"{fmt.name}.onnx"
-            layer_graph(fmt, path)
+            if not path.is_file():
+                layer_graph(fmt, path)
             options = ort.SessionOptions()
             options.optimized_model_filepath = str(Path(tmp) / f"{fmt.name}.opt.onnx")
             options.log_severity_level = 3
+            if level is not None:
+                options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
             before = rss_bytes()
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             grown = rss_bytes() - before
@@ -80,7 +87,8 @@ def main() -> None:
                 for _ in range(args.repeat):
                     session.run(None, feeds)
                 timings.append(f"{n} tok {1e3 * (time.perf_counter() - started) / args.repeat:.1f} ms")
-            print(f"{str(fmt):<16} MatMulNBits {fused}/7  file {disk / 2**20:7.1f} MiB  session RSS +{grown / 2**20:7.1f} MiB  " + "  ".join(timings))
+            label = str(fmt) if level is None else f"{fmt} level {level}"
+            print(f"{label:<24} MatMulNBits {fused}/7  file {disk / 2**20:7.1f} MiB  session RSS +{grown / 2**20:7.1f} MiB  " + "  ".join(timings))
             del session
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 

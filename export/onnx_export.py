@@ -41,7 +41,7 @@ from videoxl.graphs import GRAPHS, LLM_WEIGHTS, manifest_entry
 from videoxl.ops import DOMAIN, OPSET_VERSION
 from videoxl.runtime.artifacts import file_inventory, previous_export_problem
 from videoxl.text import SpecialTokens, load_tokenizer
-from videoxl.weight_format import WeightFormat
+from videoxl.weight_format import WeightFormat, quantized_linears
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,6 @@ def _export_vision(model: VideoXLModel, path: Path, opset: int, external_data: b
     program.save(str(path), external_data=external_data)
 
 
-def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
-    if external_data:
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(path))
-
-
 def external_files(model: onnx.ModelProto) -> list[str]:
     """The .data files a graph's initializers live in (relative to the graph)."""
     return sorted(
@@ -138,12 +128,18 @@ def describe_io(model: onnx.ModelProto) -> dict:
     return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
 
 
-def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: bool | None) -> tuple[int, bool]:
+def estimated_export_bytes(
+    checkpoint_dir: Path, dtype: str, *, external_data: bool | None, weights: WeightFormat = WeightFormat(),
+    config: VideoXLConfig | None = None,
+) -> tuple[int, bool]:
     """(bytes the export will write, whether weights go to external data), from the safetensors headers.
 
     Without external data the LLM weights are stored twice (prefill_chunk.onnx and decode.onnx).
+    A quantized format's linears count at their stored bytes (``config`` names them): an 8B int4
+    fp32 export writes ~8 GB, not the 33 GB its float32 weights would take.
     """
-    elements = 0
+    quantized = {f"{lin.name}.weight": lin for lin in quantized_linears(config)} if weights.quantized and config else {}
+    weight_bytes = 0
     for shard in sorted(checkpoint_dir.glob("*.safetensors")):
         with open(shard, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -158,8 +154,8 @@ def estimated_export_bytes(checkpoint_dir: Path, dtype: str, *, external_data: b
                 count = 1
                 for dim in info.get("shape", []):
                     count *= int(dim)
-                elements += count
-    weight_bytes = elements * DTYPE_BYTES[dtype]
+                linear = quantized.get(name)
+                weight_bytes += weights.linear_bytes(linear, DTYPE_BYTES[dtype]) if linear else count * DTYPE_BYTES[dtype]
     use_external = external_data if external_data is not None else weight_bytes >= TWO_GIB
     return (weight_bytes if use_external else 2 * weight_bytes) + 2**20, use_external
 
@@ -275,10 +271,10 @@ def export_onnx(
     weights.check_widths(cfg)
     tokenizer = load_tokenizer(checkpoint_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    needed_bytes, use_external = estimated_export_bytes(checkpoint_dir, dtype, external_data=external_data)
+    needed_bytes, use_external = estimated_export_bytes(checkpoint_dir, dtype, external_data=external_data, weights=weights, config=cfg)
     memory = check_export_memory(checkpoint_dir, dtype)
-    log.info("export working set about %.1f GiB (LLM weights %.1f GiB streamed, one tensor at a time)",
-             memory.need_bytes / 2**30, memory.llm_weight_bytes / 2**30)
+    log.info("export working set about %.1f GiB (LLM weights streamed, one tensor at a time); about %.1f GiB to write",
+             memory.need_bytes / 2**30, needed_bytes / 2**30)
     with staged(out_dir, needed_bytes=needed_bytes) as staging:
         # Only the visual modules are loaded; the LLM's weights go from the checkpoint's shards to
         # the ONNX external data one tensor at a time, so an 8B export never holds them all.
@@ -286,9 +282,7 @@ def export_onnx(
         max_frames = cfg.max_frames if max_frames is None else max_frames
         log.info("exporting vision graph")
         export_vision(model, staging / GRAPH_FILES["vision"], opset, external_data=use_external)
-        if quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights) and use_external:
-            vision = staging / GRAPH_FILES["vision"]  # rewritten inline: back to its external data file
-            save_model(onnx.load(str(vision)), vision, external_data=True)
+        quantize_projector(staging / GRAPH_FILES["vision"], model.state_dict(), weights, external_data=use_external)
         shared = ExternalData(staging / LLM_WEIGHTS) if use_external else None
         visual_prefixes = tuple(f"model.{name}." for name in VISUAL_MODULES)
         llm_state = LazyStateDict(checkpoint_dir, [k for k in model.state_dict() if not k.startswith(visual_prefixes)])

@@ -18,6 +18,24 @@ OPSET = 23  # the standard Attention op (GQA, bool mask) that TensorRT maps to f
 ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
+def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
+    """Save ``model`` inline, or with every initializer of 1 KiB+ in ``<file>.data``.
+
+    onnx appends to an existing data file: a stale one is removed first, or the graph would point
+    past a copy of the old weights (2 GB of dead bytes in a real-size vision graph).
+    """
+    if external_data:
+        data = path.parent / (path.name + ".data")
+        data.unlink(missing_ok=True)
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data.name, size_threshold=1024,
+        )
+        data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only; readable like its graph
+    else:
+        onnx.save_model(model, str(path))
+
+
 class ExternalData:
     """Initializers written straight into one shared `.data` file as graphs are built.
 

@@ -85,12 +85,17 @@ class LLMGraphWriter:
                 b.initializer(name, self._cast(self._transposed(prefix)), self.elem)
             return name
         q_name, s_name = f"{name}.q", f"{name}.scale"
-        if not b.has_initializer(q_name):
+        # Each name on its own: with external data a scale under 1 KiB stays inline in the graph
+        # that quantized it, so a later graph reuses the shared values but needs the scale again.
+        has_values, has_scale = b.has_initializer(q_name), b.has_initializer(s_name)
+        if not (has_values and has_scale):
             (_, payload, dims, elem), (_, scale) = quantized_tensors(
                 name, self._transposed(prefix), bits, self.weights.block_size, self._scale_dtype
             )
-            b.raw_initializer(q_name, payload, dims, elem)
-            b.initializer(s_name, scale, self.elem)
+            if not has_values:
+                b.raw_initializer(q_name, payload, dims, elem)
+            if not has_scale:
+                b.initializer(s_name, scale, self.elem)
         return b.op("DequantizeLinear", q_name, s_name, **dequantize_attrs(bits, self.weights.block_size))
 
     def _transposed(self, prefix: str) -> np.ndarray:

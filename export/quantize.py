@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from videoxl.export.onnx_graph import save_model
 from videoxl.weight_format import WeightFormat
 
 QMAX = {8: 127, 4: 7}  # symmetric: -8 (int4) and -128 (int8) are never used
@@ -93,8 +94,11 @@ def quantized_tensors(
 
 
 # --- the projector inside the exported vision graph --------------------------------------------
-def quantize_projector(path: Path, state: dict, fmt: WeightFormat) -> int:
+def quantize_projector(path: Path, state: dict, fmt: WeightFormat, *, external_data: bool = False) -> int:
     """Rewrite the projector's two MatMul weights in ``path`` (the exported vision graph) in place.
+
+    With ``external_data`` the rewritten graph goes straight back to ``<file>.data`` (which it
+    replaces); inline, a real-size fp32 vision graph would be at the 2 GB protobuf limit.
 
     The vision graph comes from torch.export, which renames constants (``val_244``), so each
     projector weight is found by value: the (in, out) initializer equal to the checkpoint weight
@@ -102,6 +106,9 @@ def quantize_projector(path: Path, state: dict, fmt: WeightFormat) -> int:
     """
     if not fmt.quantized:
         return 0
+    if external_data:
+        stale = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
     model = onnx.load(str(path))
     graph = model.graph
     by_name = {t.name: t for t in graph.initializer}
@@ -139,7 +146,10 @@ def quantize_projector(path: Path, state: dict, fmt: WeightFormat) -> int:
         graph.node.insert(index, helper.make_node("DequantizeLinear", [q_name, s_name], [dq_out], **dequantize_attrs(bits, fmt.block_size)))
         node.input[1] = dq_out
         saved += _nbytes(old) - len(payload) - _nbytes(graph.initializer[-1])
-    onnx.save_model(model, str(path))
+    if external_data:
+        for location in stale:  # loaded into memory above; onnx would append to them
+            (path.parent / location).unlink()
+    save_model(model, path, external_data=external_data)
     return saved
 
 

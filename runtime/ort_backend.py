@@ -9,19 +9,40 @@ reads and writes them through I/O binding at row offsets, so no KV is copied bet
     kv_gather      key, value   <- [sparse | dense] of layer i
                    mixed_key    -> sparse rows, or decode-cache rows  (written in place)
     decode/score   past_key.i   <- decode-cache rows [0, length); decode writes [length, length + T)
+
+Sessions: every session holds its own copy of the int4/int8 weights (ONNX Runtime repacks the
+fused MatMulNBits weights per session; float weights in external data are memory-mapped), so an
+8B int4 export costs ~4.5 GB per LLM session. Two things keep that to one session for most runs:
+
+- decode runs on the prefill_chunk session (``share_llm_session``, the default): a decode step
+  is a chunk that sees every past row, no timestamp queries, no visual rows
+
+      decode(ids) == prefill_chunk(ids, visual_embeds = [], past_len = length,
+                                   visible_past_index = 0..length-1, timestamp_query_index = [])
+
+  (a generated <|vision_pad|> gets its own embedding row as its "visual" row, so the splice is
+  exact); decode.onnx is then never loaded;
+- the score session is loaded on the first block choice, which a video of a few blocks never
+  makes (every block is dense).
+The others load with the backend, so their load time is not counted as vision or prefill time.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
 import videoxl
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
+from videoxl.files import confined_path
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_artifacts
@@ -29,6 +50,10 @@ from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_ar
 log = logging.getLogger(__name__)
 
 NUMPY_FLOAT = {"fp32": np.float32, "fp16": np.float16}
+LAZY_GRAPHS = ("score",)  # loaded on first use: only a video with more blocks than top-k + the always-dense ones scores
+# ONNX Runtime's level for the DequantizeLinear -> MatMul fusion into MatMulNBits: 0/1 float32
+# activations; 4 (its default) int8 activations, quantized per block inside the kernel.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 def default_providers() -> list[str]:
@@ -100,41 +125,75 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, artifacts: OnnxArtifacts | str | Path, *, providers: list[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self, artifacts: OnnxArtifacts | str | Path, *, providers: list[str] | None = None, threads: int = 0,
+        matmul_accuracy_level: int | None = None, share_llm_session: bool = True,
+    ) -> None:
+        """``threads``: intra-op threads per session (0: ONNX Runtime's choice, one per physical core).
+        ``matmul_accuracy_level``: MatMulNBits accuracy level of int8/int4 exports (``ACCURACY_LEVELS``;
+        None: ONNX Runtime's default 4, int8 activations; 0 keeps them float32, 2.5x slower for int4).
+        ``share_llm_session``: decode on the prefill_chunk session (module docstring); False loads
+        decode.onnx as well (one more copy of the LLM weights)."""
         self.artifacts = artifacts if isinstance(artifacts, OnnxArtifacts) else load_onnx_artifacts(artifacts)
         self.config = self.artifacts.config
         self.artifact_dir = self.artifacts.root
         self.max_frames = self.artifacts.max_frames
         if self.artifacts.dtype not in NUMPY_FLOAT:
             raise ValueError(f"ONNX Runtime cannot run {self.artifacts.dtype} graphs here; export with --dtype fp32 or fp16")
+        if matmul_accuracy_level is not None and matmul_accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"matmul_accuracy_level {matmul_accuracy_level!r} is not one of {ACCURACY_LEVELS}")
         self.float_dtype = np.dtype(NUMPY_FLOAT[self.artifacts.dtype])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3
         if threads:
-            options.intra_op_num_threads = threads
+            self._options.intra_op_num_threads = threads
+        if matmul_accuracy_level is not None:
+            self._options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy_level))
         self.providers = providers or default_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.sessions = {
-            name: ort.InferenceSession(str(self.artifacts.graph_path(name)), options, providers=self.providers)
-            for name in GRAPHS
-        }
-        self._check_io()
-        self._bindings = {name: session.io_binding() for name, session in self.sessions.items()}
+        self._check_io()  # from the small .onnx files: a stale export fails before any weight is read
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        self._bindings: dict[str, ort.IOBinding] = {}
+        self.load_seconds: dict[str, float] = {}  # per graph, as loaded
+        self.share_llm_session = share_llm_session
+        vision_pad = (self.artifacts.manifest.get("special_tokens") or {}).get("vision_pad")
+        if share_llm_session and vision_pad is None:
+            raise ArtifactError(f"{self.artifact_dir}: the export manifest names no vision_pad token; re-export the directory")
+        self._vision_pad = None if vision_pad is None else int(vision_pad)
+        self._vision_pad_row: np.ndarray | None = None  # its embedding, read from the export on first need
+        for name in GRAPHS:
+            if name not in LAZY_GRAPHS and not (share_llm_session and name == "decode"):
+                self._session(name)
         self._logits_shape = (1, self.config.vocab_size)
         log.info("ONNX Runtime backend on %s, KV on %s", self.providers, self.device)
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        """The graph's session, created on first use (``LAZY_GRAPHS``) or with the backend."""
+        if name not in self.sessions:
+            started = time.perf_counter()
+            log.info("loading the %s graph into ONNX Runtime", name)
+            self.sessions[name] = ort.InferenceSession(str(self.artifacts.graph_path(name)), self._options, providers=self.providers)
+            self._bindings[name] = self.sessions[name].io_binding()
+            self.load_seconds[name] = time.perf_counter() - started
+        return self.sessions[name]
 
     def _check_io(self) -> None:
         """Graphs exported by another videoxl version fail here, naming the difference."""
         layers = self.config.num_hidden_layers
         for name, contract in GRAPHS.items():
-            session = self.sessions[name]
+            path = self.artifacts.graph_path(name)
+            try:
+                graph = onnx.load(str(path), load_external_data=False).graph
+            except DecodeError as err:  # truncated or not a graph (manifests without sizes let one through)
+                raise ArtifactError(f"{path}: cannot load a graph ({str(err).splitlines()[0]}); re-export the directory") from err
+            constants = {t.name for t in graph.initializer}  # older IRs list initializers as inputs too
             for kind, expected, found in (
-                ("inputs", contract.input_names(layers), [i.name for i in session.get_inputs()]),
-                ("outputs", contract.output_names(layers), [o.name for o in session.get_outputs()]),
+                ("inputs", contract.input_names(layers), [i.name for i in graph.input if i.name not in constants]),
+                ("outputs", contract.output_names(layers), [o.name for o in graph.output]),
             ):
                 if set(found) != set(expected):
                     raise ArtifactError(
-                        f"{self.artifacts.graph_path(name)}: {kind} differ from what this videoxl {videoxl.__version__} "
+                        f"{path}: {kind} differ from what this videoxl {videoxl.__version__} "
                         f"binds (missing {sorted(set(expected) - set(found))}, unexpected {sorted(set(found) - set(expected))}); "
                         "re-export with `videoxl export`"
                     )
@@ -144,6 +203,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, graph: str, small_inputs: dict[str, np.ndarray], output: str, shape: tuple[int, ...]) -> np.ndarray:
         """Run `graph` with its KV already bound; small inputs from the host, one small float32 output back."""
+        self._session(graph)
         binding = self._bindings[graph]
         for name, value in small_inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -154,7 +214,7 @@ class OnnxRuntimeBackend(Backend):
 
     # --- Backend interface --------------------------------------------------------------------
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+        return self._session("vision").run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
 
     def new_video_cache(self, *, dense_rows: int, sparse_rows: int) -> OrtVideoCache:
         return OrtVideoCache(self, dense_rows, sparse_rows)
@@ -197,6 +257,7 @@ class OnnxRuntimeBackend(Backend):
             into.length = plan.out_start + plan.rows
 
     def _bind_cache(self, graph: str, cache: OrtDecodeCache, new_tokens: int, *, write: bool) -> ort.IOBinding:
+        self._session(graph)
         binding, rows = self._bindings[graph], cache.rows
         if write and cache.length + new_tokens > cache.capacity:
             raise RuntimeError(f"decode cache full: {cache.length} + {new_tokens} > capacity {cache.capacity}")
@@ -214,7 +275,34 @@ class OnnxRuntimeBackend(Backend):
 
     def decode(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64)
-        self._bind_cache("decode", cache, len(ids), write=True)
-        logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)
+        if self.share_llm_session:
+            self._bind_cache("prefill_chunk", cache, len(ids), write=True)
+            pads = int(np.count_nonzero(ids == self._vision_pad))
+            visual = np.repeat(self._pad_embedding()[None], pads, axis=0) if pads else np.zeros((0, self.config.hidden_size), self.float_dtype)
+            logits = self._run("prefill_chunk", {
+                "input_ids": ids, "visual_embeds": visual, "past_len": np.array([cache.length], np.int64),
+                "visible_past_index": np.arange(cache.length, dtype=np.int64), "timestamp_query_index": np.zeros(0, np.int64),
+            }, "logits", self._logits_shape)
+        else:
+            self._bind_cache("decode", cache, len(ids), write=True)
+            logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)
         cache.length += len(ids)
         return logits
+
+    def _pad_embedding(self) -> np.ndarray:
+        """Row <|vision_pad|> of the embedding table, read from the export (external data: one row's bytes)."""
+        if self._vision_pad_row is None:
+            path = self.artifacts.graph_path("prefill_chunk")
+            table = next(t for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                         if t.name == "model.embed_tokens.weight")
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(table.data_type))
+            row_bytes = int(table.dims[1]) * dtype.itemsize
+            if table.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in table.external_data}
+                with open(confined_path(path.parent, where["location"], what="external data"), "rb") as f:
+                    f.seek(int(where.get("offset", 0)) + self._vision_pad * row_bytes)
+                    row = np.frombuffer(f.read(row_bytes), dtype)
+            else:
+                row = onnx.numpy_helper.to_array(table)[self._vision_pad]
+            self._vision_pad_row = row.astype(self.float_dtype)
+        return self._vision_pad_row

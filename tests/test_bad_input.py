@@ -324,7 +324,7 @@ def test_truncated_protobuf_with_an_old_manifest(export_copy, synthetic_video, c
         manifest["graphs"]["kv_gather"]["sha256"] = file_sha256(graph)
 
     _rewrite_manifest(export_copy, old_style)
-    one_line_error(capsys, _run_onnx(export_copy, synthetic_video), 2, "ONNX Runtime cannot load a graph")
+    one_line_error(capsys, _run_onnx(export_copy, synthetic_video), 2, "kv_gather.onnx: cannot load a graph")
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.onnx", "link.onnx"])

@@ -98,6 +98,8 @@ def test_missing_onnx_dir(tmp_path, synthetic_video, capsys):
         ("--block-groups", "0", "argument --block-groups: must be >= 1, got 0"),
         ("--dense-blocks", "-2", "argument --dense-blocks: must be >= 0, got -2"),
         ("--max-new-tokens", "0", "argument --max-new-tokens: must be >= 1, got 0"),
+        ("--threads", "-1", "argument --threads: must be >= 0, got -1"),
+        ("--matmul-accuracy-level", "5", "argument --matmul-accuracy-level: invalid choice: 5"),
     ],
 )
 def test_out_of_range_flags_are_refused_not_defaulted(tiny_onnx, synthetic_video, capsys, flag, value, message):
@@ -105,6 +107,23 @@ def test_out_of_range_flags_are_refused_not_defaulted(tiny_onnx, synthetic_video
     assert main(["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), flag, value, "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Q:" not in captured.out
+
+
+def test_onnxruntime_flags_reach_the_backend(tiny_onnx, synthetic_video, capsys, monkeypatch):
+    from videoxl.runtime import ort_backend
+
+    seen = {}
+
+    class Recording(ort_backend.OnnxRuntimeBackend):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort_backend, "OnnxRuntimeBackend", Recording)
+    code = main(["run", "--onnx", str(tiny_onnx), "--video", str(synthetic_video), "--max-frames", "8",
+                 "--max-new-tokens", "2", "--threads", "1", "--matmul-accuracy-level", "0", "--no-progress"])
+    assert code == 0 and "backend           onnxruntime" in capsys.readouterr().out
+    assert seen == {"threads": 1, "matmul_accuracy_level": 0}
 
 
 @pytest.mark.parametrize("argv", [["run"], ["export", "--checkpoint", "x"]])

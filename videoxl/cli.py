@@ -143,6 +143,10 @@ def _add_model_flags(p) -> None:
                         "memory (each chunk's rows copied out once, the chosen blocks' rows back per question; needs "
                         "--prefill-rule streaming); auto: the device when the budget holds the engines' frame limit, "
                         "else the host (default: %(default)s)")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="ONNX Runtime threads per graph (default: one per physical core)")
+    p.add_argument("--matmul-accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="ONNX Runtime MatMulNBits level for int8/int4 exports: 4 int8 activations (its default, "
+                        "fastest on CPU), 0 float32 activations")
 
 
 def _add_prepare_flags(p) -> None:
@@ -275,7 +279,7 @@ def open_backend(args, *, checkpoint: Path | None):
             raise ValueError(f"--dtype {args.dtype}: ONNX Runtime runs fp32 or fp16 graphs; use --dtype fp32, fp16 or --backend torch")
         onnx_dir = cached_export(checkpoint, args.dtype)
     try:
-        return OnnxRuntimeBackend(onnx_dir)
+        return OnnxRuntimeBackend(onnx_dir, threads=args.threads, matmul_accuracy_level=args.matmul_accuracy_level)
     except (InvalidProtobuf, InvalidGraph, Fail) as err:  # a graph the manifest's checks could not catch
         raise ArtifactError(f"{onnx_dir}: ONNX Runtime cannot load a graph ({str(err).splitlines()[0]}); re-export the directory") from err
 

@@ -144,6 +144,39 @@ def test_onnxruntime_fuses_every_quantized_linear_into_matmulnbits(tiny_onnx_qua
         assert ops.count("MatMulNBits") == linears and "DequantizeLinear" not in ops, graph
 
 
+def test_int4_export_with_external_data_matches_inline(tiny_checkpoint, tiny_onnx_quantized, tmp_path):
+    """The real-size form (weights in .data files, the LLM graphs sharing one) on the tiny model.
+
+    Scales under 1 KiB stay inline in the graph that quantized them: every later graph needs its
+    own copy (the decode graph used to lack them). The vision graph, rewritten with its quantized
+    projector, goes back to one fresh .data file: no stale copy of the float weights before it.
+    The free-space check counts the quantized bytes, not the float ones.
+    """
+    from videoxl.config import VideoXLConfig
+    from videoxl.export.onnx_export import estimated_export_bytes, export_onnx
+
+    out = export_onnx(tiny_checkpoint, tmp_path / "int4x", max_frames=256, weights=WeightFormat.parse("int4", 32), external_data=True)
+    for graph in ("prefill_chunk", "decode", "score", "vision"):
+        onnx.checker.check_model(str(out / f"{graph}.onnx"))
+    vision = onnx.load(str(out / "vision.onnx"), load_external_data=False)
+    spans = [{e.key: e.value for e in t.external_data} for t in vision.graph.initializer if t.external_data]
+    data = out / "vision.onnx.data"
+    assert {s["location"] for s in spans} == {"vision.onnx.data"}
+    assert max(int(s.get("offset", 0)) + int(s["length"]) for s in spans) == data.stat().st_size
+    assert sum(int(s["length"]) for s in spans) > 0.95 * data.stat().st_size  # alignment padding only
+    assert data.stat().st_mode & 0o777 == (out / "vision.onnx").stat().st_mode & 0o777
+    written = sum(p.stat().st_size for p in out.iterdir())
+    fmt, cfg = WeightFormat.parse("int4", 32), VideoXLConfig.from_checkpoint(tiny_checkpoint)
+    estimate, _ = estimated_export_bytes(tiny_checkpoint, "fp32", external_data=True, weights=fmt, config=cfg)
+    assert written <= estimate < estimated_export_bytes(tiny_checkpoint, "fp32", external_data=True)[0]  # the free-space check
+    external, inline = OnnxRuntimeBackend(out), OnnxRuntimeBackend(tiny_onnx_quantized("int4"))
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 384, 384)).astype(np.float32)
+    assert np.abs(external.encode_frames(pixels) - inline.encode_frames(pixels)).max() <= 1e-6
+    ids = np.array([1, 2, 3, 4, 5], dtype=np.int64)
+    logits = [b.decode(b.new_decode_cache(8), ids) for b in (external, inline)]
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 # --- accuracy gates ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipelines(tiny_onnx, tiny_onnx_quantized, tiny_tokenizer):
@@ -194,3 +227,20 @@ def test_accuracy_gates_against_fp32(pipelines, case, name, prefill, decode, den
     if name == "int8":
         decided = [a for a, m in zip(agree, margins) if m > 2 * 2 * bound]
         assert len(decided) >= 4 and all(decided)
+
+
+def test_free_space_estimate_of_the_real_int4_export(tmp_path):
+    """The real shapes (a header-only shard: the estimate reads nothing else) against the measured
+    8B int4 fp32 export: 8,170,631,106 bytes written (bench/RESULTS.md, "Real size on the CPU")."""
+    from videoxl.config import VideoXLConfig
+    from videoxl.export.onnx_export import estimated_export_bytes
+    from videoxl.synthetic import real_hf_config, safetensors_header
+    from videoxl.tiny import tiny_checkpoint_shapes
+
+    shapes = tiny_checkpoint_shapes(real_hf_config())
+    (tmp_path / "model.safetensors").write_bytes(safetensors_header(shapes, list(shapes)))
+    measured = 8_170_631_106
+    estimate, external = estimated_export_bytes(
+        tmp_path, "fp32", external_data=None, weights=WeightFormat.parse("int4"), config=VideoXLConfig()
+    )
+    assert external and measured <= estimate <= 1.01 * measured
