@@ -25,6 +25,7 @@ Conventions:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from videoxl.config import VideoXLConfig
@@ -168,6 +169,15 @@ KV_GATHER = GraphContract(
 
 GRAPHS: dict[str, GraphContract] = {g.name: g for g in (VISION, PREFILL_CHUNK, DECODE, SCORE, KV_GATHER)}
 LLM_WEIGHTS = "llm_weights.onnx.data"  # shared by the graphs that hold LLM weights
+
+
+RANGE_FILE = re.compile(r"^(?P<graph>[a-z_]+)\.layers_(?P<first>\d+)-(?P<last>\d+)\.(?P<kind>onnx|engine)$")
+
+
+def range_file(graph: str, start: int, stop: int, kind: str = "onnx") -> str:
+    """``decode.layers_00-06.onnx``: decoder layers start..stop-1 of a graph (both ends in the name), as
+    the engine builder cuts it beside the export (``videoxl.engines.ranges``); kind "engine" for its engine."""
+    return f"{graph}.layers_{start:02d}-{stop - 1:02d}.{kind}"
 
 
 def kv_names(prefix: str, layer: int) -> tuple[str, str]:
