@@ -71,13 +71,13 @@ class RangeGraph:
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of a model's initializers, external ones from their ``length`` entry (nothing is read)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
-        else:
-            total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
-    return total
+    return sum(initializer_bytes_of(tensor) for tensor in model.graph.initializer)
+
+
+def initializer_bytes_of(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    return len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
 
 
 def boundary_names(contract: GraphContract, layer: int) -> list[str]:
@@ -186,33 +186,54 @@ def split_layers(
     model: onnx.ModelProto, contract: GraphContract, cfg: VideoXLConfig, *,
     max_weight_bytes: int | None = None, layers_per_engine: int | None = None,
 ) -> list[RangeGraph]:
-    """Cut ``model`` into consecutive ranges: ``layers_per_engine`` layers each, or as many layers as
-    keep each range's weights (embeddings and lm_head included) within ``max_weight_bytes``."""
+    """Cut ``model`` into consecutive ranges: ``layers_per_engine`` layers each, or the fewest ranges whose
+    weights (the embeddings and lm_head included where a range owns them) each stay within
+    ``max_weight_bytes``, with the cuts placed so that the largest range is as small as it can be."""
     total = cfg.num_hidden_layers
     if layers_per_engine is not None:
         if layers_per_engine < 1:
             raise EngineBuildError(f"--layers-per-engine must be at least 1, got {layers_per_engine}")
         cuts = list(range(0, total, layers_per_engine)) + [total]
-        return [extract_range(model, contract, cfg, LayerRange(a, b)) for a, b in zip(cuts, cuts[1:])]
-    if max_weight_bytes is None:
-        return [extract_range(model, contract, cfg, LayerRange(0, total))]
-    ranges: list[RangeGraph] = []
-    start = 0
-    while start < total:  # greedy: the longest range from `start` that fits
-        best = extract_range(model, contract, cfg, LayerRange(start, start + 1))
-        if best.weight_bytes > max_weight_bytes:
+    elif max_weight_bytes is None:
+        cuts = [0, total]
+    else:
+        cuts = _balanced_cuts(model, contract, cfg, max_weight_bytes)
+    return [extract_range(model, contract, cfg, LayerRange(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
+def _balanced_cuts(model: onnx.ModelProto, contract: GraphContract, cfg: VideoXLConfig, max_weight_bytes: int) -> list[int]:
+    """Layer cuts [0, ..., L]: the fewest ranges within ``max_weight_bytes``, then the smallest largest range.
+
+    A range's initializers are the union of its layers' one-layer ranges' (its nodes are theirs), so the
+    bytes of any range come from one extraction per layer.
+    """
+    total = cfg.num_hidden_layers
+    per_layer = []
+    for layer in range(total):
+        part = extract_range(model, contract, cfg, LayerRange(layer, layer + 1))
+        per_layer.append({t.name: initializer_bytes_of(t) for t in part.model.graph.initializer})
+        if sum(per_layer[-1].values()) > max_weight_bytes:
             raise EngineBuildError(
-                f"{contract.name}: layer {start} alone holds {best.weight_bytes:,} bytes of weights (with the "
+                f"{contract.name}: layer {layer} alone holds {sum(per_layer[-1].values()):,} bytes of weights (with the "
                 f"embeddings or lm_head its range owns), more than --max-engine-weights {max_weight_bytes:,}"
             )
-        for stop in range(start + 2, total + 1):
-            longer = extract_range(model, contract, cfg, LayerRange(start, stop))
-            if longer.weight_bytes > max_weight_bytes:
-                break
-            best = longer
-        ranges.append(best)
-        start = best.layers.stop
-    return ranges
+
+    def greedy(limit: int) -> list[int]:
+        cuts, held = [0], {}
+        for layer, weights in enumerate(per_layer):
+            grown = held | weights
+            if layer > cuts[-1] and sum(grown.values()) > limit:
+                cuts.append(layer)
+                grown = dict(weights)
+            held = grown
+        return cuts + [total]
+
+    fewest = len(greedy(max_weight_bytes))
+    low, high = max(sum(w.values()) for w in per_layer), max_weight_bytes
+    while low < high:  # the smallest limit that needs no more ranges than the greedy cut at the maximum
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(greedy(middle)) <= fewest else (middle + 1, high)
+    return greedy(low)
 
 
 def write_range(part: RangeGraph, onnx_dir: Path) -> Path:

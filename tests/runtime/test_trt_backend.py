@@ -94,7 +94,7 @@ def test_a_manifest_mismatch_is_folded_into_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_module, "gpu_compute_capability", lambda device=0: "sm_89")
     VideoXLConfig().save(tmp_path / "config.json")
     manifest = {
-        "format": 2, "graph_contract": {"version": 2}, "precision": "fp16",
+        "format": 3, "graph_contract": {"version": 2}, "precision": "fp16",
         "tensorrt": {"flavour": "tensorrt_rtx", "version": trt.__version__},
         "compute_capabilities": ["sm_120"], "limits": {"max_frames": 64},
         "plugins": {"used": False, "requested": False, "version": "1"},
