@@ -89,6 +89,8 @@ def test_chained_ranges_equal_the_full_graph(tiny_onnx: Path, tmp_path: Path, gr
         onnx.checker.check_model(str(paths[-1]))
     assert parts[0].boundary_in == () and parts[-1].boundary_out == ()
     assert "input_ids" in parts[-1].inputs  # later ranges recompute positions from it
+    last = cfg.num_hidden_layers - 1  # and read only their own layers' KV (the mask's capacity from past_key.{first})
+    assert {n for n in parts[-1].inputs if n.startswith(("past_key", "past_value"))} <= {f"past_key.{last}", f"past_value.{last}"}
     got = _chain(paths, feeds)
     assert set(got) >= set(expected)
     for name, value in expected.items():
