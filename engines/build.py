@@ -694,21 +694,27 @@ def _load_external_weights(parser, graph: _Graph) -> list:
     if not parser.load_model_proto(model.SerializeToString(), str(graph.path)):
         raise EngineBuildError(f"{graph.path}: the ONNX parser refused the model proto ({parser.get_error(0).desc()})")
     del model.graph.node[:]  # only the initializers' names and locations are needed below
-    maps: dict[str, np.memmap] = {}
-    views = []
+    spans: dict[str, list[tuple[str, int, int | None]]] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info["location"]
-        if location not in maps:
-            maps[location] = np.memmap(graph.path.parent / location, dtype=np.uint8, mode="r")
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", maps[location].size - offset))
-        view = maps[location][offset : offset + length]
-        if not parser.load_initializer(tensor.name, view.ctypes.data, length):
-            raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {tensor.name!r} ({length} bytes from {location})")
-        views.append(view)
+        length = int(info["length"]) if "length" in info else None
+        spans.setdefault(info["location"], []).append((tensor.name, int(info.get("offset", 0)), length))
+    views = []
+    for location, tensors in spans.items():
+        path = graph.path.parent / location
+        # only the byte span this graph reads is mapped: a layer range of the 8B model maps its ~3.6 GB,
+        # not the whole 15 GB file (mapped bytes count against an address-space limit like any other)
+        first = min(offset for _, offset, _ in tensors)
+        end = max(offset + length if length is not None else path.stat().st_size for _, offset, length in tensors)
+        mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=first, shape=(end - first,))
+        for name, offset, length in tensors:
+            length = end - offset if length is None else length
+            view = mapped[offset - first : offset - first + length]
+            if not parser.load_initializer(name, view.ctypes.data, length):
+                raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {name!r} ({length} bytes from {location})")
+            views.append(view)
     return views
 
 
