@@ -160,7 +160,6 @@ def build_engines(
         window_chunks=window_chunks if window_chunks is not None else cfg.window_chunks,
     )
     graphs = [_read_graph(onnx_dir, name, cfg) for name in GRAPHS]
-    builds = _cut_into_ranges(graphs, cfg, max_engine_weights=max_engine_weights, layers_per_engine=layers_per_engine)
     if precision is None:
         precision = _export_precision(graphs, onnx_dir)
     _check_precision(graphs, precision, onnx_dir)
@@ -174,6 +173,8 @@ def build_engines(
     shape_values = shape_input_values(cfg, limits)
     _prepare_plugins(trt, use_plugins)
     out_dir = _check_out_dir(out_dir, onnx_dir)
+    # after every check: this writes the range graphs beside the export
+    builds = _cut_into_ranges(graphs, cfg, max_engine_weights=max_engine_weights, layers_per_engine=layers_per_engine)
 
     logger = trt_logger(trt)
     if timing_cache is not None and is_rtx(trt):
