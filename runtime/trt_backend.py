@@ -50,7 +50,6 @@ from videoxl.engines.trt_module import trt_logger
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError
-from videoxl.runtime.engine_chain import EngineChain
 from videoxl.runtime.cuda_memory import (
     ALIGNMENT,
     ArenaOverflowError,
@@ -67,6 +66,7 @@ from videoxl.runtime.cuda_memory import (
     host_pointer,
     mem_get_info,
 )
+from videoxl.runtime.engine_chain import EngineChain
 from videoxl.runtime.memory_plan import fit_kv_rows
 
 log = logging.getLogger(__name__)
@@ -382,6 +382,7 @@ class TensorRTBackend(Backend):
             self._allocator = _arena_allocator(trt, weights.ptr, self._weights)
             self._runtime.gpu_allocator = self._allocator
         hint = "engines built for " + ", ".join(f"{k} {v}" for k, v in self.limits.items())
+
         def load(graph: str, file: str) -> _Engine:
             path = self.engines_dir / file
             try:
