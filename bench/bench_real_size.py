@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                         measured = work / f"{out.name}.engines.json"
                         partial = work / f"{out.name}.engines.partial.json"
                         step["engines"] = json.loads((measured if measured.is_file() else partial).read_text()) if (measured.is_file() or partial.is_file()) else []
+                        if step["engines"]:  # the child resets VmHWM per engine, so its ru_maxrss is the last engine's
+                            step["peak_rss_bytes"] = max(e["peak_rss_bytes"] for e in step["engines"])
                         results["steps"].append(step)
                         save()
                         subprocess.run(["rm", "-rf", str(out)], check=False)  # disk: ~15 GB of engines per graph
