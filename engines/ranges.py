@@ -95,7 +95,7 @@ def extract_range(
     initializers = {t.name: t for t in graph.initializer}
     graph_inputs = {vi.name: vi for vi in graph.input if vi.name not in initializers}
     graph_outputs = {vi.name: vi for vi in graph.output}
-    produced_by = {out: node for node in graph.node for out in node.output}
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output}  # tensor -> node index
     missing = [n for n in boundary_names(contract, layers.start) + boundary_names(contract, layers.stop)
                if 0 < int(n.rsplit(".", 1)[1]) < total and n not in produced_by]
     if missing:
@@ -121,17 +121,15 @@ def extract_range(
     needed: set[int] = set()
     stack = list(outputs)
     seen: set[str] = set(boundary_in)
-    index = {id(node): i for i, node in enumerate(graph.node)}
     while stack:
         name = stack.pop()
         if name in seen or name in initializers or name in graph_inputs or not name:
             continue
         seen.add(name)
-        node = produced_by.get(name)
-        if node is None:
+        if name not in produced_by:
             raise EngineBuildError(f"{contract.name}: {layers} needs tensor {name!r}, which nothing in the graph produces")
-        needed.add(index[id(node)])
-        stack.extend(node.input)
+        needed.add(produced_by[name])
+        stack.extend(graph.node[produced_by[name]].input)
     nodes = [onnx.NodeProto() for _ in needed]
     for copy, i in zip(nodes, sorted(needed)):
         copy.CopyFrom(graph.node[i])
