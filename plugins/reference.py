@@ -140,13 +140,15 @@ def _check_chunk_inputs(
         raise ValueError(f"{num_q_heads} query heads not a multiple of {num_kv_heads} KV heads")
     if past_key.shape != past_value.shape or past_key.shape[1:] != key.shape[1:]:
         raise ValueError(f"past_key {past_key.shape} / past_value {past_value.shape} must be (P, Hkv, D) like key {key.shape}")
-    if not 0 <= past_len <= past_key.shape[0]:
-        raise ValueError(f"past_len {past_len} outside the past buffer [0, {past_key.shape[0]}]")
-    if visible.ndim != 1 or (visible.size and (visible.min() < 0 or visible.max() >= past_len or np.any(np.diff(visible) <= 0))):
-        raise ValueError(f"visible_past_index must be ascending, unique, in [0, past_len = {past_len})")
     tq = np.asarray(timestamp_query_index)
     if tq.ndim != 1 or (tq.size and not np.issubdtype(tq.dtype, np.integer)):
         raise ValueError(f"timestamp_query_index must be a 1-D integer list, got {tq.dtype} {tq.shape}")
+    # a compact view (fewer rows than past_len) is read only through the index list: no timestamp queries
+    if past_len < 0 or (tq.size and past_len > past_key.shape[0]):
+        raise ValueError(f"past_len {past_len} outside the past buffer [0, {past_key.shape[0]}] (timestamp queries read all of it)")
+    rows = min(past_len, past_key.shape[0])
+    if visible.ndim != 1 or (visible.size and (visible.min() < 0 or visible.max() >= rows or np.any(np.diff(visible) <= 0))):
+        raise ValueError(f"visible_past_index must be ascending, unique, in [0, {rows}) (past_len {past_len}, buffer rows {past_key.shape[0]})")
     if tq.size and (tq.min() < 0 or tq.max() >= num_queries or np.any(np.diff(tq) <= 0)):
         raise ValueError(f"timestamp_query_index must be ascending, unique, in [0, {num_queries})")
 
@@ -168,11 +170,14 @@ def chunk_sparse_attention(
 
     Query i sits at position past_len + i. It sees the past rows visible_past_index (every
     row [0, past_len) when i is in timestamp_query_index) and chunk keys 0..i. Past rows
-    >= past_len are never read. Query head h reads KV head h // (Hq / Hkv).
+    >= past_len are never read. Query head h reads KV head h // (Hq / Hkv). With no timestamp
+    queries the buffer may be a compact view with fewer rows than past_len (videoxl.ops): the
+    keys are already rotated, so only the rows read matter, not where they sit.
     """
     past_len = int(np.asarray(past_len).reshape(-1)[0])
     visible = np.asarray(visible_past_index, dtype=np.int64).reshape(-1)
     _check_chunk_inputs(query, key, value, past_key, past_value, past_len, visible, timestamp_query_index)
+    past_len = min(past_len, past_key.shape[0])
     compute = _compute_dtype(query, key, value, past_key[:past_len], past_value[:past_len], dtype=dtype)
     q = np.asarray(query, dtype=compute)
     k = np.concatenate([np.asarray(past_key[:past_len], dtype=compute), np.asarray(key, dtype=compute)])

@@ -1,4 +1,4 @@
-"""What lives where for one request: weights, activations, the two KV regions.
+"""What lives where for one request: weights, activations, the two KV regions, the dense tier.
 
 Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl plan` answers
 "does N frames fit in this GPU?" on any machine, and so that the answer can be tested.
@@ -24,7 +24,22 @@ The two KV regions (graph contract v2: keys are rotated once, when written, and 
                    blocks into the sparse tier and reads both tiers as one source
     decode region  the question's scoring cache, then (in the same rows) its decode cache
 
-Both live on the device, the dense tier whole: nothing is reloaded or concatenated per question.
+With the dense tier on the device (``dense_tier="device"``) nothing is reloaded or concatenated
+per question. With it in pinned host memory (``"host"``, DESIGN §4; ``runtime/dense_tier.py``)::
+
+    video region   per layer [sparse tier | resident dense rows | staging]: the device keeps the
+                   prefix, every timestamp row and the window's chunks (what later chunks read under
+                   the streaming rule) plus as many chunks of slack, and stages the chosen blocks
+    dense tier     in pinned host memory, row = position: each chunk's rows are copied out once,
+                   the chosen blocks' rows copied back per question (first block + top-k staged at
+                   once; the last block is normally still resident; more takes several passes)
+
+    resident       = prefix + G x ts + 2 (P + 1) chunks of C groups       (window + chunk, + slack)
+    staging        = (1 + top-k) blocks of S groups
+
+The evaluation rule's timestamp queries read the whole dense past every chunk, so the host tier
+goes with the streaming rule only (the prefill activations then hold no whole-past read).
+"auto" keeps the dense tier on the device when everything fits there, else moves it to the host.
 On unified memory (Jetson) host and device are the same memory and share one budget.
 
 The TensorRT backend sizes its KV regions with the same arithmetic (``kv_rows_for``,
@@ -108,7 +123,7 @@ def engine_weight_bytes(config: VideoXLConfig, fmt: WeightFormat, float_bytes: f
 @dataclass(frozen=True)
 class PlanItem:
     name: str
-    where: str  # "device" (on unified memory the device is the host)
+    where: str  # "device" or "host" (pinned; on unified memory the device is the host)
     nbytes: int
     tokens: int | None = None  # KV rows, where the item is a KV region
     detail: str = ""
@@ -134,6 +149,11 @@ class PlanInputs:
     prefix_tokens: int
     suffix_tokens: int
     vision_batch_frames: int
+    dense_tier: str = "device"  # "device" or "host" (resolved: plan_memory turns "auto" into one of them)
+    host_budget_bytes: int | None = None  # pinned host memory the plan may take (None: not checked)
+
+
+DENSE_TIERS = ("auto", "device", "host")
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,13 @@ class KVTokens:
     dense_video_blocks: int
     decode: int  # the decode cache, suffix and answer included
     scoring: int  # the all-sparse scoring cache, before the suffix
+    resident: int = 0  # dense rows the device keeps when the dense tier is in host memory
+    staging: int = 0  # dense rows staged for the chosen blocks when the dense tier is in host memory
+
+    @property
+    def offloaded_video(self) -> int:
+        """Rows of the video region with the dense tier in host memory: [sparse | resident | staging]."""
+        return self.sparse + self.resident + self.staging
 
     @property
     def video(self) -> int:
@@ -161,7 +188,8 @@ class KVTokens:
 
 def kv_tokens(
     cfg: VideoXLConfig, *, frames: int, block_groups: int, dense_blocks: int, timestamp_tokens_per_group: int,
-    prefix_tokens: int, suffix_tokens: int, max_new_tokens: int,
+    prefix_tokens: int, suffix_tokens: int, max_new_tokens: int, chunk_groups: int | None = None,
+    window_chunks: int | None = None,
 ) -> KVTokens:
     """The token arithmetic of the module docstring (dense blocks: first + last + top-k, whole blocks)."""
     ts, tpg = timestamp_tokens_per_group, cfg.tokens_per_group
@@ -170,15 +198,24 @@ def kv_tokens(
     num_blocks = math.ceil(groups / block_groups)
     dense_video_blocks = min(num_blocks, min(num_blocks, 2) + dense_blocks)  # first and last always dense
     dense_groups = min(groups, dense_video_blocks * block_groups)  # upper bound: full blocks
+    dense = prefix_tokens + groups * group_tokens
+    chunk = cfg.chunk_groups if chunk_groups is None else chunk_groups
+    window = cfg.window_chunks if window_chunks is None else window_chunks
+    resident_groups = min(groups, 2 * (window + 1) * chunk)  # window + the chunk, and as much slack
+    resident = min(dense, prefix_tokens + groups * ts + resident_groups * tpg)
+    staging = (1 + min(dense_blocks, num_blocks)) * block_groups * group_tokens  # first block + top-k
+    staging = min(staging, max(dense - resident, group_tokens))  # resident + staging: no more than the dense tier
     return KVTokens(
         groups=groups,
-        dense=prefix_tokens + groups * group_tokens,
+        dense=dense,
         sparse=groups * sparse_group_tokens,
         num_blocks=num_blocks,
         dense_video_blocks=dense_video_blocks,
         decode=prefix_tokens + dense_groups * group_tokens + (groups - dense_groups) * sparse_group_tokens
         + suffix_tokens + max_new_tokens,
         scoring=prefix_tokens + groups * sparse_group_tokens,
+        resident=resident,
+        staging=staging,
     )
 
 
@@ -194,6 +231,8 @@ class MemoryPlan:
     fits: bool
     advice: tuple[str, ...] = ()
     max_frames_that_fit: int | None = None  # set when the plan does not fit and some count does
+    host_bytes: int = 0  # pinned host memory (the dense tier when it lives there)
+    frames_fit: tuple[tuple[str, int], ...] = ()  # (dense tier, most frames that fit this budget), as planned
 
     @property
     def budget_bytes(self) -> int:
@@ -229,6 +268,8 @@ class MemoryPlan:
             f"({'all' if self.dense_video_blocks == self.num_blocks else f'first, last, top-{i.dense_blocks}'}); "
             f"chunks of {i.chunk_groups} groups, window {i.window_chunks}",
             f"budget {format_bytes(i.budget_bytes)} on a {memory}",
+            "dense tier: " + ("on the device" if i.dense_tier == "device" else
+                              "in pinned host memory (--dense-tier host; with --prefill-rule streaming only)"),
             "",
             f"  {'item':<22} {'where':<7} {'bytes':>12} {'tokens':>10}  detail",
         ]
@@ -236,7 +277,14 @@ class MemoryPlan:
             tokens = f"{item.tokens:,}" if item.tokens is not None else ""
             lines.append(f"  {item.name:<22} {item.where:<7} {format_bytes(item.nbytes):>12} {tokens:>10}  {item.detail}")
         lines += ["", f"  {'device total':<30} {format_bytes(self.device_bytes):>12}  of {format_bytes(i.budget_bytes)}"]
+        if self.host_bytes:
+            of = f"  of {format_bytes(i.host_budget_bytes)} free" if i.host_budget_bytes is not None else ""
+            lines.append(f"  {'host total (pinned)':<30} {format_bytes(self.host_bytes):>12}{of}")
         lines.append(f"fits: {'yes' if self.fits else 'NO'}")
+        if self.frames_fit:
+            lines.append("frames that fit this budget: " + ", ".join(
+                f"{frames:,} with the dense tier {'on the device' if tier == 'device' else 'in pinned host memory'}"
+                for tier, frames in self.frames_fit))
         lines += [f"  - {line}" for line in self.advice]
         return "\n".join(lines)
 
@@ -260,6 +308,8 @@ def plan_memory(
     prefix_tokens: int = 64,
     suffix_tokens: int = 64,
     vision_batch_frames: int = 32,
+    dense_tier: str = "device",
+    host_budget_bytes: int | None = None,
 ) -> MemoryPlan:
     """Plan one request of ``frames`` frames against ``budget_bytes`` of GPU memory.
 
@@ -269,8 +319,14 @@ def plan_memory(
     ("fp", "int8", "int4" or a ``WeightFormat``), the bytes an export in that format holds: its
     int8/int4 linears with their scales, everything else at ``weight_dtype_bytes``
     (``videoxl.weight_format.weight_bytes``).
+    ``dense_tier`` "device" keeps both KV tiers on the device, "host" keeps the dense tier in
+    pinned host memory (checked against ``host_budget_bytes`` when given), "auto" the device when
+    everything fits there, else the host when that fits. ``frames_fit`` lists the most frames that
+    fit with either.
     When the plan does not fit, ``advice`` lists changes that do, each checked by re-planning.
     """
+    if dense_tier not in DENSE_TIERS:
+        raise ValueError(f"dense tier {dense_tier!r} not in {DENSE_TIERS}")
     inputs = PlanInputs(
         frames=frames, budget_bytes=budget_bytes,
         chunk_groups=config.chunk_groups if chunk_groups is None else chunk_groups,
@@ -282,9 +338,16 @@ def plan_memory(
         unified_memory=unified_memory, max_new_tokens=max_new_tokens,
         timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
+        dense_tier="host" if dense_tier == "host" else "device", host_budget_bytes=host_budget_bytes,
     )
     _check_inputs(inputs)
     plan = _plan(config, inputs)
+    if not plan.fits and dense_tier == "auto":
+        on_host = _plan(config, dataclasses.replace(inputs, dense_tier="host"))
+        plan = on_host if on_host.fits else plan
+    frames_fit = tuple((tier, max_frames_that_fit(config, dataclasses.replace(inputs, frames=1 << 22), dense_tier=tier))
+                       for tier in ("device", "host"))
+    plan = dataclasses.replace(plan, frames_fit=frames_fit)
     if plan.fits:
         return plan
     advice, max_frames = _advise(config, plan)
@@ -301,6 +364,8 @@ def _check_inputs(i: PlanInputs) -> None:
             problems.append(f"{name} must be >= 0, got {getattr(i, name)}")
     if i.weight_dtype_bytes <= 0:
         problems.append(f"weight_dtype_bytes must be > 0, got {i.weight_dtype_bytes}")
+    if i.host_budget_bytes is not None and i.host_budget_bytes < 0:
+        problems.append(f"host_budget_bytes must be >= 0, got {i.host_budget_bytes}")
     if problems:
         raise ValueError("invalid memory plan request: " + "; ".join(problems))
 
@@ -313,8 +378,10 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     t = kv_tokens(
         cfg, frames=i.frames, block_groups=i.block_groups, dense_blocks=i.dense_blocks, timestamp_tokens_per_group=ts,
         prefix_tokens=i.prefix_tokens, suffix_tokens=i.suffix_tokens, max_new_tokens=i.max_new_tokens,
+        chunk_groups=i.chunk_groups, window_chunks=i.window_chunks,
     )
     groups = t.groups
+    on_host = i.dense_tier == "host"
 
     # --- prefill: the last chunk reads the most (in place, from the dense tier) ------------------
     chunks = math.ceil(groups / i.chunk_groups)
@@ -347,8 +414,9 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     kv_row = cfg.num_key_value_heads * cfg.head_dim
     prefill_act = (
         chunk_tokens * layer_width * b  # one layer's hidden states, MLP, attention output
-        # one layer's gathered keys and values: visible past + chunk, and the whole past for timestamp queries
-        + 2 * (visible_past + past_tokens + 2 * chunk_tokens) * kv_row * b
+        # one layer's gathered keys and values: visible past + chunk, and the whole past for timestamp
+        # queries (none under the streaming rule, the only one the host tier runs)
+        + 2 * (visible_past + (0 if on_host else past_tokens) + 2 * chunk_tokens) * kv_row * b
         + cfg.vocab_size * 4  # last-position logits (the chunk's KV is written into the dense tier in place)
     )
     vision_frames = min(i.vision_batch_frames, groups * cfg.frames_per_group)
@@ -378,21 +446,32 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "question scoring": score_act, "suffix decode": decode_act}
     largest = max(phases, key=phases.get)
 
+    if on_host:
+        video = PlanItem("video KV region", "device", t.offloaded_video * kvpt, t.offloaded_video,
+                         f"per layer [sparse tier {t.sparse:,} | resident dense {t.resident:,} | staging {t.staging:,}] rows; "
+                         "the prefill reads its past in the resident rows, questions stage their blocks")
+    else:
+        video = PlanItem("video KV region", "device", t.video * kvpt, t.video,
+                         f"per layer [sparse tier {t.sparse:,} | dense tier {t.dense:,}] rows; "
+                         f"the prefill reads its past there in place")
     items = (
         PlanItem("weights", "device", weights, None, weights_detail),
         PlanItem("activations", "device", phases[largest], None,
                  f"largest phase: {largest} ({', '.join(f'{k} {format_bytes(v)}' for k, v in phases.items())})"),
-        PlanItem("video KV region", "device", t.video * kvpt, t.video,
-                 f"per layer [sparse tier {t.sparse:,} | dense tier {t.dense:,}] rows; "
-                 f"the prefill reads its past there in place"),
+        video,
         PlanItem("decode KV region", "device", t.decode_region * kvpt, t.decode_region,
                  f"scoring cache ({t.scoring:,} rows), then in the same rows the decode cache: "
                  f"{t.dense_video_blocks} dense blocks + the rest sparse + {i.suffix_tokens + i.max_new_tokens} suffix/answer"),
     )
-    device = sum(x.nbytes for x in items)
+    if on_host:
+        items += (PlanItem("dense KV tier", "host", t.dense * kvpt, t.dense,
+                           "pinned; each chunk's rows copied out once, the chosen blocks' rows copied back per question"),)
+    host = sum(x.nbytes for x in items if x.where == "host")
+    device = sum(x.nbytes for x in items if x.where == "device") + (host if i.unified_memory else 0)
+    host_fits = i.host_budget_bytes is None or i.unified_memory or host <= i.host_budget_bytes
     return MemoryPlan(
         config=cfg, inputs=i, items=items, tokens=t, prompt_tokens=t.dense + i.suffix_tokens,
-        kv_bytes_per_token=kvpt, device_bytes=device, fits=device <= i.budget_bytes,
+        kv_bytes_per_token=kvpt, device_bytes=device, fits=device <= i.budget_bytes and host_fits, host_bytes=host,
     )
 
 
@@ -418,7 +497,12 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
     i = plan.inputs
     over = plan.device_bytes - i.budget_bytes
     where = "device + host" if i.unified_memory else "the device"
-    advice = [f"{where} need{'s' if not i.unified_memory else ''} {format_bytes(plan.device_bytes)}, {format_bytes(over)} over the budget"]
+    advice = []
+    if over > 0:
+        advice.append(f"{where} need{'s' if not i.unified_memory else ''} {format_bytes(plan.device_bytes)}, {format_bytes(over)} over the budget")
+    if i.host_budget_bytes is not None and not i.unified_memory and plan.host_bytes > i.host_budget_bytes:
+        advice.append(f"the pinned dense tier needs {format_bytes(plan.host_bytes)} of host memory, "
+                      f"{format_bytes(plan.host_bytes - i.host_budget_bytes)} more than the {format_bytes(i.host_budget_bytes)} free")
 
     weights = plan.item("weights").nbytes
     if weights >= i.budget_bytes:
@@ -427,6 +511,14 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
     if best > 0:
         advice.append(f"lower --max-frames to {best} (the most that fits with these settings)")
     top = min(i.dense_blocks, plan.num_blocks)  # more than every block changes nothing
+    if i.dense_tier == "device" and not i.unified_memory:
+        host = _plan(cfg, dataclasses.replace(i, dense_tier="host"))
+        flag = "--dense-tier host (with --prefill-rule streaming)"
+        if host.fits:
+            advice.append(f"keep the dense tier in pinned host memory, {flag}: all {i.frames} frames fit, "
+                          f"{format_bytes(host.host_bytes)} pinned")
+        elif (n := max_frames_that_fit(cfg, i, dense_tier="host")) > best:
+            advice.append(f"keep the dense tier in pinned host memory, {flag}: {n} frames fit")
     if top > 0 and _fits(cfg, i, dense_blocks=0):
         low, high = 0, top - 1  # the largest k that fits; plans grow with k
         while low < high:
@@ -454,61 +546,93 @@ def _advise(cfg: VideoXLConfig, plan: MemoryPlan) -> tuple[list[str], int | None
 # --- KV regions of the TensorRT backend -----------------------------------------------------------
 @dataclass(frozen=True)
 class KVRows:
-    """Row capacities of the two KV regions, per layer, and what they were sized for."""
+    """Row capacities of the two KV regions, per layer, and what they were sized for.
 
-    video: int  # [sparse tier | dense tier] of a video of `frames` frames
+    With the dense tier in host memory (``host`` > 0) the video region is [sparse | resident |
+    staging] and ``host`` dense rows live in pinned host memory.
+    """
+
+    video: int  # [sparse tier | dense tier] of a video of `frames` frames (or [sparse | resident | staging])
     decode: int  # the scoring cache, then the decode cache, in the same rows
     frames: int
     dense_blocks: int  # task-aware top-k the decode region was sized for (first and last blocks on top)
+    sparse: int = 0  # with the dense tier in host memory: the sparse tier's rows in the video region
+    resident: int = 0  # ... the resident dense rows after them
+    staging: int = 0  # ... the staging rows after those
+    host: int = 0  # dense rows in pinned host memory (0: the dense tier is on the device)
 
     def nbytes(self, layers: int, row_bytes: int) -> int:
+        """Device bytes of the two regions."""
         return sum(KVSlabs.nbytes(layers, rows, row_bytes) for rows in (self.video, self.decode))
 
+    def host_nbytes(self, layers: int, row_bytes: int) -> int:
+        """Pinned host bytes of the dense tier (0 when it is on the device)."""
+        return KVSlabs.nbytes(layers, self.host, row_bytes) if self.host else 0
 
-def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, dense_blocks: int) -> KVRows:
+
+def kv_rows_for(config: VideoXLConfig, limits: dict[str, int], frames: int, *, dense_blocks: int, dense_tier: str = "device") -> KVRows:
     """KV rows one request of ``frames`` frames needs, from the memory planner's token arithmetic.
 
     ``limits`` are the engines' build limits (manifest): timestamp, prefix, suffix and answer
-    tokens are the upper bounds the engines were built for.
+    tokens, chunk and window are the upper bounds the engines were built for.
     """
     t = kv_tokens(
         config, frames=frames, block_groups=config.block_groups, dense_blocks=dense_blocks,
         timestamp_tokens_per_group=limits["timestamp_tokens"], prefix_tokens=limits["prefix_tokens"],
         suffix_tokens=limits["suffix_tokens"], max_new_tokens=limits["answer_tokens"],
+        chunk_groups=limits.get("chunk_groups"), window_chunks=limits.get("window_chunks"),
     )
+    if dense_tier == "host":
+        return KVRows(video=t.offloaded_video, decode=t.decode_region, frames=frames, dense_blocks=dense_blocks,
+                      sparse=t.sparse, resident=t.resident, staging=t.staging, host=t.dense)
     return KVRows(video=t.video, decode=t.decode_region, frames=frames, dense_blocks=dense_blocks)
 
 
 def fit_kv_rows(
-    config: VideoXLConfig, limits: dict[str, int], *, available_bytes: int, row_bytes: int, dense_blocks: int
+    config: VideoXLConfig, limits: dict[str, int], *, available_bytes: int, row_bytes: int, dense_blocks: int,
+    dense_tier: str = "device", host_bytes: int | None = None,
 ) -> tuple[int, KVRows]:
     """The most frames (<= the engines' limit) whose KV regions fit, and the rows to allocate.
 
     The video region is fixed by the frame count; bytes left beyond that request go to the decode
     region (more dense blocks fit), up to what an all-dense request at the frame limit would use.
+    With ``dense_tier="host"`` the dense tier must also fit ``host_bytes`` of pinned host memory.
     """
     layers, per_group = config.num_hidden_layers, config.frames_per_group
 
+    def rows_for(frames: int, top_k: int = dense_blocks) -> KVRows:
+        return kv_rows_for(config, limits, frames, dense_blocks=top_k, dense_tier=dense_tier)
+
     def need(frames: int) -> int:
-        return kv_rows_for(config, limits, frames, dense_blocks=dense_blocks).nbytes(layers, row_bytes)
+        return rows_for(frames).nbytes(layers, row_bytes)
+
+    def fits(frames: int) -> bool:
+        host_ok = host_bytes is None or rows_for(frames).host_nbytes(layers, row_bytes) <= host_bytes
+        return need(frames) <= available_bytes and host_ok
 
     low, high = 0, math.ceil(limits["max_frames"] / per_group)
     while low < high:  # in groups; the rows grow with the group count
         mid = (low + high + 1) // 2
-        if need(mid * per_group) <= available_bytes:
+        if fits(mid * per_group):
             low = mid
         else:
             high = mid - 1
     frames = min(low * per_group, limits["max_frames"])
     if frames == 0:
         missing = need(per_group) - available_bytes
+        if missing <= 0:
+            pinned = rows_for(per_group).host_nbytes(layers, row_bytes)
+            raise ArenaOverflowError(
+                f"the dense KV tier of even one group of {per_group} frames needs {format_bytes(pinned)} of pinned host "
+                f"memory, {format_bytes(host_bytes or 0)} is free; free host memory or use --dense-tier device"
+            )
         raise ArenaOverflowError(
             f"the KV regions for even one group of {per_group} frames need {format_bytes(need(per_group))} but the arena "
             f"has {format_bytes(available_bytes)} left after weights, activations and I/O: {missing} bytes "
             f"({format_bytes(missing)}) missing; raise --gpu-memory-budget"
         )
-    rows = kv_rows_for(config, limits, frames, dense_blocks=dense_blocks)
-    ceiling = kv_rows_for(config, limits, limits["max_frames"], dense_blocks=10**9)
+    rows = rows_for(frames)
+    ceiling = rows_for(limits["max_frames"], 10**9)
     spare = available_bytes - rows.nbytes(layers, row_bytes)
     extra = max(0, spare // (2 * layers * row_bytes) - 1)  # rows of K and V in every layer, minus alignment
     return frames, dataclasses.replace(rows, decode=min(rows.decode + extra, max(ceiling.decode, rows.decode)))
@@ -542,7 +666,8 @@ def _dense_blocks_arg(value: str) -> int:
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="does a video of N frames fit in this much GPU memory? (no GPU needed)",
-        description="Plan weights, activations and the two KV regions (video: sparse + dense tier; decode) of one request against a memory budget.",
+        description="Plan weights, activations, the two KV regions (video: sparse + dense tier; decode) and, when it "
+                    "must leave the device, the pinned dense tier of one request against a memory budget.",
     )
     p.add_argument("--config", required=True, metavar="DIR|real", help="checkpoint, ONNX or engine directory, or 'real' (Video-XL-2 8B)")
     p.add_argument("--frames", required=True, type=int, metavar="N")
@@ -560,11 +685,18 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--block-groups", type=int, metavar="S")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--timestamp-tokens", type=int, default=6, help="tokens of 'Time 12.5s:' per group")
+    p.add_argument("--dense-tier", choices=DENSE_TIERS, default="auto",
+                   help="where the dense KV tier lives: device, host (pinned; needs --prefill-rule streaming), or auto: "
+                        "the device when everything fits there, else the host (default: %(default)s)")
+    p.add_argument("--host-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="host memory the pinned dense tier may take (default: what this machine has free)")
     p.set_defaults(func=cmd_plan)
     return p
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from videoxl.runtime.kv_store import available_host_bytes
+
     plan = plan_memory(
         load_plan_config(args.config), frames=args.frames, budget_bytes=args.gpu_memory_budget,
         chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, block_groups=args.block_groups,
@@ -572,6 +704,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
         weights=None if args.weights is None else WeightFormat.parse(args.weights, args.block_size),
         max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
+        dense_tier=args.dense_tier,
+        host_budget_bytes=args.host_memory if args.host_memory is not None else available_host_bytes(),
     )
     print(plan.table())
     return 0 if plan.fits else 1

@@ -226,6 +226,7 @@ class Pipeline:
         if options.prefill == "dense":
             # plain causal, still computed chunk by chunk (bounded memory): every earlier chunk is in the window
             window = num_chunks(layout, chunk_groups)
+        self.backend.check_prefill(rule=options.prefill_rule, chunk_groups=chunk_groups, window_chunks=window)
         store = TwoTierKVStore(self.backend, cfg, layout, block_groups=options.block_groups or cfg.block_groups)
         pieces = [(prefix_visibility(layout), 0)] + [
             (chunk_visibility(layout, k, chunk_groups=chunk_groups, window_chunks=window, rule=options.prefill_rule),

@@ -1,4 +1,5 @@
-"""TensorRT backend: the five engines on one GPU, with explicit CUDA memory; the KV never leaves it.
+"""TensorRT backend: the five engines on one GPU, with explicit CUDA memory; the KV stays there
+unless the budget sends the dense tier to pinned host memory (``dense_tier``).
 
     engines_dir/manifest.json --check_manifest(this GPU, this TensorRT)--> ok, else BackendUnavailable
     {vision,prefill_chunk,decode,score,kv_gather}.engine --deserialize--> one execution context each
@@ -19,19 +20,39 @@ All device memory is ONE arena (cuda_memory.DeviceArena, ``gpu_memory_budget`` b
 
 The two KV regions are sized by the memory planner for the engines' frame limit (the largest
 frame count that fits when the budget is smaller, see ``max_frames``). Nothing is allocated after
-start-up, and no KV row crosses the bus: the runtime loop hands this backend index plans (its
-small inputs are staged in pinned memory and copied up), and gets logits and attention mass back.
-The dense tier stays on the device whole (the evaluation rule's timestamp queries read all of it);
-moving it to pinned host memory under a smaller budget is not implemented.
+start-up. The runtime loop hands this backend index plans (its small inputs are staged in pinned
+memory and copied up), and gets logits and attention mass back.
 
-One stream (``compute``) runs everything in order; a public call returns after synchronising it,
-so its pinned staging may be rewritten by the next call. Decode steps replay CUDA graphs: the
-decode engine reads a capacity bucket of the cache plus a valid length (``past_len``), so one
-graph per (new tokens, bucket) serves every step of that bucket, see ``DecodeGraphCache``.
+Where the dense tier lives (``dense_tier``: "device", "host", or "auto": the device when the budget
+holds both tiers at the engines' frame limit, else the host when that holds more frames):
+
+    device   the video region holds [sparse | dense] whole; no KV row crosses the bus (the evaluation
+             rule's timestamp queries read the whole dense past every chunk: only this serves them)
+    host     the video region holds [sparse | resident dense rows | staging]; the dense tier is one
+             pinned host allocation (row = position, slabs like the device's, so a run of rows of
+             every layer is one 2-D copy). Streaming rule only (``check_prefill`` refuses the other):
+
+      compute  [compact when full] [chunk: past = resident rows, present -> their end] (chunk_written) [pool] ...
+      copy                          wait chunk_written, the chunk's rows -> host tier  (copied_out)
+      compute  compaction waits copied_out (it overwrites rows that may still be on their way out)
+      copy     question: the chosen rows not resident -> staging, one copy per run   (staged)
+      compute  wait staged, kv_gather over [sparse | resident | staging] -> decode region
+
+             The resident rows (``runtime/dense_tier.py``) stay in position order, so the remapped
+             visible_past_index is below past_len as the kernels need; past_len stays the absolute
+             position. Each chunk's rows cross the bus once; a question brings back only its chosen
+             blocks' rows that are no longer resident (the prefix and the last window stay).
+
+One stream (``compute``) runs everything in order (plus ``copy`` for the host tier); a public call
+returns after synchronising ``compute``, so its pinned staging may be rewritten by the next call.
+Decode steps replay CUDA graphs: the decode engine reads a capacity bucket of the cache plus a
+valid length (``past_len``), so one graph per (new tokens, bucket) serves every step of that
+bucket, see ``DecodeGraphCache``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import re
@@ -55,25 +76,30 @@ from videoxl.runtime.cuda_memory import (
     ArenaOverflowError,
     CudaGraph,
     DeviceArena,
+    Event,
     FirstFitAllocator,
     KVSlabs,
     PinnedHostPool,
     Stream,
     align_up,
     check,
+    copy_2d_async,
     copy_async,
     cudart,
     host_pointer,
     mem_get_info,
 )
+from videoxl.runtime.dense_tier import ResidentRows, runs, split_gather
 from videoxl.runtime.engine_chain import EngineChain
-from videoxl.runtime.memory_plan import fit_kv_rows
+from videoxl.runtime.kv_store import available_host_bytes
+from videoxl.runtime.memory_plan import DENSE_TIERS, KVRows, fit_kv_rows
 
 log = logging.getLogger(__name__)
 
 DECODE_BUCKET_ROWS = 256  # smallest decode-cache bucket; buckets double up to the region's capacity
 DEFAULT_BUDGET_FRACTION = 0.9  # of the free device memory, when no budget is given
 WEIGHTS_SLACK_BYTES = 64 << 20  # at most this much is kept after the weights for allocations TensorRT makes later
+HOST_TIER_FRACTION = 0.8  # of the host memory available at start-up, at most, for the pinned dense tier
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_, "UINT8": np.uint8}
 _KV_NAME = re.compile(r"^(past|present)_(key|value)\.(\d+)$")
 
@@ -324,9 +350,12 @@ class TensorRTBackend(Backend):
         plan_dense_blocks: int = 4,
         cuda_graphs: bool = True,
         weights_in_arena: bool = True,
+        dense_tier: str = "auto",
     ) -> None:
         from videoxl.runtime.device import gpu_problem
 
+        if dense_tier not in DENSE_TIERS:
+            raise ValueError(f"dense tier {dense_tier!r} not in {DENSE_TIERS}")
         self.engines_dir = Path(engines_dir)
         problem = gpu_problem()
         if problem is not None:
@@ -341,19 +370,21 @@ class TensorRTBackend(Backend):
         self.limits: dict[str, int] = dict(self.manifest["limits"])
         self._graphs: DecodeGraphCache | None = None
         self.engines: dict[str, _Engine] = {}
-        self._runtime = self._allocator = self.pinned = self.arena = None
+        self._runtime = self._allocator = self.pinned = self.arena = self.dense_tier_pool = None
         self._streams: list[Stream] = []
+        self._events: dict[str, Event] = {}
+        self.dense_on_host = False
         self._video: TrtVideoCache | None = None
         self._decode_cache: TrtDecodeCache | None = None
         self._generation = 0
         try:
-            self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena)
+            self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena, dense_tier)
         except BaseException:
             self.close()
             raise
 
     # --- start-up -------------------------------------------------------------------------------
-    def _start(self, budget: int | None, plan_dense_blocks: int, cuda_graphs: bool, weights_in_arena: bool) -> None:
+    def _start(self, budget: int | None, plan_dense_blocks: int, cuda_graphs: bool, weights_in_arena: bool, dense_tier: str) -> None:
         trt, cfg = self.trt, self.config
         check(cudart().cudaSetDevice(0), "cudaSetDevice(0)")
         if self.manifest["plugins"]["used"]:
@@ -428,10 +459,9 @@ class TensorRTBackend(Backend):
             if isinstance(engine, EngineChain):  # hidden states between layer ranges: device only, never staged
                 engine.bind_boundary({name: self._io[(g, name)].ptr for name in engine.boundary})
 
-        # KV regions, sized by the planner for as many frames as fit
-        self.max_frames, rows = fit_kv_rows(
-            cfg, self.limits, available_bytes=self.arena.layout.free, row_bytes=self._row_bytes, dense_blocks=plan_dense_blocks
-        )
+        # KV regions, sized by the planner for as many frames as fit; the dense tier maybe in pinned host memory
+        self.max_frames, rows = self._plan_kv(dense_tier, plan_dense_blocks)
+        self._rows = rows
         self._kv = {}
         for name, capacity in (("video", rows.video), ("decode", rows.decode)):
             region = self.arena.add(name, KVSlabs.nbytes(cfg.num_hidden_layers, capacity, self._row_bytes))
@@ -441,12 +471,49 @@ class TensorRTBackend(Backend):
                 "the %s budget holds the KV cache of %d frames; the engines accept %d", format_bytes(budget),
                 self.max_frames, self.limits["max_frames"],
             )
+        if self.dense_on_host:
+            self.copy = Stream("copy")
+            self._streams.append(self.copy)
+            self._events = {name: Event() for name in ("chunk_written", "copied_out", "staged")}
+            self.dense_tier_pool = PinnedHostPool(rows.host_nbytes(cfg.num_hidden_layers, self._row_bytes))
+            self._host_tier = KVSlabs(self.dense_tier_pool.ptr, cfg.num_hidden_layers, rows.host, self._row_bytes)
+            self._resident = ResidentRows(rows.resident)
+            log.info(
+                "dense KV tier in pinned host memory: %s (%d rows); the device keeps %d resident rows and stages %d",
+                format_bytes(self.dense_tier_pool.layout.capacity), rows.host, rows.resident, rows.staging,
+            )
 
         # pinned host memory: staging for every non-KV I/O tensor (the only bytes that cross the bus)
         self.pinned = PinnedHostPool(sum(align_up(_max_bytes(t)) for _, t in io_tensors))
         self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in io_tensors}
         self._graphs = DecodeGraphCache(max_graphs=8 if cuda_graphs else 0)
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
+
+    def _plan_kv(self, dense_tier: str, dense_blocks: int) -> tuple[int, KVRows]:
+        """Frames and KV rows for what the arena has left: both tiers on the device, or the dense tier
+        in pinned host memory ("host"; "auto" when the device does not hold the engines' frame limit
+        and the host tier holds more frames). Sets ``dense_on_host`` and ``device_max_frames``."""
+        fit = dict(available_bytes=self.arena.layout.free, row_bytes=self._row_bytes, dense_blocks=dense_blocks)
+        try:
+            self.device_max_frames, rows = fit_kv_rows(self.config, self.limits, **fit)
+        except ArenaOverflowError:
+            if dense_tier == "device":
+                raise
+            self.device_max_frames, rows = 0, None
+        if dense_tier == "device" or (dense_tier == "auto" and self.device_max_frames >= self.limits["max_frames"]):
+            return self.device_max_frames, rows
+        host = available_host_bytes()
+        host = None if host is None else int(host * HOST_TIER_FRACTION)
+        try:
+            frames, host_rows = fit_kv_rows(self.config, self.limits, dense_tier="host", host_bytes=host, **fit)
+        except ArenaOverflowError:
+            if dense_tier == "host" or rows is None:
+                raise
+            return self.device_max_frames, rows
+        if dense_tier == "auto" and frames <= self.device_max_frames:
+            return self.device_max_frames, rows
+        self.dense_on_host = True
+        return frames, host_rows
 
     def close(self) -> None:
         """Free everything, also after a sticky CUDA error; never raises; safe to call twice.
@@ -478,9 +545,15 @@ class TensorRTBackend(Backend):
         pinned, self.pinned = self.pinned, None
         if pinned is not None:
             attempt("freeing the pinned host pool", pinned.close)
+        tier, self.dense_tier_pool = self.dense_tier_pool, None
+        if tier is not None:
+            attempt("freeing the pinned dense tier", tier.close)
         streams, self._streams = self._streams, []
         for stream in streams:
             attempt(f"destroying the {stream.name} stream", stream.close)
+        events, self._events = self._events, {}
+        for name, event in events.items():
+            attempt(f"destroying the {name} event", event.close)
         arena, self.arena = self.arena, None
         if arena is not None:
             attempt("freeing the device arena", arena.close)
@@ -499,15 +572,32 @@ class TensorRTBackend(Backend):
                 f"lower --max-frames or rebuild with `videoxl build ... --max-frames {frames}`"
             )
         if frames > self.max_frames:
+            where = "with the dense tier in pinned host memory " if self.dense_on_host else ""
             raise ArtifactError(
                 f"{frames} frames requested but the {format_bytes(self.arena.budget_bytes)} GPU memory budget holds the KV "
-                f"cache of at most {self.max_frames}; lower --max-frames or raise --gpu-memory-budget (`videoxl plan` shows what fits)"
+                f"cache of at most {self.max_frames} {where}; lower --max-frames or raise --gpu-memory-budget"
+                f"{'' if self.dense_on_host else ' or use --dense-tier host'} (`videoxl plan` shows what fits)"
             )
+
+    def check_prefill(self, *, rule: str, chunk_groups: int, window_chunks: int) -> None:
+        """With the dense tier in host memory only the streaming rule runs (see ``_evaluation_refused``)."""
+        if self.dense_on_host and rule != "streaming":
+            raise self._evaluation_refused()
+
+    def _evaluation_refused(self) -> ValueError:
+        fits = f"--max-frames {self.device_max_frames} keeps it on the device" if self.device_max_frames else "fewer frames"
+        return ValueError(
+            "the dense KV tier is in pinned host memory (the device does not hold it), and under --prefill-rule evaluation "
+            "every chunk's timestamp tokens read the whole dense past, which would cross the bus again for every chunk: "
+            f"use --prefill-rule streaming, or {fits}"
+        )
 
     def memory_report(self) -> dict[str, int]:
         """Bytes per arena region, plus pinned host bytes (benchmarks, logs)."""
         report = {name: region.nbytes for name, region in self.arena.layout.regions.items()}
         report["pinned_host"] = self.pinned.layout.capacity
+        if self.dense_tier_pool is not None:
+            report["pinned_dense_tier"] = self.dense_tier_pool.layout.capacity
         return report
 
     # --- transfers ----------------------------------------------------------------------------------
@@ -561,6 +651,8 @@ class TensorRTBackend(Backend):
         """Host copies of both tiers (a prepared video saved to disk); the one synchronous D2H path."""
         self._live(cache)
         slabs, rows, cfg = self._kv["video"], cache.sparse_rows + cache.dense_rows, self.config
+        if self.dense_on_host:
+            return self._download_split(cache)
         shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
         out = {}
         for layer in range(cfg.num_hidden_layers):
@@ -572,11 +664,43 @@ class TensorRTBackend(Backend):
 
     def _upload_video(self, cache: TrtVideoCache, arrays: dict[str, np.ndarray]) -> None:
         self._live(cache)
+        if self.dense_on_host:
+            return self._upload_split(cache, arrays)
         slabs, staged = self._kv["video"], []
         for layer in range(self.config.num_hidden_layers):
             for name, ptr in ((f"key.{layer}", slabs.key(layer)), (f"value.{layer}", slabs.value(layer))):
                 staged.append(np.ascontiguousarray(arrays[name], self.float_dtype))  # alive until the copies ran
                 copy_async(ptr, host_pointer(staged[-1]), staged[-1].nbytes, "HostToDevice", self.compute)
+        self.compute.synchronize()
+
+    def _download_split(self, cache: TrtVideoCache) -> dict[str, np.ndarray]:
+        """The sparse tier from the device, the dense tier from pinned host memory once its copies landed."""
+        slabs, cfg, sparse = self._kv["video"], self.config, cache.sparse_rows
+        out = {}
+        for layer in range(cfg.num_hidden_layers):
+            for name, ptr in ((f"key.{layer}", slabs.key(layer)), (f"value.{layer}", slabs.value(layer))):
+                out[name] = np.empty((sparse + cache.dense_rows, *self._kv_shape), self.float_dtype)
+                copy_async(host_pointer(out[name]), ptr, sparse * self._row_bytes, "DeviceToHost", self.compute)
+        self.compute.synchronize()
+        self.copy.synchronize()  # every chunk's rows are in the host tier
+        for layer in range(cfg.num_hidden_layers):
+            for name, tier in ((f"key.{layer}", self._host_tier.key(layer)), (f"value.{layer}", self._host_tier.value(layer))):
+                out[name][sparse:] = _host_rows(tier, cache.dense_rows, self._kv_shape, self.float_dtype)
+        return out
+
+    def _upload_split(self, cache: TrtVideoCache, arrays: dict[str, np.ndarray]) -> None:
+        """The sparse tier to the device, the dense tier into pinned host memory; nothing is resident then."""
+        slabs, staged, sparse = self._kv["video"], [], cache.sparse_rows
+        for layer in range(self.config.num_hidden_layers):
+            for name, ptr, tier in (
+                (f"key.{layer}", slabs.key(layer), self._host_tier.key(layer)),
+                (f"value.{layer}", slabs.value(layer), self._host_tier.value(layer)),
+            ):
+                array = np.asarray(arrays[name])
+                staged.append(np.ascontiguousarray(array[:sparse], self.float_dtype))  # alive until the copies ran
+                copy_async(ptr, host_pointer(staged[-1]), staged[-1].nbytes, "HostToDevice", self.compute)
+                _host_rows(tier, cache.dense_rows, self._kv_shape, self.float_dtype)[...] = array[sparse:]
+        self._resident.clear()
         self.compute.synchronize()
 
     # --- Backend interface --------------------------------------------------------------------------
@@ -600,12 +724,25 @@ class TensorRTBackend(Backend):
         return np.concatenate(out)
 
     def new_video_cache(self, *, dense_rows: int, sparse_rows: int) -> TrtVideoCache:
-        self._require_rows("video", dense_rows + sparse_rows, f"a video of {dense_rows} prompt rows and {sparse_rows} sparse rows")
+        what = f"a video of {dense_rows} prompt rows and {sparse_rows} sparse rows"
+        if self.dense_on_host:
+            if sparse_rows > self._rows.sparse or dense_rows > self._rows.host:
+                raise ArenaOverflowError(
+                    f"{what} does not fit the {self._rows.sparse} sparse rows on the device and the {self._rows.host} dense "
+                    f"rows in pinned host memory; lower --max-frames (at most {self.max_frames})"
+                )
+            # the previous video's copies out may still be running: they write the host tier and read
+            # the resident rows this video is about to reuse
+            self.copy.synchronize()
+            self._resident.clear()
+        else:
+            self._require_rows("video", dense_rows + sparse_rows, what)
         self._generation += 1
         self._video = TrtVideoCache(self, dense_rows, sparse_rows, self._generation)
-        # the gathers' source positions: sparse rows were pooled before RoPE (0), dense row p sits at p
-        positions = self._video.source_position
-        self._positions = (self._put("kv_gather", "source_position", positions), len(positions))
+        if not self.dense_on_host:
+            # the gathers' source positions: sparse rows were pooled before RoPE (0), dense row p sits at p
+            positions = self._video.source_position
+            self._positions = (self._put("kv_gather", "source_position", positions), len(positions))
         return self._video
 
     def new_decode_cache(self, capacity: int) -> TrtDecodeCache:
@@ -616,6 +753,8 @@ class TensorRTBackend(Backend):
 
     def prefill_chunk(self, cache: TrtVideoCache, input_ids, visual_embeds, vis: ChunkVisibility) -> np.ndarray:
         self._live(cache)
+        if self.dense_on_host:
+            return self._prefill_chunk_resident(input_ids, visual_embeds, vis)
         engine, slabs = self.engines["prefill_chunk"], self._kv["video"]
         feeds = {
             "input_ids": np.asarray(input_ids, np.int64),
@@ -647,6 +786,11 @@ class TensorRTBackend(Backend):
         limit = cache.sparse_rows if into is None else into.capacity
         if plan.out_start + plan.rows > limit:
             raise ValueError(f"gather rows [{plan.out_start}, {plan.out_start + plan.rows}) past the destination's {limit} rows")
+        if self.dense_on_host:
+            self._gather_staged(cache, plan, target)
+            if into is not None:
+                into.length = plan.out_start + plan.rows
+            return
         n = cache.sparse_rows + cache.dense_rows
         feeds = {"gather_index": plan.gather_index, "gather_weight": plan.gather_weight, "target_position": plan.target_position}
         shapes = {name: value.shape for name, value in feeds.items()}
@@ -666,6 +810,105 @@ class TensorRTBackend(Backend):
         self.compute.synchronize()
         if into is not None:
             into.length = plan.out_start + plan.rows
+
+    # --- the dense tier in pinned host memory (module docstring; runtime/dense_tier.py) ----------
+    def _copy_rows(self, dst: KVSlabs, dst_row: int, src: KVSlabs, src_row: int, rows: int, kind: str, stream: Stream) -> None:
+        """Rows [src_row, src_row + rows) of every layer's K and V to dst_row..: one 2-D copy (the slabs
+        K0 V0 K1 V1 .. of a KVSlabs are evenly spaced, in device and in host memory alike)."""
+        pitch = lambda slabs: KVSlabs.slab_bytes(slabs.capacity, slabs.row_bytes)  # noqa: E731
+        copy_2d_async(
+            dst.key(0, dst_row), pitch(dst), src.key(0, src_row), pitch(src), rows * self._row_bytes,
+            2 * self.config.num_hidden_layers, kind, stream,
+        )
+
+    def _prefill_chunk_resident(self, input_ids, visual_embeds, vis: ChunkVisibility) -> np.ndarray:
+        """A chunk against the resident rows; its own rows then leave for the host tier on the copy stream.
+
+            compute: [compact if full] [inputs up] [engine: past = resident rows, present -> resident end] (chunk_written)
+            copy:                                   wait chunk_written, rows -> host tier (copied_out)
+        The copy out overlaps the next chunk; compaction, which overwrites rows, waits for it.
+        """
+        if len(vis.timestamp_query_index):
+            raise self._evaluation_refused()
+        engine, slabs, resident, base = self.engines["prefill_chunk"], self._kv["video"], self._resident, self._rows.sparse
+        visible = vis.visible_past_index
+        resident.keep_only(visible)  # rows no later chunk reads become holes
+        rows = vis.end - vis.start
+        if resident.end + rows > resident.capacity:
+            self.compute.wait(self._events["copied_out"])  # the rows moved over may still be on their way out
+            for source, target, count in resident.compact():
+                self._copy_rows(slabs, base + target, slabs, base + source, count, "DeviceToDevice", self.compute)
+            if resident.end + rows > resident.capacity:
+                raise ArenaOverflowError(
+                    f"the prefill chunk at position {vis.start} reads {resident.end} dense rows and writes {rows}, but the device "
+                    f"keeps {resident.capacity} (sized for the engines' window of {self.limits.get('window_chunks')} chunks of "
+                    f"{self.limits.get('chunk_groups')} groups); lower --window or --chunk-groups, or use --dense-tier device"
+                )
+        feeds = {
+            "input_ids": np.asarray(input_ids, np.int64),
+            "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
+            "past_len": np.array([vis.start], np.int64),  # the absolute position: RoPE of the chunk
+            "visible_past_index": resident.rows_of(visible),  # in position order, each row <= its position < past_len
+            "timestamp_query_index": vis.timestamp_query_index,
+        }
+        shapes = {name: value.shape for name, value in feeds.items()}
+        engine.check_shapes(shapes)
+        address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
+        address["logits"] = self._io[("prefill_chunk", "logits")].ptr
+        self._bind_rows(shapes, address, "past", slabs, base, resident.end)
+        first = resident.append(vis.start, rows)
+        self._bind_rows({}, address, "present", slabs, base + first, rows)
+        engine.set_shapes(engine.context, shapes)
+        engine.enqueue(engine.context, address, self.compute)
+        self._events["chunk_written"].record(self.compute)
+        self.copy.wait(self._events["chunk_written"])
+        self._copy_rows(self._host_tier, vis.start, slabs, base + first, rows, "DeviceToHost", self.copy)
+        self._events["copied_out"].record(self.copy)
+        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
+        self.compute.synchronize()
+        return logits.reshape(1, -1).copy()
+
+    def _gather_staged(self, cache: TrtVideoCache, plan: GatherPlan, target: KVSlabs) -> None:
+        """kv_gather over [sparse tier | resident rows | staging]: the plan's dense rows are read where
+        they are resident, the others uploaded from the host tier first (one copy per run of positions,
+        on the copy stream, so after every copy out), in as many passes as the staging area needs."""
+        engine, source, rows = self.engines["kv_gather"], self._kv["video"], self._rows
+        staging = rows.sparse + rows.resident
+        pieces = split_gather(
+            plan.gather_index, sparse_rows=cache.sparse_rows, sparse_capacity=rows.sparse, resident=self._resident,
+            staging_rows=rows.staging,
+        )
+        n = source.capacity
+        positions = np.zeros(n, np.int64)  # sparse rows were pooled before RoPE (0); dense rows sit at their position
+        positions[rows.sparse : staging] = np.maximum(self._resident.positions, 0)
+        kv = (n, self.config.num_key_value_heads, self.config.head_dim)
+        for piece in pieces:
+            if len(piece.staged):
+                for position, at, count in runs(piece.staged):
+                    self._copy_rows(source, staging + at, self._host_tier, position, count, "HostToDevice", self.copy)
+                self._events["staged"].record(self.copy)
+                self.compute.wait(self._events["staged"])
+                positions[staging : staging + len(piece.staged)] = piece.staged
+            feeds = {
+                "gather_index": piece.gather_index,
+                "gather_weight": np.ascontiguousarray(plan.gather_weight[piece.first : piece.last]),
+                "target_position": np.ascontiguousarray(plan.target_position[piece.first : piece.last]),
+                "source_position": positions,
+            }
+            shapes = {name: value.shape for name, value in feeds.items()}
+            engine.check_shapes(shapes)
+            address = {name: self._put("kv_gather", name, value) for name, value in feeds.items()}
+            shapes.update(key=kv, value=kv)
+            engine.set_shapes(engine.context, shapes)
+            out = plan.out_start + piece.first
+            for layer in range(self.config.num_hidden_layers):
+                address.update(
+                    key=source.key(layer), value=source.value(layer),
+                    mixed_key=target.key(layer, out), mixed_value=target.value(layer, out),
+                )
+                engine.enqueue(engine.context, address, self.compute)
+            # the next piece rewrites the staging rows and the pinned inputs: this one must have read them
+            self.compute.synchronize()
 
     def score(self, cache: TrtDecodeCache, input_ids) -> np.ndarray:
         self._live(cache)
@@ -756,6 +999,13 @@ class TensorRTBackend(Backend):
             self._decode_step(context, t, bucket)
         for _old_context, old_graph in self._graphs.add(key, (context, graph)):
             old_graph.close()
+
+
+def _host_rows(ptr: int, rows: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """A numpy view of ``rows`` K or V rows of one layer of the pinned host tier."""
+    count = rows * int(np.prod(shape))
+    raw = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(rows, *shape)
 
 
 def _is_kv(graph: str, name: str) -> bool:

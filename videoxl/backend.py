@@ -86,6 +86,10 @@ class Backend(ABC):
     def check_frames(self, frames: int) -> None:
         """Raise before any work when a video exceeds what the artifacts were built for."""
 
+    def check_prefill(self, *, rule: str, chunk_groups: int, window_chunks: int) -> None:
+        """Raise before any work when this backend cannot prefill that way (e.g. the evaluation rule
+        with the dense tier in host memory); every prefill is accepted by default."""
+
     @abstractmethod
     def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
         """(4G, 3, S, S) float32 -> (G, 144, H) visual embeddings."""

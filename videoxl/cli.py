@@ -138,6 +138,11 @@ def _add_model_flags(p) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the first-use export and of --backend torch (default: %(default)s)")
     p.add_argument("--gpu-memory-budget", type=_byte_size, default=None, help="device bytes for --backend tensorrt, e.g. 16GiB (default: 90%% of free)")
+    p.add_argument("--dense-tier", choices=("auto", "device", "host"), default="auto",
+                   help="--backend tensorrt: where the dense KV tier lives. device: with the sparse tier; host: pinned host "
+                        "memory (each chunk's rows copied out once, the chosen blocks' rows back per question; needs "
+                        "--prefill-rule streaming); auto: the device when the budget holds the engines' frame limit, "
+                        "else the host (default: %(default)s)")
 
 
 def _add_prepare_flags(p) -> None:
@@ -245,7 +250,9 @@ def open_backend(args, *, checkpoint: Path | None):
 
         if not args.engines:
             raise SystemExit("--backend tensorrt needs --engines DIR (build them with `videoxl build`)")
-        return TensorRTBackend(args.engines, gpu_memory_budget=getattr(args, "gpu_memory_budget", None))
+        return TensorRTBackend(
+            args.engines, gpu_memory_budget=getattr(args, "gpu_memory_budget", None), dense_tier=getattr(args, "dense_tier", "auto"),
+        )
     if backend == "torch":
         from videoxl.export.torch_backend import TorchBackend
 

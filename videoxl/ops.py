@@ -52,9 +52,15 @@ CHUNK_SPARSE_ATTENTION = OpContract(
         TensorSpec("query", ("Q", "Hq", "D"), "float", "chunk queries, rotated at past_len + i"),
         TensorSpec("key", ("Q", "Hkv", "D"), "float", "the chunk's own keys, rotated at past_len + i"),
         TensorSpec("value", ("Q", "Hkv", "D"), "float", "the chunk's own values"),
-        TensorSpec("past_key", ("P", "Hkv", "D"), "float", "past buffer: row j holds the key of position j, rotated; rows >= past_len unused"),
-        TensorSpec("past_value", ("P", "Hkv", "D"), "float", "past buffer of values, row j = position j"),
-        TensorSpec("past_len", ("1",), "int64", "valid past rows = absolute position of query 0 (a device tensor, not a shape)"),
+        TensorSpec(
+            "past_key", ("P", "Hkv", "D"), "float",
+            "past buffer: row j holds the key of position j, rotated; rows >= past_len unused. Or, with no timestamp "
+            "queries (streaming rule), a compact view: kept rows in position order, so row j holds a position >= j, "
+            "each key rotated at its own position; P may then be below past_len and rows are read only through "
+            "visible_past_index",
+        ),
+        TensorSpec("past_value", ("P", "Hkv", "D"), "float", "past buffer of values, rows as past_key's"),
+        TensorSpec("past_len", ("1",), "int64", "absolute position of query 0 = valid past rows of a full buffer (a device tensor, not a shape)"),
         TensorSpec("visible_past_index", ("V",), "int64", "past rows every query sees, ascending, all < past_len (prefix, earlier timestamps, window)"),
         TensorSpec("timestamp_query_index", ("Tq",), "int64", "queries that see the whole past [0, past_len) instead (ascending; empty under the streaming rule)"),
     ),

@@ -221,6 +221,33 @@ def test_chunk_attention_query_kinds(target, case, dtype, variant) -> None:
     assert_close(out, want, dtype, f"{variant}: {num_queries} queries, timestamp share {timestamp_share}")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@targets_with([(101, 33), (700, 9)])
+def test_chunk_attention_reads_a_compact_past(target, case, dtype, variant) -> None:
+    """The streaming rule's compact view (dense tier on the host): the kept rows, in position
+    order, in a buffer shorter than past_len. The output equals the full buffer's, because the
+    kernel reads past rows only through visible_past_index."""
+    past_len, num_queries = case
+    gen = torch.Generator().manual_seed(past_len)
+    q, q64 = random((num_queries, 14, 64), dtype, gen, target)
+    k, k64 = random((num_queries, 2, 64), dtype, gen, target)
+    v, v64 = random((num_queries, 2, 64), dtype, gen, target)
+    past_k, past_k64 = random((past_len, 2, 64), dtype, gen, target)
+    past_v, past_v64 = random((past_len, 2, 64), dtype, gen, target)
+    visible = ref.visible_past_index(7, np.array([9, 10, 30, 31, 32, 63]), past_len - 20, past_len)
+    no_ts = np.zeros(0, np.int64)
+    want = ref.chunk_sparse_attention(q64, k64, v64, past_k64, past_v64, past_len, visible, no_ts, 0.125)
+    kept = torch.as_tensor(visible, device=q.device)
+    out = poisoned(q.shape, dtype, target)
+    kernel_module.chunk_attention_torch(  # kept rows only, then NaN rows the kernel must not read
+        q, k, v, past_buffer(past_k[kept], 2), past_buffer(past_v[kept], 2), past_len=past_len,
+        visible_past_index=np.arange(len(visible)), timestamp_query_index=no_ts, scale=0.125, out=out, variant=variant,
+    )
+    target.synchronize()
+    assert_close(out, want, dtype, f"{variant}: compact past of {len(visible)} rows at past_len {past_len}")
+
+
 @pytest.mark.parametrize("target", ["emulated"], indirect=True)
 def test_mma_kernel_refuses_other_shapes(target) -> None:
     """fp32 and head_dim 32 are the SIMT kernel's: the tensor-core launcher says so, auto falls back."""

@@ -211,6 +211,7 @@ class FakeCudart:
         self.fault: BaseException | None = None
         self.fault_injected = False
         self.bytes_to_device = self.bytes_to_host = self.graph_launches = 0
+        self.host_bytes: collections.Counter[tuple[str, int]] = collections.Counter()  # ("to_device"|"to_host", host allocation) -> bytes
 
     # --- the simulation's own controls (not CUDA calls) --------------------------------------------
     def set_delay(self, stream: int | None, low_ms: float, high_ms: float | None = None) -> None:
@@ -336,12 +337,26 @@ class FakeCudart:
             return cudaError_t.cudaErrorStreamCaptureUnsupported
         return OK
 
-    def _count(self, kind: int, nbytes: int) -> None:
+    def _base(self, ptr: int) -> int:
+        """The allocation holding ``ptr`` (0 for pageable memory)."""
+        for base, buffer in self.buffers.items():
+            if base <= ptr < base + buffer.nbytes:
+                return base
+        return 0
+
+    def _count(self, kind: int, nbytes: int, host: int = 0) -> None:
+        """Bytes across the bus, in total and per host allocation (``host`` is its base, 0: pageable)."""
         with self._cv:
             if kind == HOST_TO_DEVICE:
                 self.bytes_to_device += nbytes
+                self.host_bytes[("to_device", host)] += nbytes
             elif kind == DEVICE_TO_HOST:
                 self.bytes_to_host += nbytes
+                self.host_bytes[("to_host", host)] += nbytes
+
+    def bytes_with(self, allocation: int) -> dict[str, int]:
+        """Bytes copied from (to_device) and into (to_host) the host allocation at ``allocation``."""
+        return {direction: self.host_bytes[(direction, allocation)] for direction in ("to_device", "to_host")}
 
     # --- device, memory ----------------------------------------------------------------------------
     @_api()
@@ -399,9 +414,11 @@ class FakeCudart:
         if error:
             return error
 
+        host = self._base(src if kind == HOST_TO_DEVICE else dst)
+
         def copy() -> None:  # reads the source now, when the stream reaches it
             ctypes.memmove(dst, src, nbytes)
-            self._count(kind, nbytes)
+            self._count(kind, nbytes, host)
 
         return self._submit(stream, _Item(f"cudaMemcpyAsync({nbytes} B, kind {kind})", run=copy))
 
@@ -415,10 +432,12 @@ class FakeCudart:
         if error:
             return error
 
+        host = self._base(src if kind == HOST_TO_DEVICE else dst)
+
         def copy() -> None:
             for row in range(height):
                 ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
-            self._count(kind, width * height)
+            self._count(kind, width * height, host)
 
         return self._submit(stream, _Item(f"cudaMemcpy2DAsync({height} x {width} B, kind {kind})", run=copy))
 

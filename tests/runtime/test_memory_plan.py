@@ -209,8 +209,9 @@ def test_cli_plan_prints_the_table(capsys, tmp_path):
     assert "video KV region" in out and "decode KV region" in out and "fits: yes" in out
     assert "reload" not in out and "host total" not in out
 
-    assert _plan_command(["--config", "real", "--frames", "10000", "--gpu-memory-budget", "64GiB"]) == 1
-    assert "--max-frames" in capsys.readouterr().out
+    assert _plan_command(["--config", "real", "--frames", "10000", "--gpu-memory-budget", "64GiB", "--dense-tier", "device"]) == 1
+    out = capsys.readouterr().out
+    assert "--max-frames" in out and "--dense-tier host" in out  # the advice names the host tier too
 
     REAL.save(tmp_path / "config.json")  # an ONNX or engine directory's config
     assert _plan_command(["--config", str(tmp_path), "--frames", "16", "--gpu-memory-budget", "16GiB",
@@ -218,8 +219,13 @@ def test_cli_plan_prints_the_table(capsys, tmp_path):
     assert "unified memory" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no config.json"):
         _plan_command(["--config", str(tmp_path / "nope"), "--frames", "4", "--gpu-memory-budget", "1GiB"])
-    with pytest.raises(SystemExit):  # the v1 options are gone: nothing is planned on the host any more
-        _plan_command(["--config", "real", "--frames", "4", "--gpu-memory-budget", "1GiB", "--dense-tier", "host"])
+    with pytest.raises(SystemExit):
+        _plan_command(["--config", "real", "--frames", "4", "--gpu-memory-budget", "1GiB", "--dense-tier", "disk"])
+    assert _plan_command(["--config", "real", "--frames", "6000", "--gpu-memory-budget", "51GiB", "--dense-tier", "host",
+                          "--host-memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dense KV tier +host", out) and "host total (pinned)" in out and "of 64.00 GiB free" in out
+    assert "frames that fit this budget: 2,620 with the dense tier on the device, 6,356 with the dense tier in pinned host memory" in out
 
 
 def test_cli_plan_reads_a_checkpoint_config(capsys, tiny_checkpoint):
@@ -300,3 +306,73 @@ def test_real_weight_bytes_by_hand():
     assert 14.2 * GiB < int4 < 14.4 * GiB and 22.9 * GiB < int8 < 23.1 * GiB
     assert WeightFormat.parse("int4", 64).linear_bytes(Linear("x", 128, 8), 2) == 128 * 8 // 2 + (128 // 64) * 8 * 2
     assert WeightFormat.parse("int8").linear_bytes(Linear("x", 128, 8), 2) == 128 * 8 + 8 * 2
+
+
+# --- the dense tier in pinned host memory --------------------------------------------------------------
+def test_the_dense_tier_in_host_memory_by_hand():
+    """10,000 frames on 24 GiB: the device keeps the sparse tier, the resident rows and the staging."""
+    plan = plan_memory(REAL, frames=10_000, budget_bytes=24 * GiB, dense_tier="host", host_budget_bytes=64 * GiB)
+    kv, t = 57_344, plan.tokens
+    dense, sparse = 64 + 2500 * 150, 2500 * 42
+    resident = 64 + 2500 * 6 + 2 * (3 + 1) * 4 * 144  # prefix, every timestamp row, 2 x (window + chunk) of visual rows
+    staging = (1 + 4) * 4 * 150  # the first block and the top-4, whole
+    assert (t.dense, t.sparse, t.resident, t.staging) == (dense, sparse, resident, staging)
+    assert [(i.name, i.where) for i in plan.items] == [
+        ("weights", "device"), ("activations", "device"), ("video KV region", "device"), ("decode KV region", "device"),
+        ("dense KV tier", "host")]
+    assert plan.item("video KV region").nbytes == (sparse + resident + staging) * kv
+    assert plan.item("dense KV tier").nbytes == plan.host_bytes == dense * kv
+    assert plan.device_bytes == sum(i.nbytes for i in plan.items if i.where == "device")
+    # the streaming rule reads no whole past: the prefill phase is smaller than with the dense tier on the device
+    device = plan_memory(REAL, frames=10_000, budget_bytes=24 * GiB, dense_tier="device")
+    prefill = lambda p: int(re.search(r"prefill chunk ([\d.]+) MiB", p.item("activations").detail).group(1).split(".")[0])  # noqa: E731
+    assert prefill(plan) < prefill(device)
+    assert not plan.fits and plan.device_bytes > 24 * GiB  # the sparse tier alone is 5.6 GiB: 10,000 frames need more
+
+
+# 51 GiB: the engines' 42.08 GiB of fp16 weights (the LLM in three engines) plus ~9 GiB for KV and activations
+def test_auto_keeps_the_dense_tier_on_the_device_when_it_fits_and_moves_it_when_not():
+    assert plan_memory(REAL, frames=2048, budget_bytes=80 * GiB, dense_tier="auto").inputs.dense_tier == "device"  # nothing leaves an 80 GB GPU
+    moved = plan_memory(REAL, frames=6000, budget_bytes=51 * GiB, dense_tier="auto", host_budget_bytes=64 * GiB)
+    assert moved.fits and moved.inputs.dense_tier == "host" and moved.host_bytes > 10 * GiB
+    assert "dense tier: in pinned host memory" in moved.table()
+    # too little host memory: the device plan stays, with its advice
+    short = plan_memory(REAL, frames=6000, budget_bytes=51 * GiB, dense_tier="auto", host_budget_bytes=8 * GiB)
+    assert not short.fits and short.inputs.dense_tier == "device"
+    starved = plan_memory(REAL, frames=6000, budget_bytes=51 * GiB, dense_tier="host", host_budget_bytes=8 * GiB)
+    assert not starved.fits and any("pinned dense tier needs" in line for line in starved.advice)
+
+
+@pytest.mark.parametrize(("budget", "device_frames", "host_frames"), [(80, 11_668, 28_464), (51, 2_620, 6_356)])
+def test_frames_that_fit_either_way(budget, device_frames, host_frames):
+    plan = plan_memory(REAL, frames=1000, budget_bytes=budget * GiB, host_budget_bytes=256 * GiB)
+    assert dict(plan.frames_fit) == {"device": device_frames, "host": host_frames}
+    for tier, frames in plan.frames_fit:  # each is the largest that fits
+        assert plan_memory(REAL, frames=frames, budget_bytes=budget * GiB, dense_tier=tier, host_budget_bytes=256 * GiB).fits
+        assert not plan_memory(REAL, frames=frames + 4, budget_bytes=budget * GiB, dense_tier=tier, host_budget_bytes=256 * GiB).fits
+
+
+def test_advice_to_move_the_dense_tier_is_true():
+    plan = plan_memory(REAL, frames=6000, budget_bytes=51 * GiB, dense_tier="device", host_budget_bytes=64 * GiB)
+    line = next(line for line in plan.advice if "--dense-tier host" in line)
+    assert "all 6000 frames fit" in line
+    assert plan_memory(REAL, frames=6000, budget_bytes=51 * GiB, dense_tier="host", host_budget_bytes=64 * GiB).fits
+
+
+def test_fit_kv_rows_with_the_dense_tier_in_host_memory():
+    cfg, row = VideoXLConfig(), 4 * 128 * 2
+    limits = LIMITS | {"max_frames": 2048, "chunk_groups": 4, "window_chunks": 3}
+    device_rows = kv_rows_for(cfg, limits, 2048, dense_blocks=4)
+    host_rows = kv_rows_for(cfg, limits, 2048, dense_blocks=4, dense_tier="host")
+    assert host_rows.host == device_rows.video - host_rows.sparse  # the dense tier, whole, in host memory
+    assert host_rows.video == host_rows.sparse + host_rows.resident + host_rows.staging < device_rows.video / 2
+    budget = host_rows.nbytes(28, row) + (1 << 20)
+    assert fit_kv_rows(cfg, limits, available_bytes=budget, row_bytes=row, dense_blocks=4)[0] < 2048
+    frames, rows = fit_kv_rows(cfg, limits, available_bytes=budget, row_bytes=row, dense_blocks=4, dense_tier="host")
+    assert frames == 2048 and rows.host == host_rows.host and rows.nbytes(28, row) <= budget
+    # the host memory bounds it too
+    half = kv_rows_for(cfg, limits, 1024, dense_blocks=4, dense_tier="host").host_nbytes(28, row)
+    frames, rows = fit_kv_rows(cfg, limits, available_bytes=budget, row_bytes=row, dense_blocks=4, dense_tier="host", host_bytes=half)
+    assert frames == 1024 and rows.host_nbytes(28, row) <= half
+    with pytest.raises(ArenaOverflowError, match="pinned host memory"):
+        fit_kv_rows(cfg, limits, available_bytes=budget, row_bytes=row, dense_blocks=4, dense_tier="host", host_bytes=1 << 20)

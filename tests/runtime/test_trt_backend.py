@@ -30,6 +30,29 @@ from __future__ import annotations
 #   _upload_video     compute.synchronize()    tiers_round_trip_through_the_host (3 of 3 runs)
 #   _capture_decode   compute.synchronize()    none, and none can: it orders nothing that is read (the capture
 #                                              only records); it is there for TensorRT's state after a plain run
+#
+# With the dense tier in pinned host memory (--dense-tier host) a copy stream moves each chunk's rows
+# out and the chosen blocks' rows back; events order it against the compute stream. Removed one at a
+# time, the dense-tier tests ran twice (the _gather_staged synchronize, the _upload_split one and the
+# _prefill_chunk_resident one once):
+#
+#   removed from runtime/trt_backend.py                  caught by test_simulated_dense_tier_...
+#   _prefill_chunk_resident  copy.wait(chunk_written)     survives_a_slow_stream[compute], [copy] (a copy out reads the
+#                                                         rows before the chunk wrote them)
+#   _prefill_chunk_resident  compute.wait(copied_out)     survives_a_slow_stream[copy] (compaction and the next chunk
+#                                                         overwrite rows still on their way out; unseen once with the
+#                                                         copy stream lagging 20 ms an item, hence 50 ms)
+#   _prefill_chunk_resident  compute.synchronize()        every dense-tier test that prefills (a device fault, as above)
+#   _gather_staged           compute.wait(staged)         survives_a_slow_stream[copy] (a pass gathers stale staging rows)
+#   _gather_staged           compute.synchronize()        survives_a_slow_stream[compute], [copy] (the next pass rewrites
+#                                                         the staging rows and pinned inputs still being read)
+#   new_video_cache          copy.synchronize()           survives_a_slow_stream[copy] (the previous video's copies out
+#                                                         land over the state just loaded)
+#   _download_split          copy.synchronize()           survives_a_slow_stream[copy] (the host tier read before the
+#                                                         last copies out landed)
+#   _download_split          compute.synchronize()        survives_a_slow_stream[compute]
+#   _upload_split            compute.synchronize()        survives_a_slow_stream[compute], [copy] (the caller's arrays
+#                                                         reused before their upload ran)
 
 import dataclasses
 import json
@@ -356,7 +379,7 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
 
     made = []
 
-    def make(device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None) -> TensorRTBackend:
+    def make(device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None, **options) -> TensorRTBackend:
         """``layers_per_engine``: the LLM graphs as layer-range engines (videoxl.engines.ranges), as `videoxl build` cuts them."""
         engines = tmp_path / f"engines{len(made)}"
         engines.mkdir()
@@ -381,7 +404,7 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
         monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
         monkeypatch.setattr(cuda_memory, "cudart", lambda: device)
         monkeypatch.setattr(trt_backend, "cudart", lambda: device)
-        backend = TensorRTBackend(engines, gpu_memory_budget=256 << 20)
+        backend = TensorRTBackend(engines, gpu_memory_budget=256 << 20, **options)
         made.append((backend, device))
         return backend
 
@@ -615,3 +638,135 @@ def test_simulated_close_goes_on_after_a_failed_free(make_simulated, caplog):
     assert list(device.buffers) == [pinned]  # only the pool whose free failed is left; the arena went after it
     assert device.live_resources()["streams"] == 0
     assert device.cudaFreeHost(pinned) == (0,)  # freed here, so the fixture finds nothing left
+
+
+# --- the dense tier in pinned host memory (--dense-tier host) ---------------------------------------------
+# 16 groups in chunks of 2 with a window of 1: the device keeps the prefix, every timestamp row and
+# 4 chunks (window + chunk, and as much slack), fewer rows than the dense tier, so the resident rows
+# are compacted on the way; questions stage the blocks that left the device.
+STREAMING = dict(prefill_rule="streaming", chunk_groups=2, window_chunks=1, block_groups=2)
+OFFLOAD_GROUPS = 16
+
+
+def _offload_case(make_layout, cfg, seed: int = 21):
+    layout = make_layout(OFFLOAD_GROUPS, "")
+    visual = np.random.default_rng(seed).standard_normal((OFFLOAD_GROUPS, cfg.tokens_per_group, cfg.hidden_size)).astype(np.float32)
+    return layout, visual
+
+
+def _prepared(pipeline, layout, visual, options):
+    """A video prefilled once (an empty question), ready for `ask`."""
+    from videoxl.runtime.pipeline import PreparedVideo, RunReport
+
+    store = pipeline.prefill(layout, visual, options)
+    return PreparedVideo(np.arange(4.0 * layout.num_groups), layout, store, options, RunReport())
+
+
+def _resident_after_prefill(layout, options) -> set[int]:
+    """What the device still holds after the last chunk: what it read (prefix, timestamps, window) and itself."""
+    from videoxl.layout import chunk_visibility, num_chunks
+
+    last = num_chunks(layout, options.chunk_groups) - 1
+    vis = chunk_visibility(layout, last, chunk_groups=options.chunk_groups, window_chunks=options.window_chunks, rule="streaming")
+    return set(vis.visible_past_index.tolist()) | set(range(vis.start, vis.end))
+
+
+def test_simulated_dense_tier_in_host_memory_gives_the_onnxruntime_tokens(make_simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """Several chunks, a window, several blocks, follow-up questions choosing different blocks (top-k,
+    explicit, all: more than the staging area holds, so several passes): ONNX Runtime's tokens. Across
+    the bus: each chunk's rows out once, and back only the chosen rows the device no longer holds."""
+    from videoxl.layout import block_ranges
+    from videoxl.runtime.memory_plan import kv_rows_for
+    from videoxl.runtime.cuda_memory import KVSlabs
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    device = FakeCudart(delay_ms=(0.0, 2.0), seed=3)
+    backend = make_simulated(device, dense_tier="host", plan_dense_blocks=0)
+    cfg, rows = backend.config, backend._rows
+    assert backend.dense_on_host and len(device.buffers) == 3  # the arena, the pinned staging, the pinned dense tier
+    on_device = kv_rows_for(cfg, backend.limits, 64, dense_blocks=0)
+    row_bytes = backend._row_bytes
+    assert backend.arena.layout.regions["video"].nbytes < KVSlabs.nbytes(cfg.num_hidden_layers, on_device.video, row_bytes)
+
+    layout, visual = _offload_case(make_layout, cfg)
+    assert rows.resident < layout.suffix_start  # the resident rows must be compacted on the way
+    options = InferenceOptions(dense_blocks=1, **STREAMING)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    ours, reference = Pipeline(backend, tiny_tokenizer), Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
+    prepared, reference_prepared = _prepared(ours, layout, visual, options), _prepared(reference, layout, visual, options)
+    pool = backend.dense_tier_pool.ptr
+    row_set_bytes = 2 * cfg.num_hidden_layers * row_bytes  # one position, K and V of every layer
+    resident, blocks = _resident_after_prefill(layout, options), block_ranges(layout, options.block_groups)
+    staged, chosen_sets = 0, []
+    for question, dense_blocks in (("Which colour comes last?", 1), ("What moves?", (3,)), ("What moves?", (5, 6)),
+                                   ("What is shown?", "all"), ("Which colour comes last?", 1)):
+        for p in (prepared, reference_prepared):
+            p.options = dataclasses.replace(options, dense_blocks=dense_blocks)
+        answer, expected = ours.ask(prepared, question, gen=gen), reference.ask(reference_prepared, question, gen=gen)
+        assert answer.token_ids == expected.token_ids, (question, dense_blocks)
+        assert answer.report.dense_blocks == expected.report.dense_blocks
+        chosen = {p for b in answer.report.dense_blocks for p in range(*blocks[b])}
+        chosen_sets.append(frozenset(answer.report.dense_blocks))
+        staged += len(chosen - resident)
+    assert len(set(chosen_sets)) >= 4  # the questions chose different blocks
+    backend.copy.synchronize()
+    assert device.bytes_with(pool) == {"to_host": layout.suffix_start * row_set_bytes, "to_device": staged * row_set_bytes}
+
+
+def test_simulated_dense_tier_in_host_memory_refuses_the_evaluation_rule(make_simulated, tiny_tokenizer, make_layout):
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+
+    backend = make_simulated(FakeCudart(delay_ms=(0.0, 0.3), seed=4), dense_tier="host", plan_dense_blocks=0)
+    layout, visual = _offload_case(make_layout, backend.config)
+    options = InferenceOptions(**{**STREAMING, "prefill_rule": "evaluation"})
+    with pytest.raises(ValueError) as err:
+        Pipeline(backend, tiny_tokenizer).prefill(layout, visual, options)
+    message = str(err.value)
+    assert "\n" not in message and "--prefill-rule streaming" in message and "pinned host memory" in message
+    assert f"--max-frames {backend.device_max_frames}" in message  # what fits with the dense tier on the device
+    assert backend.engines["prefill_chunk"].engine.executions == 0  # refused before any work
+
+
+@pytest.mark.parametrize(("slow", "lag_ms"), [("compute", 3.0), ("copy", 50.0)])
+def test_simulated_dense_tier_survives_a_slow_stream(make_simulated, tiny_onnx, tiny_tokenizer, make_layout, slow, lag_ms):
+    """One stream lags (the copy stream longer than a chunk's compute, so that copies pile up). The
+    tiers read back right after the prefill are ONNX Runtime's (copies out waited for their chunk,
+    compaction for the copies out, the download for the host tier); a decode cache with every block
+    dense, staged in several passes, gives ONNX Runtime's logits (each pass waited for its uploads, the
+    next pass for the previous one); a state loaded while another video is still being copied out is
+    the state loaded (a new video waits for the previous one's copies; the upload for its sources)."""
+    from videoxl.runtime.kv_store import TwoTierKVStore
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+
+    device = FakeCudart(delay_ms=(0.0, 0.3), seed=7)
+    backend = make_simulated(device, dense_tier="host", plan_dense_blocks=0)
+    device.set_delay(getattr(backend, slow).handle, lag_ms)
+    cfg = backend.config
+    layout, visual = _offload_case(make_layout, cfg)
+    options = InferenceOptions(**STREAMING)
+    ours, reference = Pipeline(backend, tiny_tokenizer), Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
+    store = ours.prefill(layout, visual, options)
+    got = store.state()  # at once: the last copies out may still be running
+    expected_store = reference.prefill(layout, visual, options)
+    expected = expected_store.state()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    question = make_layout(OFFLOAD_GROUPS, "What moves?")
+    suffix = question.input_ids[question.suffix_start :]
+    every_block = set(range(len(store.blocks)))
+    cache, _ = store.build_decode_cache(every_block, extra_capacity=len(suffix))
+    reference_cache, _ = expected_store.build_decode_cache(every_block, extra_capacity=len(suffix))
+    np.testing.assert_allclose(backend.decode(cache, suffix), reference.backend.decode(reference_cache, suffix), rtol=1e-4, atol=1e-5)
+
+    # another video is still on its way out when a saved state is loaded into the tiers
+    ours.prefill(layout, visual[::-1].copy(), options)
+    state = {name: array.copy() for name, array in expected.items()}
+    loaded = TwoTierKVStore.from_state(backend, cfg, layout, block_groups=options.block_groups, state=state)
+    for array in state.values():  # the caller may reuse its arrays once load returns
+        array.fill(np.nan)
+    for name, array in loaded.state().items():
+        np.testing.assert_array_equal(array, expected[name].astype(array.dtype), err_msg=name)
