@@ -3,6 +3,13 @@
 Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl plan` answers
 "does N frames fit in this GPU?" on any machine, and so that the answer can be tested.
 
+Weights are counted as the TensorRT backend holds them (``engine_weight_bytes``): one engine (or
+one chain of layer-range engines) per graph, each with its own copy, so the LLM's weights are on
+the device three times (prefill_chunk, decode, score; score without what it never reads)::
+
+    weights = vision + 2 x LLM + (LLM - lm_head - final norm - last layer's v/o/MLP)
+            = 0.95 + 14.19 + 14.19 + 12.76 = 42.08 GiB    (Video-XL-2 8B, fp16)
+
 KV arithmetic (DESIGN §3), per token over all layers (``videoxl.graphs.kv_bytes``)::
 
     kv_bytes_per_token = layers x 2 (K, V) x kv_heads x head_dim x dtype_bytes
