@@ -6,6 +6,10 @@ address-space cap (``--cap-gib``, default 20) so that a step can never take the 
     checkpoint   python -m videoxl.synthetic (full size, bf16, 4 GiB shards)
     export       videoxl export --dtype fp16 | bf16 (external data)  + the path-based ONNX checker
     build        videoxl build per target (sm_89, sm_120) with and without plugins
+    ranges       the LLM graphs as layer-range engines (videoxl build's default for the 8B model), one
+                 graph per process (disk: the engines of one graph, ~15 GB, are deleted after it),
+                 per engine: build seconds, peak RSS (VmHWM, reset before each engine), engine bytes
+                 and TensorRT's own memory report (activations, weights)
     plan         videoxl plan --config real, beside what the builds report
 
 Results are appended to bench/RESULTS.md under "Real size" (``--write``) and printed.
@@ -67,6 +71,47 @@ def graph_bytes(onnx_dir: Path) -> dict[str, dict]:
     return out
 
 
+def measure_graph(onnx_dir: Path, out: Path, *, graph: str, target: str, plugins: bool, max_frames: int) -> list[dict]:
+    """In this process: build ``graph``'s engines (its layer ranges) and measure each; see the docstring."""
+    import logging
+    import re
+
+    import videoxl.engines.build as build
+
+    report: dict[str, int] = {}
+
+    class _MemoryReport(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"Total (Activation|Weights) Memory: (\d+) bytes", record.getMessage())
+            if found:
+                report[found.group(1).lower()] = int(found.group(2))
+
+    trt_log = logging.getLogger("videoxl.engines.trt_module")
+    trt_log.setLevel(logging.DEBUG)
+    trt_log.addHandler(_MemoryReport(logging.DEBUG))
+    measured: list[dict] = []
+    build_one = build._build_one
+
+    def measured_build(trt, logger, part, *args, **kwargs):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: each engine's own peak
+        report.clear()
+        entry, timing = build_one(trt, logger, part, *args, **kwargs)
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+        measured.append({
+            "engine": part.engine_file, "weight_bytes": part.part.weight_bytes if part.part else build.graph_weight_bytes(part.path),
+            "build_seconds": entry["build_seconds"], "peak_rss_bytes": peak_kib * 1024, "bytes": entry["bytes"],
+            "trt_activation_bytes": report.get("activation"), "trt_weights_bytes": report.get("weights"),
+        })
+        print(json.dumps(measured[-1]), flush=True)
+        (out.parent / f"{out.name}.engines.partial.json").write_text(json.dumps(measured, indent=2))  # survives a failed later range
+        return entry, timing
+
+    build._build_one = measured_build
+    build.GRAPHS = [graph]  # this graph only: one graph's engines on disk at a time
+    build.build_engines(onnx_dir, out, targets=[target], flavour="tensorrt_rtx", use_plugins=plugins, max_frames=max_frames)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True)
@@ -76,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-gib", type=float, default=20.0)
     parser.add_argument("--max-frames", type=int, default=1024)
     parser.add_argument("--keep-exports", action="store_true", help="keep every export (default: delete after its builds)")
+    parser.add_argument("--graphs", default="prefill_chunk,decode,score", help="graphs of the ranges step")
+    parser.add_argument("--plugins", default="no,yes", help="ranges step: without and/or with the plugins")
+    parser.add_argument("--measure-graph", nargs=5, metavar=("ONNX", "OUT", "GRAPH", "TARGET", "PLUGINS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_graph:  # the child process of the ranges step
+        onnx_dir, out, graph, target, plugins = args.measure_graph
+        measured = measure_graph(Path(onnx_dir), Path(out), graph=graph, target=target, plugins=plugins == "yes", max_frames=args.max_frames)
+        (Path(out).parent / f"{Path(out).name}.engines.json").write_text(json.dumps(measured, indent=2))
+        return 0
     steps = set(args.steps.split(","))
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -125,6 +178,23 @@ def main(argv: list[str] | None = None) -> int:
                                            for n, e in engines.items()}
                     results["steps"].append(step)
                     save()
+        if "ranges" in steps:
+            for target in args.targets.split(","):
+                for plugins in args.plugins.split(","):
+                    for graph in args.graphs.split(","):
+                        out = work / f"engines_{dtype}_{target}_{graph}_{'plugins' if plugins == 'yes' else 'inlined'}"
+                        step = run_step(f"ranges {dtype} {target} {graph} plugins={plugins}",
+                                        [py, str(Path(__file__).resolve()), "--workdir", str(work), "--max-frames", str(args.max_frames),
+                                         "--measure-graph", str(onnx_dir), str(out), graph, target, plugins],
+                                        cap_gib=args.cap_gib, log_path=work / f"{out.name}.log")
+                        measured = work / f"{out.name}.engines.json"
+                        partial = work / f"{out.name}.engines.partial.json"
+                        step["engines"] = json.loads((measured if measured.is_file() else partial).read_text()) if (measured.is_file() or partial.is_file()) else []
+                        if step["engines"]:  # the child resets VmHWM per engine, so its ru_maxrss is the last engine's
+                            step["peak_rss_bytes"] = max(e["peak_rss_bytes"] for e in step["engines"])
+                        results["steps"].append(step)
+                        save()
+                        subprocess.run(["rm", "-rf", str(out)], check=False)  # disk: ~15 GB of engines per graph
         if not args.keep_exports and "build" in steps and dtype != args.dtypes.split(",")[-1]:
             subprocess.run(["rm", "-rf", str(onnx_dir)], check=False)  # disk: one export at a time
     if "plan" in steps:

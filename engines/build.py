@@ -7,6 +7,13 @@
       -> out_dir/{graph}.engine + config.json + manifest.json
          (per engine: plugin layers, fused attention layers, host/device location of each input)
 
+An LLM graph whose weights exceed ``max_engine_weights`` (default 4 GiB: the 8B model's 14.2 GiB
+LLM then builds as 4 engines of ~3.6 GiB, each within ~10 GiB of build memory, where one engine
+does not fit 20 GiB) is cut into layer ranges (``ranges.py``): their small .onnx files are written
+beside the export, over its external data, and each range is built as its own engine,
+``{graph}.layers_AA-BB.engine``. Its manifest entry lists the ranges in order with the boundary
+tensors each takes in and gives out; the TensorRT backend runs them as one chain.
+
 With plugins, the two videoxl custom ops become our IPluginV3 plugins; without (--no-plugins)
 their function bodies are inlined, attention is the standard ONNX Attention op that TensorRT
 maps to its fused attention layers, and the engines load with stock TensorRT and no plugin
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -44,6 +52,7 @@ from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines import manifest as manifest_io
 from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import (
+    DEFAULT_MAX_ENGINE_WEIGHTS,
     GRAPH_FILES,
     GRAPHS,
     PRECISION_BYTES,
@@ -56,6 +65,7 @@ from videoxl.engines.profiles import (
     kv_cache_bytes,
     shape_input_values,
 )
+from videoxl.engines.ranges import RANGED_GRAPHS, RangeGraph, split_layers, write_range
 from videoxl.engines.trt_install import install_fix_applied
 from videoxl.outdir import OutputDirError, check_out_dir, describe_os_error, is_filesystem_error, staged
 from videoxl.engines.trt_module import (
@@ -81,7 +91,7 @@ BF16_MIN_TARGET = (8, 0)
 # Graphs with this many bytes of weights are built for weight streaming and serialised to their
 # file as they are built (the 8B LLM graphs): the device need not hold all of them, nor the build
 # process a second in-memory copy of the plan.
-STREAM_WEIGHTS_BYTES = 2**31  # Ampere: the first architecture with bf16 tensor cores
+STREAM_WEIGHTS_BYTES = 2**31
 _ONNX_PRECISIONS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 __all__ = ["EngineBuildError", "build_engines", "PRECISIONS", "DEFAULT_RTX_TARGETS"]
@@ -96,6 +106,15 @@ class _Graph:
     external_files: tuple[str, ...]
     custom_nodes: tuple[str, ...]  # names of the videoxl-domain nodes (each a plugin when plugins are used)
     weights: WeightFormat | None = None  # from its DequantizeLinear weights; None: a graph without linears
+    part: RangeGraph | None = None  # a layer range of graph `name` (ranges.py); None: the whole graph
+
+    @property
+    def engine_file(self) -> str:
+        return self.part.layers.file(self.name, "engine") if self.part else f"{self.name}.engine"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.part.layers}" if self.part else self.name
 
 
 def build_engines(
@@ -113,6 +132,8 @@ def build_engines(
     memory_budget_bytes: int | None = None,
     progress: bool = False,
     stream_weights: bool | None = None,
+    max_engine_weights: int | None = DEFAULT_MAX_ENGINE_WEIGHTS,
+    layers_per_engine: int | None = None,
 ) -> Path:
     """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
@@ -122,7 +143,10 @@ def build_engines(
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
     the KV cache of the largest profile (``kv_cache_bytes``). ``stream_weights`` builds
     weight-streaming engines, serialised straight to their files (default: for graphs of 2 GiB of
-    weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets. Returns ``out_dir``.
+    weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets.
+    ``max_engine_weights`` (bytes; None: no limit) cuts an LLM graph with more weights into layer
+    ranges, one engine each; ``layers_per_engine`` cuts every LLM graph into ranges of that many
+    layers. Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -149,6 +173,8 @@ def build_engines(
     shape_values = shape_input_values(cfg, limits)
     _prepare_plugins(trt, use_plugins)
     out_dir = _check_out_dir(out_dir, onnx_dir)
+    # after every check: this writes the range graphs beside the export
+    builds = _cut_into_ranges(graphs, cfg, max_engine_weights=max_engine_weights, layers_per_engine=layers_per_engine)
 
     logger = trt_logger(trt)
     if timing_cache is not None and is_rtx(trt):
@@ -159,20 +185,26 @@ def build_engines(
         with staged(out_dir) as staging:
             timing = None
             engines: dict[str, dict[str, Any]] = {}
-            for graph in graphs:
-                engines[graph.name], timing = _build_one(
-                    trt, logger, graph, profiles[graph.name], staging,
-                    shape_values=shape_values[graph.name], targets=targets, use_plugins=use_plugins, precision=precision,
-                    use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
-                    progress=progress,
-                    stream_weights=(graph_weight_bytes(graph.path) >= STREAM_WEIGHTS_BYTES) if stream_weights is None else stream_weights,
-                )
+            for name, parts in builds.items():
+                entries = []
+                for graph in parts:
+                    profile = profiles[name] if graph.part is None else input_profile(name, graph.inputs, ranges[name])
+                    entry, timing = _build_one(
+                        trt, logger, graph, profile, staging,
+                        shape_values=shape_values[name], targets=targets, use_plugins=use_plugins, precision=precision,
+                        use_timing_cache=timing_cache is not None, cache_bytes=cache_bytes, timing=timing,
+                        progress=progress,
+                        stream_weights=(graph_weight_bytes(graph.path) >= STREAM_WEIGHTS_BYTES) if stream_weights is None else stream_weights,
+                    )
+                    entries.append(entry if graph.part is None else _range_entry(graph, entry))
+                engines[name] = entries[0] if parts[0].part is None else _ranged_entry(entries)
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
                     shutil.copy2(onnx_dir / name, staging / name)
             manifest = _manifest(
-                trt, cfg, onnx_dir, out_dir, graphs, engines, targets=targets, precision=precision, weights=weights, limits=limits,
+                trt, cfg, onnx_dir, out_dir, graphs + [g for parts in builds.values() for g in parts if g.part], engines, targets=targets, precision=precision, weights=weights, limits=limits,
                 ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
+                layer_ranges={"max_engine_weights": max_engine_weights, "layers_per_engine": layers_per_engine},
                 memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
             )
             manifest_io.write_manifest(staging, manifest)
@@ -184,7 +216,7 @@ def build_engines(
         if not is_filesystem_error(err):
             raise
         raise EngineBuildError(f"writing {out_dir} failed, nothing was changed: {describe_os_error(err)}") from err
-    log.info("built %d engines into %s in %.1f s", len(graphs), out_dir, time.perf_counter() - started)
+    log.info("built %d engines into %s in %.1f s", sum(map(len, builds.values())), out_dir, time.perf_counter() - started)
     return out_dir
 
 
@@ -231,6 +263,55 @@ def _read_graph(onnx_dir: Path, name: str, cfg: VideoXLConfig) -> _Graph:
     _check_contract_io(path, graph_contract.GRAPHS[name], cfg, inputs, [o.name for o in model.graph.output])
     custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
     return _Graph(name, path, inputs, _graph_precision(model), tuple(external), custom, _graph_weights(model))
+
+
+def _cut_into_ranges(
+    graphs: list[_Graph], cfg: VideoXLConfig, *, max_engine_weights: int | None, layers_per_engine: int | None
+) -> dict[str, list[_Graph]]:
+    """{graph: what to build}: the graph itself, or its layer ranges (written beside it, ranges.py)."""
+    builds: dict[str, list[_Graph]] = {}
+    for graph in graphs:
+        weight_bytes = graph_weight_bytes(graph.path)
+        cut = graph.name in RANGED_GRAPHS and (
+            layers_per_engine is not None or (max_engine_weights is not None and weight_bytes > max_engine_weights)
+        )
+        if not cut:
+            builds[graph.name] = [graph]
+            continue
+        model = onnx.load(str(graph.path), load_external_data=False)
+        parts = split_layers(
+            model, graph_contract.GRAPHS[graph.name], cfg,
+            max_weight_bytes=max_engine_weights, layers_per_engine=layers_per_engine,
+        )
+        del model
+        try:
+            paths = [write_range(part, graph.path.parent) for part in parts]
+        except OSError as err:
+            raise EngineBuildError(
+                f"{graph.path.parent}: cannot write the layer-range graphs beside the export ({describe_os_error(err)}); "
+                "they must sit next to its external data: make the directory writable"
+            ) from err
+        builds[graph.name] = [_range_graph(graph, part, path) for part, path in zip(parts, paths)]
+        log.info(
+            "%s: %s of weights, built as %d layer ranges: %s", graph.name, format_bytes(weight_bytes), len(parts),
+            ", ".join(f"{p.layers} ({format_bytes(p.weight_bytes)})" for p in parts),
+        )
+    return builds
+
+
+def _range_graph(graph: _Graph, part: RangeGraph, path: Path) -> _Graph:
+    model = part.model
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {
+        vi.name: [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in model.graph.input
+        if vi.name not in initializers
+    }
+    external = sorted(
+        {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    )
+    custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
+    return dataclasses.replace(graph, path=path, inputs=inputs, external_files=tuple(external), custom_nodes=custom, part=part)
 
 
 def _graph_weights(model: onnx.ModelProto) -> WeightFormat | None:
@@ -480,7 +561,7 @@ def _build_one(
         # REFIT would keep them out of the plan, but TensorRT for RTX 1.7 cannot build a refittable
         # engine without a GPU (its JIT fails with a CUDA error), so they are not used here.
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    monitor = _progress_monitor(trt, graph.name, progress)
+    monitor = _progress_monitor(trt, graph.label, progress)
     config.progress_monitor = monitor
     if use_timing_cache:
         if timing is None:  # one cache object shared by all the builds, saved at the end
@@ -514,7 +595,7 @@ def _build_one(
         tensor = network.get_output(i)
         io["outputs"][tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
-    path = staging / f"{graph.name}.engine"
+    path = staging / graph.engine_file
     if stream_weights:
         # Written to the file as TensorRT serialises it: a 15 GB plan never sits in one host buffer.
         with open(path, "wb") as f:
@@ -558,6 +639,48 @@ def _build_one(
     return entry, timing
 
 
+def _range_entry(graph: _Graph, entry: dict[str, Any]) -> dict[str, Any]:
+    """One range's manifest entry: the engine's, plus where it sits in the chain."""
+    part = graph.part
+    return {
+        "layers": [part.layers.start, part.layers.stop],
+        "onnx": graph.path.name,
+        "weight_bytes": part.weight_bytes,
+        "boundary_in": list(part.boundary_in),
+        "boundary_out": list(part.boundary_out),
+        **entry,
+    }
+
+
+def _ranged_entry(ranges: list[dict[str, Any]]) -> dict[str, Any]:
+    """A graph built in layer ranges: the ranges in order, and the graph's own I/O over all of them."""
+    crossing = {name for r in ranges for name in r["boundary_in"]}
+
+    def merged(kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for r in ranges:
+            out |= {name: spec for name, spec in r[kind].items() if name not in crossing and name not in out}
+        return out
+
+    return {
+        "loader": (
+            "run the ranges in layer order on one stream; a range's boundary_out tensors are the next range's "
+            "boundary_in (one device buffer each, at the profile maximum); the ranges share one activations scratch"
+        ),
+        "ranges": ranges,
+        "bytes": sum(r["bytes"] for r in ranges),
+        "sha256": hashlib.sha256("".join(r["sha256"] for r in ranges).encode()).hexdigest(),  # of the chain
+        "build_seconds": round(sum(r["build_seconds"] for r in ranges), 2),
+        "plugin_layers": [name for r in ranges for name in r["plugin_layers"]],
+        "needs_plugins": any(r["needs_plugins"] for r in ranges),
+        "native_attention_layers": sum(r["native_attention_layers"] for r in ranges),
+        "host_inputs": sorted({n for r in ranges for n in r["host_inputs"]} - crossing),
+        "locations_from": ranges[0]["locations_from"],
+        "inputs": merged("inputs"),
+        "outputs": merged("outputs"),
+    }
+
+
 def _load_external_weights(parser, graph: _Graph) -> list:
     """Hand the parser every external initializer as a pointer into a read-only memory map of its
     .data file; returns the views, which must outlive the build.
@@ -572,21 +695,27 @@ def _load_external_weights(parser, graph: _Graph) -> list:
     if not parser.load_model_proto(model.SerializeToString(), str(graph.path)):
         raise EngineBuildError(f"{graph.path}: the ONNX parser refused the model proto ({parser.get_error(0).desc()})")
     del model.graph.node[:]  # only the initializers' names and locations are needed below
-    maps: dict[str, np.memmap] = {}
-    views = []
+    spans: dict[str, list[tuple[str, int, int | None]]] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info["location"]
-        if location not in maps:
-            maps[location] = np.memmap(graph.path.parent / location, dtype=np.uint8, mode="r")
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", maps[location].size - offset))
-        view = maps[location][offset : offset + length]
-        if not parser.load_initializer(tensor.name, view.ctypes.data, length):
-            raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {tensor.name!r} ({length} bytes from {location})")
-        views.append(view)
+        length = int(info["length"]) if "length" in info else None
+        spans.setdefault(info["location"], []).append((tensor.name, int(info.get("offset", 0)), length))
+    views = []
+    for location, tensors in spans.items():
+        path = graph.path.parent / location
+        # only the byte span this graph reads is mapped: a layer range of the 8B model maps its ~3.6 GB,
+        # not the whole 15 GB file (mapped bytes count against an address-space limit like any other)
+        first = min(offset for _, offset, _ in tensors)
+        end = max(offset + length if length is not None else path.stat().st_size for _, offset, length in tensors)
+        mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=first, shape=(end - first,))
+        for name, offset, length in tensors:
+            length = end - offset if length is None else length
+            view = mapped[offset - first : offset - first + length]
+            if not parser.load_initializer(name, view.ctypes.data, length):
+                raise EngineBuildError(f"{graph.path}: the ONNX parser refused initializer {name!r} ({length} bytes from {location})")
+            views.append(view)
     return views
 
 
@@ -743,6 +872,7 @@ def _manifest(
     kv_bytes: int,
     memory_budget_bytes: int | None,
     seconds: float,
+    layer_ranges: dict[str, int | None],
 ) -> dict[str, Any]:
     onnx_files: dict[str, dict[str, Any]] = {}
     for graph in graphs:
@@ -785,6 +915,7 @@ def _manifest(
             "ops": [op.name for op in ALL_OPS],
             "kernels_library": manifest_io.kernels_library_info() if use_plugins else None,
         },
+        "layer_ranges": layer_ranges,  # how the LLM graphs were cut (ranges.py); engines[graph]["ranges"] where they were
         "engines": engines,
     }
     if use_plugins and not manifest["plugins"]["used"]:

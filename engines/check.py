@@ -79,17 +79,22 @@ def check_engines(
     rng = np.random.default_rng(seed)
     results = []
     for graph in graphs or GRAPHS:
-        feeds = [sample_feeds(graph, manifest, cfg, rng, image_token=image_token) for _ in range(samples)]
-        feeds += _recorded_feeds(inputs_dir, graph)
-        engine = EngineFromBytes((engine_dir / manifest["engines"][graph]["file"]).read_bytes())
-        session = SessionFromOnnx(str(onnx_dir / GRAPH_FILES[graph]), providers=_ort_providers())
-        runs = Comparator.run(
-            [TrtRunner(engine, name=f"trt:{graph}"), OnnxrtRunner(session, name=f"onnxrt:{graph}")], data_loader=feeds
-        )
-        accuracy = Comparator.compare_accuracy(runs, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
-        passed = bool(accuracy)
-        results.append(GraphCheck(graph, passed, len(feeds), f"rtol={rtol} atol={atol}"))
-        log.info("%s: %s on %d feeds", graph, "PASS" if passed else "FAIL", len(feeds))
+        entry = manifest["engines"][graph]
+        # a graph built in layer ranges: each range engine against its range graph (beside the export)
+        parts = entry.get("ranges") or [{**entry, "onnx": GRAPH_FILES[graph]}]
+        for part in parts:
+            label = graph if "layers" not in part else f"{graph} layers {part['layers'][0]}-{part['layers'][1] - 1}"
+            feeds = [sample_feeds(graph, manifest, cfg, rng, image_token=image_token, entry=part) for _ in range(samples)]
+            feeds += _recorded_feeds(inputs_dir, graph) if len(parts) == 1 else []
+            engine = EngineFromBytes((engine_dir / part["file"]).read_bytes())
+            session = SessionFromOnnx(str(onnx_dir / part["onnx"]), providers=_ort_providers())
+            runs = Comparator.run(
+                [TrtRunner(engine, name=f"trt:{label}"), OnnxrtRunner(session, name=f"onnxrt:{label}")], data_loader=feeds
+            )
+            accuracy = Comparator.compare_accuracy(runs, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
+            passed = bool(accuracy)
+            results.append(GraphCheck(label, passed, len(feeds), f"rtol={rtol} atol={atol}"))
+            log.info("%s: %s on %d feeds", label, "PASS" if passed else "FAIL", len(feeds))
     return results
 
 
@@ -148,11 +153,15 @@ def _pick_value(inputs: dict[str, Any], name: str, wish: int, *, low: int = 0, h
 
 
 def sample_feeds(
-    graph: str, manifest: dict[str, Any], cfg: VideoXLConfig, rng: np.random.Generator, *, image_token: int | None = None
+    graph: str, manifest: dict[str, Any], cfg: VideoXLConfig, rng: np.random.Generator, *, image_token: int | None = None,
+    entry: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One feed for ``graph`` with sizes inside the engine's profile and valid indices/positions."""
+    """One feed for ``graph`` with sizes inside the engine's profile and valid indices/positions.
+
+    ``entry``: the manifest entry of the engine to feed (default the graph's; a layer range's takes its
+    boundary tensors too, fed as random hidden states / partial sums)."""
     ranges = manifest["dimensions"][graph]
-    inputs = manifest["engines"][graph]["inputs"]
+    inputs = (entry or manifest["engines"][graph])["inputs"]
     float_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[manifest["precision"]]
     sizes: dict[str, int] = {}
     values: dict[str, np.ndarray] = {}

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from videoxl.engines.errors import EngineBuildError, EngineMismatchError, GPUUnavailableError
-from videoxl.engines.profiles import GRAPHS, parse_bytes
+from videoxl.engines.profiles import DEFAULT_MAX_ENGINE_WEIGHTS, GRAPHS, format_bytes, parse_bytes
 from videoxl.engines.trt_module import FLAVOURS, TensorRTUnavailableError
 
 _EXPECTED_ERRORS = (EngineBuildError, EngineMismatchError, GPUUnavailableError, TensorRTUnavailableError)
@@ -49,6 +49,13 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--no-plugins", dest="use_plugins", action="store_false", help="inline the custom ops' ONNX bodies (standard ONNX Attention -> TensorRT's fused attention) instead of the videoxl plugins: engines that stock TensorRT loads with no plugin library")
     parser.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", help="refuse profiles whose KV cache (video region + decode region) exceeds this (e.g. 16GiB)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
+    ranges = parser.add_mutually_exclusive_group()
+    ranges.add_argument(
+        "--max-engine-weights", type=_engine_weights, default=DEFAULT_MAX_ENGINE_WEIGHTS, metavar="BYTES",
+        help="build an LLM graph with more weights than this as layer-range engines of at most this much each "
+        f"(default {format_bytes(DEFAULT_MAX_ENGINE_WEIGHTS)}: the 8B model builds in ~10 GiB of memory; 'none': one engine per graph)",
+    )
+    ranges.add_argument("--layers-per-engine", type=int, metavar="N", help="build every LLM graph as engines of N decoder layers each")
     parser.set_defaults(func=run_build)
     return parser
 
@@ -69,6 +76,10 @@ def add_check_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def _engine_weights(text: str) -> int | None:
+    return None if text.lower() == "none" else parse_bytes(text)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from videoxl.engines.build import build_engines
 
@@ -78,6 +89,7 @@ def run_build(args: argparse.Namespace) -> int:
             chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, timing_cache=args.timing_cache,
             targets=args.targets, flavour=args.flavour, use_plugins=args.use_plugins,
             memory_budget_bytes=args.memory_budget,
+            max_engine_weights=args.max_engine_weights, layers_per_engine=args.layers_per_engine,
             progress=sys.stderr.isatty() if args.progress is None else args.progress,
         )
     except _EXPECTED_ERRORS as err:

@@ -12,6 +12,10 @@ and raises :class:`EngineMismatchError` naming the actual values and the rebuild
       config.json     VideoXLConfig of the model (copied from the ONNX directory)
       vision.engine  prefill_chunk.engine  decode.engine  score.engine  kv_gather.engine
                       (one per graph of the graph contract, videoxl.graphs)
+      decode.layers_00-05.engine  decode.layers_06-13.engine ...
+                      instead, for an LLM graph built in layer ranges: its entry has "ranges", in
+                      layer order, each with its engine file and the boundary tensors it takes in
+                      and gives out (a chain the TensorRT backend runs as one engine)
       export_manifest.json, tokenizer*.json, generation_config.json   copied when present,
                       so that the runtime needs nothing else next to the engines
 """
@@ -28,6 +32,7 @@ from typing import Any
 from videoxl.config import VideoXLConfig
 from videoxl.files import UnsafePathError, confined_path, file_sha256
 from videoxl.engines.errors import EngineMismatchError
+from videoxl.engines.profiles import DEFAULT_MAX_ENGINE_WEIGHTS
 from videoxl.engines.trt_module import FLAVOUR_TITLES, describe, flavour_of, normalize_target
 from videoxl.graphs import CONTRACT_VERSION
 from videoxl.ops import PLUGIN_VERSION
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 COPIED_FILES = ("export_manifest.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-MANIFEST_FORMAT = 2  # 2: graph contract v2 (score engine, input locations, plugin need per engine)
+MANIFEST_FORMAT = 3  # 3: an LLM graph may be built in layer ranges (engines[graph]["ranges"]); 2: contract v2
 
 __all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_manifest", "rebuild_command"]
 
@@ -105,6 +110,11 @@ def rebuild_command(manifest: dict[str, Any], engine_dir: str | Path | None = No
         args += ["--target", target]
     if not manifest.get("plugins", {}).get("requested", True):
         args.append("--no-plugins")
+    layer_ranges = manifest.get("layer_ranges", {})
+    if layer_ranges.get("layers_per_engine") is not None:
+        args += ["--layers-per-engine", str(layer_ranges["layers_per_engine"])]
+    elif layer_ranges.get("max_engine_weights", DEFAULT_MAX_ENGINE_WEIGHTS) != DEFAULT_MAX_ENGINE_WEIGHTS:
+        args += ["--max-engine-weights", str(layer_ranges["max_engine_weights"] or "none")]
     return shlex.join(args)
 
 
@@ -154,15 +164,19 @@ def check_manifest(
             )
 
     for graph, entry in manifest["engines"].items():
-        try:
-            path = confined_path(engine_dir, entry.get("file") if isinstance(entry, dict) else None, what=f"engine {graph!r}")
-        except UnsafePathError as err:
-            problems.append(str(err))
-            continue
-        if not path.is_file():
-            problems.append(f"engine file {path.name} is missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"engine file {path.name} has {path.stat().st_size} bytes, the build wrote {entry['bytes']}")
+        ranges = entry.get("ranges") if isinstance(entry, dict) else None
+        if ranges is not None:
+            problems += _chain_problems(graph, ranges, manifest_layers(engine_dir))
+        for part in ranges if isinstance(ranges, list) else [entry]:
+            try:
+                path = confined_path(engine_dir, part.get("file") if isinstance(part, dict) else None, what=f"engine {graph!r}")
+            except UnsafePathError as err:
+                problems.append(str(err))
+                continue
+            if not path.is_file():
+                problems.append(f"engine file {path.name} is missing")
+            elif path.stat().st_size != part["bytes"]:
+                problems.append(f"engine file {path.name} has {path.stat().st_size} bytes, the build wrote {part['bytes']}")
 
     config_hash = manifest["model"]["config_hash"]
     problems += _config_problems(engine_dir / CONFIG_FILE, config_hash, "engine directory")
@@ -178,6 +192,32 @@ def check_manifest(
             + f"\nrebuild with `{rebuild_command(manifest, engine_dir)}`"
         )
     return manifest
+
+
+def manifest_layers(engine_dir: Path) -> int | None:
+    """The model's decoder layers from the engine directory's config (None when it cannot be read)."""
+    try:
+        return VideoXLConfig.load(engine_dir / CONFIG_FILE).num_hidden_layers
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _chain_problems(graph: str, ranges: Any, layers: int | None) -> list[str]:
+    """A graph's layer ranges must cover its layers in order, each taking what the one before gives out."""
+    if not isinstance(ranges, list) or not ranges or not all(isinstance(r, dict) for r in ranges):
+        return [f"engine {graph!r}: its layer ranges are not a list of entries"]
+    try:
+        spans = [tuple(r["layers"]) for r in ranges]
+        chained = all(r["boundary_in"] == p["boundary_out"] for p, r in zip(ranges, ranges[1:]))
+        ends = ranges[0]["boundary_in"] == [] and ranges[-1]["boundary_out"] == []
+    except (KeyError, TypeError) as err:
+        return [f"engine {graph!r}: a layer range lacks {err}"]
+    covered = [a for a, _ in spans] + [spans[-1][1]]
+    if covered[0] != 0 or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])) or (layers is not None and covered[-1] != layers):
+        return [f"engine {graph!r}: layer ranges {spans} do not cover layers 0-{(layers or 0) - 1} in order"]
+    if not (chained and ends):
+        return [f"engine {graph!r}: its layer ranges do not chain (each range must take in what the one before gives out)"]
+    return []
 
 
 def _config_problems(path: Path, expected_hash: str, where: str) -> list[str]:

@@ -31,6 +31,10 @@ from videoxl.engines.errors import EngineBuildError
 GRAPHS: tuple[str, ...] = tuple(graphs.GRAPHS)  # vision, prefill_chunk, decode, score, kv_gather
 GRAPH_FILES: dict[str, str] = {name: g.file for name, g in graphs.GRAPHS.items()}
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# An LLM graph with more weights than this is built in layer ranges, each within it: TensorRT for
+# RTX's compiler copies the weights and peaks at ~2.5x a graph's weight bytes (the whole 14.2 GiB
+# LLM of the 8B model does not build in 20 GiB; ranges of at most 3.6 GiB do, see bench/RESULTS.md).
+DEFAULT_MAX_ENGINE_WEIGHTS = 4 * 2**30
 
 ShapeValues = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) values of a shape tensor
 

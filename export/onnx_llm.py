@@ -115,6 +115,7 @@ class LLMGraphWriter:
         """Decoder layers; attend(layer, q_rot, k_rot, v) -> (n, Hq, D)."""
         cfg = self.cfg
         for i in range(cfg.num_hidden_layers):
+            x = b.op("Identity", x, outputs=[f"hidden.{i}"])  # a layer boundary (videoxl.graphs): where ranges are cut
             p = f"model.layers.{i}"
             h = self._rms_norm(b, x, f"{p}.input_layernorm.weight")
             q = b.op("Reshape", self._linear(b, h, f"{p}.self_attn.q_proj", True), b.const([-1, cfg.num_attention_heads, cfg.head_dim]))
@@ -228,18 +229,22 @@ class LLMGraphWriter:
         x, visible, cos, sin = self._cache_prologue(b)
         scale = b.const(cfg.head_dim**-0.5, np.float32)
         num_past = b.op("Shape", kv_names("past", 0)[0], start=0, end=1)
-        masses: list[str] = []
+        layers = cfg.num_hidden_layers
 
         def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
             past_key, past_value = kv_names("past", i)
             keys, values = b.op("Concat", past_key, k_rot, axis=0), b.op("Concat", past_value, v, axis=0)
             probs = gqa_probs(b, q_rot, keys, visible, scale)  # (Hkv, G, T, P + T)
             mass = b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0)
-            masses.append(b.op("Slice", mass, b.const([0]), num_past))
+            # a running sum, attention_mass.{i+1} = attention_mass.{i} + this layer's: a layer range
+            # takes the partial sum in and gives it out (videoxl.graphs boundary)
+            total = ["attention_mass" if i + 1 == layers else f"attention_mass.{i + 1}"]
+            past_mass = b.op("Slice", mass, b.const([0]), num_past, outputs=total if i == 0 else 1)
+            if i > 0:
+                b.op("Add", f"attention_mass.{i}", past_mass, outputs=total)
             return gqa_attention(b, q_rot, keys, values, visible, scale, probs=probs)
 
         self._layers(b, x, cos, sin, attend)
-        b.op("Sum", *masses, outputs=["attention_mass"])
         return self._model(b, SCORE)
 
     def kv_gather(self) -> onnx.ModelProto:

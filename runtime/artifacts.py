@@ -15,7 +15,7 @@ from pathlib import Path
 
 from videoxl.config import VideoXLConfig
 from videoxl.files import confined_path, file_sha256
-from videoxl.graphs import GRAPHS
+from videoxl.graphs import GRAPHS, RANGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,12 @@ def previous_export_problem(root: Path) -> str | None:
         if isinstance(entry, dict):
             known.add(str(entry.get("file")))
             known |= {str(name) for name in entry.get("external_data") or []}
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in known)
+    # layer-range graphs the engine builder cut beside the export (videoxl.graphs.range_file)
+    ranged = {str(e.get("file")).removesuffix(".onnx") for e in manifest["graphs"].values() if isinstance(e, dict)}
+    foreign = sorted(
+        p.name for p in root.iterdir()
+        if p.name not in known and not ((m := RANGE_FILE.match(p.name)) and m["kind"] == "onnx" and m["graph"] in ranged)
+    )
     if foreign:
         return f"holds files the export did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
     return None

@@ -3,6 +3,13 @@
 Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl plan` answers
 "does N frames fit in this GPU?" on any machine, and so that the answer can be tested.
 
+Weights are counted as the TensorRT backend holds them (``engine_weight_bytes``): one engine (or
+one chain of layer-range engines) per graph, each with its own copy, so the LLM's weights are on
+the device three times (prefill_chunk, decode, score; score without what it never reads)::
+
+    weights = vision + 2 x LLM + (LLM - lm_head - final norm - last layer's v/o/MLP)
+            = 0.95 + 14.19 + 14.19 + 12.76 = 42.08 GiB    (Video-XL-2 8B, fp16)
+
 KV arithmetic (DESIGN §3), per token over all layers (``videoxl.graphs.kv_bytes``)::
 
     kv_bytes_per_token = layers x 2 (K, V) x kv_heads x head_dim x dtype_bytes
@@ -64,7 +71,7 @@ from videoxl import graphs
 from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines.profiles import format_bytes, parse_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError, KVSlabs
-from videoxl.weight_format import FORMATS, WeightFormat, weight_bytes
+from videoxl.weight_format import FORMATS, LM_HEAD, WeightFormat, quantized_linears, weight_bytes
 
 KV_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 PIXEL_BYTES = 4  # frames enter the vision graph as float32
@@ -93,6 +100,31 @@ def estimate_params(config: VideoXLConfig) -> dict[str, int]:
     llm_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * config.intermediate_size + 2 * h
     llm = 2 * config.vocab_size * h + config.num_hidden_layers * llm_layer + h  # embeddings, lm_head, final norm
     return {"vision": vision, "compressor": compressor, "projector": projector, "llm": llm}
+
+
+def engine_weight_bytes(config: VideoXLConfig, fmt: WeightFormat, float_bytes: float, params: dict[str, int]) -> dict[str, int]:
+    """Weight bytes of each engine the TensorRT backend loads (kv_gather has none).
+
+    prefill_chunk, decode and score are separate engines (or chains of layer-range engines), each
+    with its own copy of the LLM weights it reads: score gives out only the attention mass, so it
+    holds no lm_head and no final norm, and its last layer only the query/key path (its value
+    projection, o_proj, post-attention norm and MLP feed nothing it outputs).
+    """
+    if float_bytes in (1, 2, 4):
+        modules = weight_bytes(config, fmt, int(float_bytes), params)
+    else:  # a fractional width (what-if plans): every parameter at it
+        modules = {name: math.ceil(n * float_bytes) for name, n in params.items()}
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    last = f"model.layers.{config.num_hidden_layers - 1}"
+    unread = {LM_HEAD, f"{last}.self_attn.v_proj", f"{last}.self_attn.o_proj", f"{last}.mlp.gate_proj", f"{last}.mlp.up_proj", f"{last}.mlp.down_proj"}
+    score_skips = sum(fmt.linear_bytes(lin, float_bytes) for lin in quantized_linears(config) if lin.name in unread)
+    score_skips += (2 * h + kv) * float_bytes  # final norm, post-attention norm, v_proj bias
+    return {
+        "vision": modules["vision"] + modules["compressor"] + modules["projector"],
+        "prefill_chunk": modules["llm"],
+        "decode": modules["llm"],
+        "score": modules["llm"] - math.ceil(score_skips),
+    }
 
 
 @dataclass(frozen=True)
@@ -366,20 +398,23 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     past_tokens = i.prefix_tokens + last * i.chunk_groups * group_tokens  # the last chunk's past_len
     visible_past = i.prefix_tokens + (last * i.chunk_groups - window_groups) * ts + window_groups * group_tokens
 
-    # --- weights ---------------------------------------------------------------------------------
+    # --- weights: what the TensorRT backend holds on the device ------------------------------------
     params = estimate_params(cfg)
     if i.weights_bytes is not None:
         weights, weights_detail = i.weights_bytes, "given"
-    elif i.weights is not None:
-        if i.weight_dtype_bytes not in (1, 2, 4):
-            raise ValueError(f"with --weights the float parts need a float width of 2 or 4 bytes, got {i.weight_dtype_bytes}")
-        modules = weight_bytes(cfg, i.weights, int(i.weight_dtype_bytes), params)
-        weights = sum(modules.values())
-        weights_detail = f"{i.weights} linears, the rest {i.weight_dtype_bytes:g} B/param: " + ", ".join(
-            f"{name} {format_bytes(n)}" for name, n in modules.items())
     else:
-        weights = math.ceil(sum(params.values()) * i.weight_dtype_bytes)
-        weights_detail = f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B"
+        fmt = i.weights if i.weights is not None else WeightFormat()
+        if i.weights is not None and i.weight_dtype_bytes not in (1, 2, 4):
+            raise ValueError(f"with --weights the float parts need a float width of 2 or 4 bytes, got {i.weight_dtype_bytes}")
+        engines = engine_weight_bytes(cfg, fmt, i.weight_dtype_bytes, params)
+        weights = sum(engines.values())
+        what = f"{fmt} linears, the rest {i.weight_dtype_bytes:g} B/param" if i.weights is not None else (
+            f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B")
+        weights_detail = (
+            f"{what}; per engine, each its own copy on the device (the TensorRT backend deserialises one engine, "
+            "or one chain of layer-range engines, per graph): " + ", ".join(f"{name} {format_bytes(n)}" for name, n in engines.items())
+            + " (score: no lm_head, final norm, nor the last layer's value path and MLP, which it never reads)"
+        )
 
     # --- activations: the largest of the phases (they never overlap) ------------------------------
     layer_width = 6 * h + 3 * cfg.intermediate_size + cfg.num_attention_heads * cfg.head_dim

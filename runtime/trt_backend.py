@@ -4,6 +4,7 @@ unless the budget sends the dense tier to pinned host memory (``dense_tier``).
     engines_dir/manifest.json --check_manifest(this GPU, this TensorRT)--> ok, else BackendUnavailable
     {vision,prefill_chunk,decode,score,kv_gather}.engine --deserialize--> one execution context each
     (optimization profile 0; device memory supplied by us, shared: they run one at a time)
+    an LLM graph built in layer ranges loads as one EngineChain (runtime/engine_chain.py)
 
 All device memory is ONE arena (cuda_memory.DeviceArena, ``gpu_memory_budget`` bytes, default
 90% of the free memory), carved once at start-up::
@@ -89,6 +90,7 @@ from videoxl.runtime.cuda_memory import (
     mem_get_info,
 )
 from videoxl.runtime.dense_tier import ResidentRows, runs, split_gather
+from videoxl.runtime.engine_chain import EngineChain
 from videoxl.runtime.kv_store import available_host_bytes
 from videoxl.runtime.memory_plan import DENSE_TIERS, KVRows, fit_kv_rows
 
@@ -411,10 +413,11 @@ class TensorRTBackend(Backend):
             self._allocator = _arena_allocator(trt, weights.ptr, self._weights)
             self._runtime.gpu_allocator = self._allocator
         hint = "engines built for " + ", ".join(f"{k} {v}" for k, v in self.limits.items())
-        for graph in GRAPHS:
-            path = self.engines_dir / self.manifest["engines"][graph]["file"]
+
+        def load(graph: str, file: str) -> _Engine:
+            path = self.engines_dir / file
             try:
-                self.engines[graph] = _Engine(trt, self._runtime, graph, path, self._logger, hint)
+                return _Engine(trt, self._runtime, graph, path, self._logger, hint)
             except BackendUnavailable:
                 if self._weights.failed_request:
                     raise ArenaOverflowError(
@@ -423,6 +426,17 @@ class TensorRTBackend(Backend):
                         "left; raise --gpu-memory-budget"
                     ) from None
                 raise
+
+        for graph in GRAPHS:
+            entry = self.manifest["engines"][graph]
+            if "ranges" in entry:  # built in layer ranges (videoxl.engines.ranges): run as one chain
+                parts = [load(graph, r["file"]) for r in entry["ranges"]]
+                self.engines[graph] = EngineChain(
+                    graph, parts, [(r["boundary_in"], r["boundary_out"]) for r in entry["ranges"]],
+                    declared_inputs=GRAPHS[graph].input_names(cfg.num_hidden_layers),
+                )
+            else:
+                self.engines[graph] = load(graph, entry["file"])
         if weights_in_arena:
             slack = min(WEIGHTS_SLACK_BYTES, self._weights.high_water // 8)
             self.arena.shrink_last("weights", min(weights.nbytes, align_up(self._weights.high_water + slack)))
@@ -438,8 +452,12 @@ class TensorRTBackend(Backend):
         # I/O buffers at their profile maxima; KV tensors live in the KV regions instead
         self._row_bytes = cfg.num_key_value_heads * cfg.head_dim * self.float_dtype.itemsize
         io_tensors = [(g, t) for g, e in self.engines.items() for t in e.tensors.values() if not _is_kv(g, t.name)]
-        io = self.arena.add("io", sum(align_up(_max_bytes(t)) for _, t in io_tensors))
-        self._io = {(g, t.name): io.carve(f"{g}.{t.name}", _max_bytes(t)) for g, t in io_tensors}
+        boundary = [(g, t) for g, e in self.engines.items() if isinstance(e, EngineChain) for t in e.boundary.values()]
+        io = self.arena.add("io", sum(align_up(_max_bytes(t)) for _, t in io_tensors + boundary))
+        self._io = {(g, t.name): io.carve(f"{g}.{t.name}", _max_bytes(t)) for g, t in io_tensors + boundary}
+        for g, engine in self.engines.items():
+            if isinstance(engine, EngineChain):  # hidden states between layer ranges: device only, never staged
+                engine.bind_boundary({name: self._io[(g, name)].ptr for name in engine.boundary})
 
         # KV regions, sized by the planner for as many frames as fit; the dense tier maybe in pinned host memory
         self.max_frames, rows = self._plan_kv(dense_tier, plan_dense_blocks)

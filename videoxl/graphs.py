@@ -14,10 +14,18 @@ Conventions:
   length they need is a data input (`past_len`) or the shape of a bound buffer.
 - Dimensions are names: a model dimension from the config (`hidden_size`, ...), a fixed number,
   or a free symbol (`chunk_tokens`, ...) that the builder's profiles bound.
+- Layer boundaries (`GraphContract.boundary`): the LLM graphs name the tensors that cross from
+  decoder layer i-1 into layer i, so the builder can cut a graph into layer ranges
+  (`videoxl.engines.ranges`) without a second export. A range [a, b) takes the boundary tensors
+  of layer a (none when a = 0: it owns the embeddings and the visual splice) and gives out those
+  of layer b (the graph's own outputs when b = L: it owns the final norm and lm_head).
+
+      input_ids ... -> [layers 0..a) -> hidden.a, attention_mass.a -> [layers a..b) -> hidden.b, ...
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from videoxl.config import VideoXLConfig
@@ -52,6 +60,7 @@ class GraphContract:
     inputs: tuple[IOSpec, ...]
     outputs: tuple[IOSpec, ...]
     doc: str
+    boundary: tuple[IOSpec, ...] = ()  # per-layer tensors entering layer i (1 <= i < L): where ranges are cut
 
     @property
     def file(self) -> str:
@@ -75,6 +84,10 @@ class GraphContract:
 
 
 KV = ("num_key_value_heads", "head_dim")
+
+
+def _hidden(tokens: str) -> IOSpec:
+    return IOSpec("hidden.{layer}", (tokens, "hidden_size"), "float", "the residual stream entering decoder layer `layer`")
 
 
 def _kv(prefix: str, tokens: str, doc: str) -> tuple[IOSpec, IOSpec]:
@@ -106,6 +119,7 @@ PREFILL_CHUNK = GraphContract(
         *_kv("present", "chunk_tokens", "the chunk's KV, to be written at rows [past_len, past_len + Q)"),
     ),
     doc="One prefill chunk (or the prefix) against the rotated past, read in place; positions past_len + i.",
+    boundary=(_hidden("chunk_tokens"),),
 )
 
 DECODE = GraphContract(
@@ -120,6 +134,7 @@ DECODE = GraphContract(
         *_kv("present", "new_tokens", "the new tokens' KV, to be written at rows [past_len, past_len + T)"),
     ),
     doc="A few tokens against the decode cache: fixed-capacity past + valid length, so one CUDA graph per capacity replays.",
+    boundary=(_hidden("new_tokens"),),
 )
 
 SCORE = GraphContract(
@@ -129,6 +144,10 @@ SCORE = GraphContract(
         IOSpec("attention_mass", ("past_tokens",), "float32", "attention probability each past row receives, summed over layers, heads and queries"),
     ),
     doc="Block scoring, run once per question: the suffix's own attention on the sparse cache.",
+    boundary=(
+        _hidden("new_tokens"),
+        IOSpec("attention_mass.{layer}", ("past_tokens",), "float32", "attention_mass summed over the layers before `layer`"),
+    ),
 )
 
 KV_GATHER = GraphContract(
@@ -152,6 +171,15 @@ GRAPHS: dict[str, GraphContract] = {g.name: g for g in (VISION, PREFILL_CHUNK, D
 LLM_WEIGHTS = "llm_weights.onnx.data"  # shared by the graphs that hold LLM weights
 
 
+RANGE_FILE = re.compile(r"^(?P<graph>[a-z_]+)\.layers_(?P<first>\d+)-(?P<last>\d+)\.(?P<kind>onnx|engine)$")
+
+
+def range_file(graph: str, start: int, stop: int, kind: str = "onnx") -> str:
+    """``decode.layers_00-06.onnx``: decoder layers start..stop-1 of a graph (both ends in the name), as
+    the engine builder cuts it beside the export (``videoxl.engines.ranges``); kind "engine" for its engine."""
+    return f"{graph}.layers_{start:02d}-{stop - 1:02d}.{kind}"
+
+
 def kv_names(prefix: str, layer: int) -> tuple[str, str]:
     """("past_key.3", "past_value.3") for prefix "past"; "present" likewise."""
     return f"{prefix}_key.{layer}", f"{prefix}_value.{layer}"
@@ -168,9 +196,8 @@ def manifest_entry(config: VideoXLConfig) -> dict:
     def io(spec: IOSpec) -> dict:
         return {"name": spec.name, "shape": spec.shape(config), "dtype": spec.dtype, "location": spec.location}
 
-    return {
-        "version": CONTRACT_VERSION,
-        "graphs": {
-            g.name: {"inputs": [io(s) for s in g.inputs], "outputs": [io(s) for s in g.outputs]} for g in GRAPHS.values()
-        },
-    }
+    def entry(g: GraphContract) -> dict:
+        found = {"inputs": [io(s) for s in g.inputs], "outputs": [io(s) for s in g.outputs]}
+        return found | ({"boundary": [io(s) for s in g.boundary]} if g.boundary else {})
+
+    return {"version": CONTRACT_VERSION, "graphs": {g.name: entry(g) for g in GRAPHS.values()}}

@@ -108,7 +108,7 @@ def test_rejects_an_older_manifest_format(engines: Path, trt) -> None:
     raw = json.loads((engines / "manifest.json").read_text())
     raw["format"] = 1  # written before the score engine and the input locations existed
     (engines / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(EngineMismatchError, match=r"manifest format 1, this videoxl reads format 2; rebuild with `videoxl build"):
+    with pytest.raises(EngineMismatchError, match=r"manifest format 1, this videoxl reads format 3; rebuild with `videoxl build"):
         check_manifest(engines, trt_module=trt, gpu_compute_capability="sm_89")
 
 

@@ -117,7 +117,7 @@ def test_a_manifest_mismatch_is_folded_into_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_module, "gpu_compute_capability", lambda device=0: "sm_89")
     VideoXLConfig().save(tmp_path / "config.json")
     manifest = {
-        "format": 2, "graph_contract": {"version": 2}, "precision": "fp16",
+        "format": 3, "graph_contract": {"version": 2}, "precision": "fp16",
         "tensorrt": {"flavour": "tensorrt_rtx", "version": trt.__version__},
         "compute_capabilities": ["sm_120"], "limits": {"max_frames": 64},
         "plugins": {"used": False, "requested": False, "version": "1"},
@@ -327,8 +327,10 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
         if graph == "kv_gather":
             return (shapes["gather_index"][0], cfg.num_key_value_heads, cfg.head_dim)
         new = shapes["input_ids"][0]
-        if name == "attention_mass":  # the score graph: mass on each past row
-            return (shapes["past_key.0"][0],)
+        if name.startswith("attention_mass"):  # the score graph: mass on each past row (a range's partial sum)
+            return (next(s for n, s in shapes.items() if n.startswith("past_key."))[0],)
+        if name.startswith("hidden."):  # a layer range's residual stream, for the next range
+            return (new, cfg.hidden_size)
         return (new, cfg.num_key_value_heads, cfg.head_dim)
 
     return FakeEngine(
@@ -336,6 +338,29 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
         output_shapes=lambda shapes: {name: output_shape(name, shapes) for name in outputs},
         compute=lambda inputs: dict(zip(outputs, session.run(None, inputs))),
     )
+
+
+def _range_engines(onnx_dir, engines, config, layers_per_engine: int) -> dict:
+    """Fake range engines of the LLM graphs and their manifest entries (the build's, less what the fakes ignore)."""
+    import onnx
+
+    from videoxl.engines.ranges import RANGED_GRAPHS, split_layers
+
+    entries = {}
+    for graph in RANGED_GRAPHS:
+        model = onnx.load(str(onnx_dir / f"{graph}.onnx"))
+        ranges = []
+        for part in split_layers(model, GRAPHS[graph], config, layers_per_engine=layers_per_engine):
+            path = engines / part.layers.file(graph)
+            path.write_bytes(part.model.SerializeToString())
+            spec = {"graph": graph, "onnx": str(path), "config": str(engines / "config.json")}
+            (engines / part.layers.file(graph, "engine")).write_text(json.dumps(spec))
+            ranges.append({
+                "layers": [part.layers.start, part.layers.stop], "file": part.layers.file(graph, "engine"),
+                "boundary_in": list(part.boundary_in), "boundary_out": list(part.boundary_out),
+            })
+        entries[graph] = {"ranges": ranges}
+    return entries
 
 
 @pytest.fixture
@@ -354,19 +379,24 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
 
     made = []
 
-    def make(device: FakeCudart, *, layers: int | None = None, **options) -> TensorRTBackend:
+    def make(device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None, **options) -> TensorRTBackend:
+        """``layers_per_engine``: the LLM graphs as layer-range engines (videoxl.engines.ranges), as `videoxl build` cuts them."""
         engines = tmp_path / f"engines{len(made)}"
         engines.mkdir()
         config = VideoXLConfig.load(tiny_onnx / "config.json")
         if layers is not None:
             config = dataclasses.replace(config, num_hidden_layers=layers)
         config.save(engines / "config.json")
+        entries = {}
         for graph in GRAPHS:
             spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json")}
             (engines / f"{graph}.engine").write_text(json.dumps(spec))
+            entries[graph] = {"file": f"{graph}.engine"}
+        if layers_per_engine is not None:
+            entries |= _range_engines(tiny_onnx, engines, config, layers_per_engine)
         manifest = {
             "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
-            "engines": {g: {"file": f"{g}.engine"} for g in GRAPHS},
+            "engines": entries,
             "model": {"onnx_dir": str(tiny_onnx)},
         }
         trt = fake_tensorrt(device, lambda data: onnx_engine(device, data))
@@ -509,6 +539,38 @@ def test_simulated_tiers_round_trip_through_the_host(make_simulated, tiny_onnx, 
         array.fill(np.nan)
     for name, array in cache.arrays().items():
         np.testing.assert_array_equal(array, expected[name])
+
+
+def test_simulated_layer_range_engines_give_the_onnxruntime_tokens(make_simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """The LLM graphs as one engine per layer, chained (runtime/engine_chain.py): the same tokens and
+    block choice as ONNX Runtime on the whole graphs; decode steps still replay captured graphs, which
+    record every range of the chain."""
+    from videoxl.runtime.engine_chain import EngineChain
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    device = FakeCudart(delay_ms=(0.0, 1.0), seed=7)
+    backend = make_simulated(device, layers_per_engine=1)
+    layers = backend.config.num_hidden_layers
+    assert all(isinstance(backend.engines[g], EngineChain) and len(backend.engines[g].parts) == layers
+               for g in ("prefill_chunk", "decode", "score"))
+    assert ("decode", "hidden.1") in backend._io and ("score", "attention_mass.1") in backend._io
+    assert backend.arena.layout.regions["weights"].nbytes >= (2 + 3 * layers) * 300_000  # every range holds weights
+    layout = make_layout(10, "Which colour comes last?")
+    visual = np.random.default_rng(11).standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    options = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM)
+    gen = GenerationConfig(max_new_tokens=10, stop_at_eos=False)
+    decode_parts = [part.engine for part in backend.engines["decode"].parts]
+    runs, launches = [e.executions for e in decode_parts], device.graph_launches
+    answer = Pipeline(backend, tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    expected = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    assert answer.token_ids == expected.token_ids
+    assert answer.report.dense_blocks == expected.report.dense_blocks
+    assert answer.report.block_scores == pytest.approx(expected.report.block_scores, rel=1e-5)
+    assert backend._graphs.replays > 0 and device.graph_launches > launches
+    steps = [e.executions - r for e, r in zip(decode_parts, runs)]
+    assert len(set(steps)) == 1 and steps[0] >= len(answer.token_ids)  # replays ran every range, not just the first
 
 
 def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simulated):
