@@ -245,6 +245,13 @@ def _read_graph(onnx_dir: Path, name: str, cfg: VideoXLConfig) -> _Graph:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises its own DecodeError, or anything for a truncated file
         raise EngineBuildError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    inputs, external, custom = _model_io(model)
+    _check_contract_io(path, graph_contract.GRAPHS[name], cfg, inputs, [o.name for o in model.graph.output])
+    return _Graph(name, path, inputs, _graph_precision(model), external, custom, _graph_weights(model))
+
+
+def _model_io(model: onnx.ModelProto) -> tuple[dict[str, list], tuple[str, ...], tuple[str, ...]]:
+    """A model's graph inputs (name -> dims, initializers excluded), external data files and custom nodes."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = {
         vi.name: [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -260,9 +267,8 @@ def _read_graph(onnx_dir: Path, name: str, cfg: VideoXLConfig) -> _Graph:
             if entry.key == "location"
         }
     )
-    _check_contract_io(path, graph_contract.GRAPHS[name], cfg, inputs, [o.name for o in model.graph.output])
     custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
-    return _Graph(name, path, inputs, _graph_precision(model), tuple(external), custom, _graph_weights(model))
+    return inputs, tuple(external), custom
 
 
 def _cut_into_ranges(
@@ -300,18 +306,8 @@ def _cut_into_ranges(
 
 
 def _range_graph(graph: _Graph, part: RangeGraph, path: Path) -> _Graph:
-    model = part.model
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = {
-        vi.name: [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
-        for vi in model.graph.input
-        if vi.name not in initializers
-    }
-    external = sorted(
-        {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
-    )
-    custom = tuple(node.name or node.op_type for node in model.graph.node if node.domain == DOMAIN)
-    return dataclasses.replace(graph, path=path, inputs=inputs, external_files=tuple(external), custom_nodes=custom, part=part)
+    inputs, external, custom = _model_io(part.model)
+    return dataclasses.replace(graph, path=path, inputs=inputs, external_files=external, custom_nodes=custom, part=part)
 
 
 def _graph_weights(model: onnx.ModelProto) -> WeightFormat | None:
