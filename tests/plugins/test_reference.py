@@ -180,7 +180,8 @@ def test_chunk_attention_never_reads_past_rows_beyond_past_len() -> None:
 @pytest.mark.parametrize(
     ("past_len", "visible", "ts_queries", "match"),
     [
-        (21, [], [], "past buffer"),  # more valid rows than the buffer holds
+        (21, [], [0], "past buffer"),  # a timestamp query reads all past_len rows: more than the buffer holds
+        (21, [20], [], "visible_past_index"),  # a compact view (no timestamp queries) is read only within the buffer
         (8, [3, 8], [], "visible_past_index"),  # row 8 is not in the past
         (8, [4, 4], [], "visible_past_index"),  # duplicates
         (8, [5, 2], [], "visible_past_index"),  # not ascending
