@@ -52,10 +52,24 @@ On unified memory (Jetson) host and device are the same memory and share one bud
 The TensorRT backend sizes its KV regions with the same arithmetic (``kv_rows_for``,
 ``fit_kv_rows``: the most frames whose regions fit what the arena has left).
 
-Activation estimates are for the plugin-free engines (the larger case): the prefill chunk's
-attention body gathers the visible past and, for its timestamp queries, the whole past of one
-layer; decode concatenates one layer's capacity buffer with the new keys before its fused
-attention; the scoring graph materialises its probabilities (they are its output, summed).
+Activations are what TensorRT reports for an engine at given shapes: one layer's working set
+(reused by every layer), the larger of its attention and its MLP (``*_activation_bytes``)::
+
+    mlp               = tokens x (3 x intermediate + 3 x hidden) x b   gate, up, their product; residual,
+                                                                       normed input, output
+    fused attention   = 2 x keys x kv_row x b + queries x keys x b     K, V at the KV heads (not expanded);
+                        + queries x q_width x (2b + 4)                 the mask as a bias; q, fp32 rope, output
+    written-out attn  = 2 x heads x queries x keys x 4                 fp32 scores and probabilities
+                        + keys x kv_row x (b + 4)                      the values, cast to fp32
+
+    prefill, plugins  = mlp(chunk)                  ChunkSparseAttention reads the past in place
+    prefill, inlined  = max(mlp(chunk), fused(chunk, visible + chunk),
+                            written-out(timestamp queries, whole past + chunk))
+    decode            = max(mlp(new), fused(new, capacity + new))       (no custom op: same either way)
+    score             = max(mlp(new), written-out(new, scoring + new))  (its probabilities are its output)
+
+Checked against the real-size range builds (bench/RESULTS.md, "Real size"): at the profile
+maxima of ``--max-frames 1024`` each phase is within 3 % of TensorRT's report.
 """
 
 from __future__ import annotations
@@ -127,6 +141,71 @@ def engine_weight_bytes(config: VideoXLConfig, fmt: WeightFormat, float_bytes: f
     }
 
 
+# --- activations: what TensorRT reports for one engine at given shapes (module docstring) ---------
+def _mlp_bytes(cfg: VideoXLConfig, tokens: int, b: int) -> int:
+    """One layer's MLP: gate, up and their gated product; the residual stream, its normed copy, the output."""
+    return tokens * (3 * cfg.intermediate_size + 3 * cfg.hidden_size) * b
+
+
+def _fused_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) -> int:
+    """The standard Attention op, fused by TensorRT: K and V stay at the KV heads (decode's 115 MB
+    could not hold them expanded to the query heads), the boolean mask becomes a bias in the compute
+    dtype, the queries pass through RoPE in fp32."""
+    kv_row, q_width = cfg.num_key_value_heads * cfg.head_dim, cfg.num_attention_heads * cfg.head_dim
+    return 2 * keys * kv_row * b + queries * keys * b + queries * q_width * (2 * b + 4)
+
+
+def _written_out_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) -> int:
+    """MatMul, Softmax, MatMul in fp32 (the timestamp queries' and the scoring graph's attention): the
+    scores and the probabilities [heads, queries, keys] both live, with the values cast to fp32."""
+    kv_row = cfg.num_key_value_heads * cfg.head_dim
+    return 2 * cfg.num_attention_heads * queries * keys * 4 + keys * kv_row * (b + 4)
+
+
+def prefill_activation_bytes(
+    cfg: VideoXLConfig, *, chunk_tokens: int, past_tokens: int, visible_past: int, timestamp_queries: int,
+    dtype_bytes: int, plugins: bool,
+) -> int:
+    """prefill_chunk: with the plugin, ChunkSparseAttention reads the past in place and the MLP is the
+    largest (its split-K workspace, 26 MB at the 1024-frame profile, stays below); inlined, the body
+    gathers the visible past for the chunk and the whole past for its timestamp queries."""
+    b = dtype_bytes
+    mlp = _mlp_bytes(cfg, chunk_tokens, b)
+    if plugins:
+        return mlp
+    return max(
+        mlp,
+        _fused_attention_bytes(cfg, chunk_tokens, visible_past + chunk_tokens, b),
+        _written_out_attention_bytes(cfg, timestamp_queries, past_tokens + chunk_tokens, b) if timestamp_queries else 0,
+    )
+
+
+def decode_activation_bytes(cfg: VideoXLConfig, *, new_tokens: int, past_tokens: int, dtype_bytes: int) -> int:
+    """decode: one layer's capacity buffer concatenated with the new keys, into fused attention."""
+    b = dtype_bytes
+    return max(_mlp_bytes(cfg, new_tokens, b), _fused_attention_bytes(cfg, new_tokens, past_tokens + new_tokens, b))
+
+
+def score_activation_bytes(cfg: VideoXLConfig, *, new_tokens: int, past_tokens: int, dtype_bytes: int) -> int:
+    """score: the question's attention written out (its probabilities, summed, are the output)."""
+    b = dtype_bytes
+    return max(_mlp_bytes(cfg, new_tokens, b), _written_out_attention_bytes(cfg, new_tokens, past_tokens + new_tokens, b))
+
+
+def vision_activation_bytes(cfg: VideoXLConfig, *, frames: int, dtype_bytes: int) -> int:
+    """vision: fused attention everywhere (TensorRT's Myelin fuses SigLIP's and the DTS's attention,
+    no probabilities materialised): one SigLIP layer's residual, hidden and MLP; the DTS's q, k, v
+    and output; the projector's output before the 2x2 pool."""
+    b, c = dtype_bytes, cfg.vision_hidden_size
+    groups = math.ceil(frames / cfg.frames_per_group)
+    positions = cfg.compressor_grid**2
+    return (
+        frames * cfg.vision_grid**2 * (2 * c + cfg.vision_intermediate_size) * b
+        + groups * cfg.frames_per_group * positions * 4 * c * b
+        + groups * positions * cfg.hidden_size * 2 * b
+    )
+
+
 @dataclass(frozen=True)
 class PlanItem:
     name: str
@@ -158,6 +237,7 @@ class PlanInputs:
     vision_batch_frames: int
     dense_tier: str = "device"  # "device" or "host" (resolved: plan_memory turns "auto" into one of them)
     host_budget_bytes: int | None = None  # pinned host memory the plan may take (None: not checked)
+    plugins: bool = True  # engines built with the videoxl plugins (videoxl build's default) or inlined bodies
 
 
 DENSE_TIERS = ("auto", "device", "host")
@@ -317,6 +397,7 @@ def plan_memory(
     vision_batch_frames: int = 32,
     dense_tier: str = "device",
     host_budget_bytes: int | None = None,
+    plugins: bool = True,
 ) -> MemoryPlan:
     """Plan one request of ``frames`` frames against ``budget_bytes`` of GPU memory.
 
@@ -329,7 +410,8 @@ def plan_memory(
     ``dense_tier`` "device" keeps both KV tiers on the device, "host" keeps the dense tier in
     pinned host memory (checked against ``host_budget_bytes`` when given), "auto" the device when
     everything fits there, else the host when that fits. ``frames_fit`` lists the most frames that
-    fit with either.
+    fit with either. ``plugins`` says whether the engines use the videoxl plugins (``videoxl build``'s
+    default) or the inlined ONNX bodies (``--no-plugins``, a larger prefill working set).
     When the plan does not fit, ``advice`` lists changes that do, each checked by re-planning.
     """
     if dense_tier not in DENSE_TIERS:
@@ -346,6 +428,7 @@ def plan_memory(
         timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
         dense_tier="host" if dense_tier == "host" else "device", host_budget_bytes=host_budget_bytes,
+        plugins=plugins,
     )
     _check_inputs(inputs)
     plan = _plan(config, inputs)
@@ -379,7 +462,7 @@ def _check_inputs(i: PlanInputs) -> None:
 
 def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     kvpt = kv_bytes_per_token(cfg, i.dtype_bytes)
-    b, h = i.dtype_bytes, cfg.hidden_size
+    b = i.dtype_bytes
     ts = i.timestamp_tokens_per_group
     group_tokens = cfg.tokens_per_group + ts
     t = kv_tokens(
@@ -416,40 +499,19 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
             + " (score: no lm_head, final norm, nor the last layer's value path and MLP, which it never reads)"
         )
 
-    # --- activations: the largest of the phases (they never overlap) ------------------------------
-    layer_width = 6 * h + 3 * cfg.intermediate_size + cfg.num_attention_heads * cfg.head_dim
-    kv_row = cfg.num_key_value_heads * cfg.head_dim
-    prefill_act = (
-        chunk_tokens * layer_width * b  # one layer's hidden states, MLP, attention output
-        # one layer's gathered keys and values: visible past + chunk, and the whole past for timestamp
-        # queries (none under the streaming rule, the only one the host tier runs)
-        + 2 * (visible_past + (0 if on_host else past_tokens) + 2 * chunk_tokens) * kv_row * b
-        + cfg.vocab_size * 4  # last-position logits (the chunk's KV is written into the dense tier in place)
-    )
+    # --- activations: the largest of the phases (they never overlap), with each engine's I/O --------
+    timestamp_queries = 0 if on_host else min(i.chunk_groups, groups) * ts  # the streaming rule has none
+    prefill_act = prefill_activation_bytes(
+        cfg, chunk_tokens=chunk_tokens, past_tokens=past_tokens, visible_past=visible_past,
+        timestamp_queries=timestamp_queries, dtype_bytes=b, plugins=i.plugins,
+    ) + cfg.vocab_size * 4  # last-position logits (the chunk's KV is written into the dense tier in place)
     vision_frames = min(i.vision_batch_frames, groups * cfg.frames_per_group)
-    vision_groups = math.ceil(vision_frames / cfg.frames_per_group)
-    c, positions = cfg.vision_hidden_size, cfg.compressor_grid**2
-    # Fused attention everywhere (TensorRT's Myelin fuses SigLIP's and the DTS's attention: no
-    # probabilities are materialised); checked against the real-size vision engine's reported
-    # activation memory (bench/RESULTS.md, "Real size"): 544 MB planned + the pixel input vs 532 MB.
-    vision_act = (
-        vision_frames * 3 * cfg.image_size**2 * PIXEL_BYTES  # the pixel input buffer
-        + vision_frames * cfg.vision_grid**2 * (2 * c + cfg.vision_intermediate_size) * b  # one SigLIP layer: residual, hidden, MLP
-        + vision_groups * cfg.frames_per_group * positions * 4 * c * b  # DTS: q, k, v and the attention output
-        + vision_groups * positions * h * 2 * b  # projector output before the 2x2 pool
-    )
-    scored_keys = t.scoring + i.suffix_tokens
-    score_act = (
-        i.suffix_tokens * layer_width * b
-        + i.suffix_tokens * cfg.num_attention_heads * scored_keys * 4  # one layer's probabilities, fp32
-        + 2 * scored_keys * kv_row * 4  # one layer's keys and values, concatenated and cast to fp32
-        + t.scoring * 4  # the attention mass
-    )
-    decode_act = (
-        i.suffix_tokens * layer_width * b
-        + 2 * (t.decode_region + i.suffix_tokens) * kv_row * b  # one layer's capacity buffer ++ new keys
-        + cfg.vocab_size * 4
-    )
+    vision_act = vision_activation_bytes(cfg, frames=vision_frames, dtype_bytes=b) + (
+        vision_frames * 3 * cfg.image_size**2 * PIXEL_BYTES)  # the pixel input buffer
+    score_act = score_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.scoring, dtype_bytes=b) + (
+        t.scoring * 4)  # the attention mass
+    decode_act = decode_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.decode_region, dtype_bytes=b) + (
+        cfg.vocab_size * 4)  # logits
     phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "question scoring": score_act, "suffix decode": decode_act}
     largest = max(phases, key=phases.get)
 
@@ -697,6 +759,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         "the device when everything fits there, else the host (default: %(default)s)")
     p.add_argument("--host-memory", type=parse_bytes, default=None, metavar="BYTES",
                    help="host memory the pinned dense tier may take (default: what this machine has free)")
+    p.add_argument("--plugins", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engines use the videoxl plugins (videoxl build's default); --no-plugins: the inlined "
+                        "ONNX bodies, whose prefill holds one layer's timestamp-query attention over the whole past")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -711,7 +776,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
         weights=None if args.weights is None else WeightFormat.parse(args.weights, args.block_size),
         max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
-        dense_tier=args.dense_tier,
+        dense_tier=args.dense_tier, plugins=args.plugins,
         host_budget_bytes=args.host_memory if args.host_memory is not None else available_host_bytes(),
     )
     print(plan.table())
