@@ -23,6 +23,12 @@ Everything is written into a hidden sibling directory and renamed to ``out_dir``
 engines are built: a failed build leaves no partial engine directory, and an existing one
 is replaced only by a complete new one.
 
+With ``--decode-on-prefill`` the decode engine is not built: the runtime decodes on the
+prefill_chunk engine, whose profile widens to the decode capacity (``profiles.py``), so the LLM's
+weights are on the GPU once fewer. A generated <|vision_pad|> then needs its own embedding as the
+step's visual row: that one row is read from the export and written beside the engines
+(``manifest.VISION_PAD_FILE``, with its sha256 in the manifest).
+
 TensorRT for RTX builds with no GPU for the compute capabilities it is given (default sm_89);
 standard TensorRT builds for the GPU it runs on.
 """
@@ -45,10 +51,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import onnx
 
 import videoxl
 from videoxl.config import ConfigError, VideoXLConfig
+from videoxl.embedding import embedding_row
 from videoxl.engines import manifest as manifest_io
 from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import (
@@ -134,6 +142,7 @@ def build_engines(
     stream_weights: bool | None = None,
     max_engine_weights: int | None = DEFAULT_MAX_ENGINE_WEIGHTS,
     layers_per_engine: int | None = None,
+    decode_on_prefill: bool = False,
 ) -> Path:
     """Build one engine per graph of the contract from ``onnx_dir`` into ``out_dir``, with their manifest.
 
@@ -146,7 +155,8 @@ def build_engines(
     weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets.
     ``max_engine_weights`` (bytes; None: no limit) cuts an LLM graph with more weights into layer
     ranges, one engine each; ``layers_per_engine`` cuts every LLM graph into ranges of that many
-    layers. Returns ``out_dir``.
+    layers. ``decode_on_prefill`` builds no decode engine: the runtime decodes on the prefill_chunk
+    engine, built with the wider profile that needs (module docstring). Returns ``out_dir``.
     """
     started = time.perf_counter()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -159,7 +169,7 @@ def build_engines(
         chunk_groups=chunk_groups if chunk_groups is not None else cfg.chunk_groups,
         window_chunks=window_chunks if window_chunks is not None else cfg.window_chunks,
     )
-    graphs = [_read_graph(onnx_dir, name, cfg) for name in GRAPHS]
+    graphs = [_read_graph(onnx_dir, name, cfg) for name in GRAPHS if not (decode_on_prefill and name == "decode")]
     if precision is None:
         precision = _export_precision(graphs, onnx_dir)
     _check_precision(graphs, precision, onnx_dir)
@@ -168,9 +178,10 @@ def build_engines(
     _check_precision_targets(precision, targets)
     kv_bytes = kv_cache_bytes(cfg, limits, precision)
     _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
-    ranges = dimension_ranges(cfg, limits)
+    vision_pad = _vision_pad_embedding(onnx_dir, graphs) if decode_on_prefill else None
+    ranges = dimension_ranges(cfg, limits, decode_on_prefill=decode_on_prefill)
     profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
-    shape_values = shape_input_values(cfg, limits)
+    shape_values = shape_input_values(cfg, limits, decode_on_prefill=decode_on_prefill)
     _prepare_plugins(trt, use_plugins)
     out_dir = _check_out_dir(out_dir, onnx_dir)
     # after every check: this writes the range graphs beside the export
@@ -201,11 +212,17 @@ def build_engines(
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
                     shutil.copy2(onnx_dir / name, staging / name)
+            decode_entry = None
+            if vision_pad is not None:
+                token, row = vision_pad
+                np.save(staging / manifest_io.VISION_PAD_FILE, row, allow_pickle=False)
+                decode_entry = {"vision_pad": token, "file": manifest_io.VISION_PAD_FILE,
+                                **manifest_io.file_fingerprint(staging / manifest_io.VISION_PAD_FILE)}
             manifest = _manifest(
                 trt, cfg, onnx_dir, out_dir, graphs + [g for parts in builds.values() for g in parts if g.part], engines, targets=targets, precision=precision, weights=weights, limits=limits,
                 ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
                 layer_ranges={"max_engine_weights": max_engine_weights, "layers_per_engine": layers_per_engine},
-                memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started,
+                memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started, decode_on_prefill=decode_entry,
             )
             manifest_io.write_manifest(staging, manifest)
             if timing_cache is not None and timing is not None:
@@ -455,6 +472,23 @@ def _check_memory_budget(
         f"{format_bytes(budget)}: use --max-frames {fitting_frames} or less, "
         "or raise --memory-budget"
     )
+
+
+def _vision_pad_embedding(onnx_dir: Path, graphs: list[_Graph]) -> tuple[int, np.ndarray]:
+    """(<|vision_pad|>'s id, its embedding row) from the export: what a decode step on the prefill engine splices in."""
+    path = onnx_dir / "export_manifest.json"
+    try:
+        token = int(json.loads(path.read_text())["special_tokens"]["vision_pad"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EngineBuildError(
+            f"{path}: no special_tokens.vision_pad ({type(err).__name__}: {err}), which --decode-on-prefill needs; "
+            "re-export the directory with `videoxl export`, or build without --decode-on-prefill"
+        ) from err
+    prefill = next(g for g in graphs if g.name == "prefill_chunk")
+    try:
+        return token, embedding_row(prefill.path, token)
+    except (OSError, ValueError) as err:
+        raise EngineBuildError(f"--decode-on-prefill needs the embedding of <|vision_pad|>: {err}") from err
 
 
 def _prepare_plugins(trt: ModuleType, use_plugins: bool) -> None:
@@ -869,6 +903,7 @@ def _manifest(
     memory_budget_bytes: int | None,
     seconds: float,
     layer_ranges: dict[str, int | None],
+    decode_on_prefill: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     onnx_files: dict[str, dict[str, Any]] = {}
     for graph in graphs:
@@ -912,6 +947,8 @@ def _manifest(
             "kernels_library": manifest_io.kernels_library_info() if use_plugins else None,
         },
         "layer_ranges": layer_ranges,  # how the LLM graphs were cut (ranges.py); engines[graph]["ranges"] where they were
+        # None, or decode runs on the prefill_chunk engine (no decode engine): vision_pad's id and its embedding row's file
+        "decode_on_prefill": decode_on_prefill,
         "engines": engines,
     }
     if use_plugins and not manifest["plugins"]["used"]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from videoxl.config import VideoXLConfig
-from videoxl.engines.errors import GPUUnavailableError
+from videoxl.engines.errors import EngineMismatchError, GPUUnavailableError
 from videoxl.engines.manifest import CONFIG_FILE, check_manifest, read_manifest
 from videoxl.engines.profiles import GRAPH_FILES, GRAPHS
 from videoxl.engines.trt_module import gpu_compute_capability, import_tensorrt, is_rtx
@@ -78,7 +78,9 @@ def check_engines(
     image_token = _image_token(onnx_dir)
     rng = np.random.default_rng(seed)
     results = []
-    for graph in graphs or GRAPHS:
+    for graph in graphs or [g for g in GRAPHS if g in manifest["engines"]]:  # built with --decode-on-prefill: no decode
+        if graph not in manifest["engines"]:
+            raise EngineMismatchError(f"{engine_dir}: no {graph} engine (built with --decode-on-prefill: decode runs on prefill_chunk)")
         entry = manifest["engines"][graph]
         # a graph built in layer ranges: each range engine against its range graph (beside the export)
         parts = entry.get("ranges") or [{**entry, "onnx": GRAPH_FILES[graph]}]

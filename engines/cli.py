@@ -49,6 +49,11 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--no-plugins", dest="use_plugins", action="store_false", help="inline the custom ops' ONNX bodies (standard ONNX Attention -> TensorRT's fused attention) instead of the videoxl plugins: engines that stock TensorRT loads with no plugin library")
     parser.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", help="refuse profiles whose KV cache (video region + decode region) exceeds this (e.g. 16GiB)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--decode-on-prefill", action="store_true",
+        help="build no decode engine: the runtime decodes on the prefill_chunk engine (profile widened to the decode "
+        "capacity), one copy of the LLM weights fewer on the GPU; decode steps then run without CUDA graphs",
+    )
     ranges = parser.add_mutually_exclusive_group()
     ranges.add_argument(
         "--max-engine-weights", type=_engine_weights, default=DEFAULT_MAX_ENGINE_WEIGHTS, metavar="BYTES",
@@ -90,6 +95,7 @@ def run_build(args: argparse.Namespace) -> int:
             targets=args.targets, flavour=args.flavour, use_plugins=args.use_plugins,
             memory_budget_bytes=args.memory_budget,
             max_engine_weights=args.max_engine_weights, layers_per_engine=args.layers_per_engine,
+            decode_on_prefill=args.decode_on_prefill,
             progress=sys.stderr.isatty() if args.progress is None else args.progress,
         )
     except _EXPECTED_ERRORS as err:

@@ -16,6 +16,10 @@ and raises :class:`EngineMismatchError` naming the actual values and the rebuild
                       instead, for an LLM graph built in layer ranges: its entry has "ranges", in
                       layer order, each with its engine file and the boundary tensors it takes in
                       and gives out (a chain the TensorRT backend runs as one engine)
+      vision_pad_embedding.npy
+                      with --decode-on-prefill (no decode engine then): the embedding row of
+                      <|vision_pad|>, the visual row of a decode step that generated one; its
+                      entry "decode_on_prefill" names the token, the file and its sha256
       export_manifest.json, tokenizer*.json, generation_config.json   copied when present,
                       so that the runtime needs nothing else next to the engines
 """
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
+VISION_PAD_FILE = "vision_pad_embedding.npy"  # with --decode-on-prefill: one float row, [hidden]
 COPIED_FILES = ("export_manifest.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 MANIFEST_FORMAT = 3  # 3: an LLM graph may be built in layer ranges (engines[graph]["ranges"]); 2: contract v2
 
@@ -110,6 +115,8 @@ def rebuild_command(manifest: dict[str, Any], engine_dir: str | Path | None = No
         args += ["--target", target]
     if not manifest.get("plugins", {}).get("requested", True):
         args.append("--no-plugins")
+    if manifest.get("decode_on_prefill"):
+        args.append("--decode-on-prefill")
     layer_ranges = manifest.get("layer_ranges", {})
     if layer_ranges.get("layers_per_engine") is not None:
         args += ["--layers-per-engine", str(layer_ranges["layers_per_engine"])]
@@ -178,6 +185,7 @@ def check_manifest(
             elif path.stat().st_size != part["bytes"]:
                 problems.append(f"engine file {path.name} has {path.stat().st_size} bytes, the build wrote {part['bytes']}")
 
+    problems += _decode_on_prefill_problems(engine_dir, manifest)
     config_hash = manifest["model"]["config_hash"]
     problems += _config_problems(engine_dir / CONFIG_FILE, config_hash, "engine directory")
     if onnx_dir is not None:
@@ -217,6 +225,24 @@ def _chain_problems(graph: str, ranges: Any, layers: int | None) -> list[str]:
         return [f"engine {graph!r}: layer ranges {spans} do not cover layers 0-{(layers or 0) - 1} in order"]
     if not (chained and ends):
         return [f"engine {graph!r}: its layer ranges do not chain (each range must take in what the one before gives out)"]
+    return []
+
+
+def _decode_on_prefill_problems(engine_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """With decode on the prefill engine: no decode engine listed, and the vision_pad row as the build wrote it."""
+    entry = manifest.get("decode_on_prefill")
+    if not entry:
+        return [] if "decode" in manifest["engines"] else ["no decode engine, and the manifest does not say decode runs on prefill_chunk"]
+    if "decode" in manifest["engines"]:
+        return ["a decode engine is listed, but the manifest says decode runs on prefill_chunk"]
+    try:
+        path = confined_path(engine_dir, entry.get("file"), what="vision_pad embedding")
+    except UnsafePathError as err:
+        return [str(err)]
+    if not path.is_file():
+        return [f"{path.name} (the vision_pad embedding a decode step on prefill_chunk needs) is missing"]
+    if path.stat().st_size != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
+        return [f"{path.name} differs from the file the build wrote"]
     return []
 
 

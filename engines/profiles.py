@@ -15,6 +15,15 @@ Token arithmetic (per sequence)::
     scoring_tokens = prefix_tokens + sparse_tokens                 the all-sparse cache a question is scored on
     total_tokens   = context_tokens + suffix_tokens + answer_tokens  what the decode cache may hold
     visible_past   = prefix + earlier timestamps + window_chunks * chunk_groups * group_tokens
+
+Decode on the prefill_chunk engine (``decode_on_prefill``, ``videoxl build --decode-on-prefill``):
+no decode engine is built; a decode step is a prefill chunk that sees every past row, so the
+prefill_chunk profile widens to cover it::
+
+    chunk_tokens   up to max(chunk, suffix_tokens)       the question goes in at once
+    past_tokens    up to max(context, total_tokens)      the decode cache at its capacity
+    visible_past   up to max(visible_past, total_tokens)
+    visual_tokens  from 0, chunk_tokens from 1            (already: the prefix chunk has no visual rows)
 """
 
 from __future__ import annotations
@@ -117,12 +126,15 @@ class TokenBudget:
         )
 
 
-def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[str, DimRange]]:
-    """For each graph of the contract, the range of each free dimension name its inputs use."""
+def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits, *, decode_on_prefill: bool = False) -> dict[str, dict[str, DimRange]]:
+    """For each graph of the contract, the range of each free dimension name its inputs use.
+
+    ``decode_on_prefill``: decode runs on the prefill_chunk engine (module docstring): its profile
+    widens to the decode capacity and the question, and there is no decode entry."""
     t = TokenBudget.of(cfg, limits)
     stamps_per_chunk = limits.chunk_groups * limits.timestamp_tokens
     groups = DimRange(1, t.vision_groups, t.vision_groups)
-    return {
+    ranges = {
         # torch.export names the frame axis "4*groups"; the contract calls it "frames" (4 per group)
         "vision": {"groups": groups, "frames": groups.scaled(cfg.frames_per_group)},
         "prefill_chunk": {
@@ -148,9 +160,17 @@ def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[
             "pool": DimRange(1, cfg.kv_pool_stride, cfg.kv_pool_stride),  # 1: copies (the decode cache); stride: pooling
         },
     }
+    if decode_on_prefill:
+        prefill = ranges["prefill_chunk"]
+        widened = lambda r, high: DimRange(r.min, r.opt, max(r.max, high))  # noqa: E731
+        prefill["chunk_tokens"] = widened(prefill["chunk_tokens"], limits.suffix_tokens)
+        prefill["past_tokens"] = widened(prefill["past_tokens"], t.total_tokens)
+        prefill["visible_past"] = widened(prefill["visible_past"], t.total_tokens)
+        del ranges["decode"]
+    return ranges
 
 
-def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dict[str, ShapeValues]]:
+def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits, *, decode_on_prefill: bool = False) -> dict[str, dict[str, ShapeValues]]:
     """For each graph, the value range of every scalar input that TensorRT may read on the host.
 
     The contract makes none of them a shape by design, but TensorRT decides: the plugin-free
@@ -165,7 +185,8 @@ def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits) -> dict[str, dic
 
     return {
         "vision": {},
-        "prefill_chunk": {"past_len": values(t.context_tokens)},
+        # a decode step on the prefill engine starts at most one row before the decode capacity
+        "prefill_chunk": {"past_len": values(max(t.context_tokens, t.total_tokens - 1) if decode_on_prefill else t.context_tokens)},
         "decode": {"past_len": values(t.total_tokens - 1)},
         "score": {"past_len": values(t.scoring_tokens)},
         "kv_gather": {},

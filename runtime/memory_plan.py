@@ -10,6 +10,10 @@ the device three times (prefill_chunk, decode, score; score without what it neve
     weights = vision + 2 x LLM + (LLM - lm_head - final norm - last layer's v/o/MLP)
             = 0.95 + 14.19 + 14.19 + 12.76 = 42.08 GiB    (Video-XL-2 8B, fp16)
 
+Engines built with ``--decode-on-prefill`` have no decode engine (decode runs on prefill_chunk):
+one LLM copy fewer (``decode_on_prefill``: 27.89 GiB at fp16), and the prefill_chunk engine's
+activations are taken at its widened profile (the question's tokens over the decode capacity).
+
 KV arithmetic (DESIGN §3), per token over all layers (``videoxl.graphs.kv_bytes``)::
 
     kv_bytes_per_token = layers x 2 (K, V) x kv_heads x head_dim x dtype_bytes
@@ -66,6 +70,8 @@ Activations are what TensorRT reports for an engine at given shapes: one layer's
     prefill, inlined  = max(mlp(chunk), fused(chunk, visible + chunk),
                             written-out(timestamp queries, whole past + chunk))
     decode            = max(mlp(new), fused(new, capacity + new))       (no custom op: same either way)
+    decode on prefill = the prefill formula at max(chunk, new) tokens, past and visible past up to
+                        the decode capacity (TensorRT sizes an engine for its whole profile)
     score             = max(mlp(new), written-out(new, scoring + new))  (its probabilities are its output)
 
 Checked against the real-size range builds (bench/RESULTS.md, "Real size"): at the profile
@@ -116,13 +122,16 @@ def estimate_params(config: VideoXLConfig) -> dict[str, int]:
     return {"vision": vision, "compressor": compressor, "projector": projector, "llm": llm}
 
 
-def engine_weight_bytes(config: VideoXLConfig, fmt: WeightFormat, float_bytes: float, params: dict[str, int]) -> dict[str, int]:
+def engine_weight_bytes(
+    config: VideoXLConfig, fmt: WeightFormat, float_bytes: float, params: dict[str, int], *, decode_on_prefill: bool = False,
+) -> dict[str, int]:
     """Weight bytes of each engine the TensorRT backend loads (kv_gather has none).
 
     prefill_chunk, decode and score are separate engines (or chains of layer-range engines), each
     with its own copy of the LLM weights it reads: score gives out only the attention mass, so it
     holds no lm_head and no final norm, and its last layer only the query/key path (its value
-    projection, o_proj, post-attention norm and MLP feed nothing it outputs).
+    projection, o_proj, post-attention norm and MLP feed nothing it outputs). ``decode_on_prefill``:
+    engines built with --decode-on-prefill, no decode engine (decode runs on prefill_chunk).
     """
     if float_bytes in (1, 2, 4):
         modules = weight_bytes(config, fmt, int(float_bytes), params)
@@ -133,12 +142,15 @@ def engine_weight_bytes(config: VideoXLConfig, fmt: WeightFormat, float_bytes: f
     unread = {LM_HEAD, f"{last}.self_attn.v_proj", f"{last}.self_attn.o_proj", f"{last}.mlp.gate_proj", f"{last}.mlp.up_proj", f"{last}.mlp.down_proj"}
     score_skips = sum(fmt.linear_bytes(lin, float_bytes) for lin in quantized_linears(config) if lin.name in unread)
     score_skips += (2 * h + kv) * float_bytes  # final norm, post-attention norm, v_proj bias
-    return {
+    engines = {
         "vision": modules["vision"] + modules["compressor"] + modules["projector"],
         "prefill_chunk": modules["llm"],
         "decode": modules["llm"],
         "score": modules["llm"] - math.ceil(score_skips),
     }
+    if decode_on_prefill:
+        del engines["decode"]
+    return engines
 
 
 # --- activations: what TensorRT reports for one engine at given shapes (module docstring) ---------
@@ -238,6 +250,7 @@ class PlanInputs:
     dense_tier: str = "device"  # "device" or "host" (resolved: plan_memory turns "auto" into one of them)
     host_budget_bytes: int | None = None  # pinned host memory the plan may take (None: not checked)
     plugins: bool = True  # engines built with the videoxl plugins (videoxl build's default) or inlined bodies
+    decode_on_prefill: bool = False  # engines built with --decode-on-prefill: no decode engine, a wider prefill profile
 
 
 DENSE_TIERS = ("auto", "device", "host")
@@ -398,6 +411,7 @@ def plan_memory(
     dense_tier: str = "device",
     host_budget_bytes: int | None = None,
     plugins: bool = True,
+    decode_on_prefill: bool = False,
 ) -> MemoryPlan:
     """Plan one request of ``frames`` frames against ``budget_bytes`` of GPU memory.
 
@@ -412,6 +426,8 @@ def plan_memory(
     everything fits there, else the host when that fits. ``frames_fit`` lists the most frames that
     fit with either. ``plugins`` says whether the engines use the videoxl plugins (``videoxl build``'s
     default) or the inlined ONNX bodies (``--no-plugins``, a larger prefill working set).
+    ``decode_on_prefill``: engines built with ``--decode-on-prefill`` (no decode engine's weights;
+    decode runs on the prefill_chunk engine, whose activations are taken at its widened profile).
     When the plan does not fit, ``advice`` lists changes that do, each checked by re-planning.
     """
     if dense_tier not in DENSE_TIERS:
@@ -428,7 +444,7 @@ def plan_memory(
         timestamp_tokens_per_group=timestamp_tokens_per_group, prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens, vision_batch_frames=vision_batch_frames,
         dense_tier="host" if dense_tier == "host" else "device", host_budget_bytes=host_budget_bytes,
-        plugins=plugins,
+        plugins=plugins, decode_on_prefill=decode_on_prefill,
     )
     _check_inputs(inputs)
     plan = _plan(config, inputs)
@@ -489,7 +505,7 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
         fmt = i.weights if i.weights is not None else WeightFormat()
         if i.weights is not None and i.weight_dtype_bytes not in (1, 2, 4):
             raise ValueError(f"with --weights the float parts need a float width of 2 or 4 bytes, got {i.weight_dtype_bytes}")
-        engines = engine_weight_bytes(cfg, fmt, i.weight_dtype_bytes, params)
+        engines = engine_weight_bytes(cfg, fmt, i.weight_dtype_bytes, params, decode_on_prefill=i.decode_on_prefill)
         weights = sum(engines.values())
         what = f"{fmt} linears, the rest {i.weight_dtype_bytes:g} B/param" if i.weights is not None else (
             f"{sum(params.values()) / 1e9:.2f} B params x {i.weight_dtype_bytes:g} B")
@@ -497,10 +513,14 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
             f"{what}; per engine, each its own copy on the device (the TensorRT backend deserialises one engine, "
             "or one chain of layer-range engines, per graph): " + ", ".join(f"{name} {format_bytes(n)}" for name, n in engines.items())
             + " (score: no lm_head, final norm, nor the last layer's value path and MLP, which it never reads)"
+            + ("; decode runs on prefill_chunk (--decode-on-prefill)" if i.decode_on_prefill else "")
         )
 
     # --- activations: the largest of the phases (they never overlap), with each engine's I/O --------
     timestamp_queries = 0 if on_host else min(i.chunk_groups, groups) * ts  # the streaming rule has none
+    if i.decode_on_prefill:  # one engine for both: TensorRT sizes it for its widened profile (module docstring)
+        chunk_tokens, past_tokens = max(chunk_tokens, i.suffix_tokens), max(past_tokens, t.decode_region)
+        visible_past = max(visible_past, t.decode_region)
     prefill_act = prefill_activation_bytes(
         cfg, chunk_tokens=chunk_tokens, past_tokens=past_tokens, visible_past=visible_past,
         timestamp_queries=timestamp_queries, dtype_bytes=b, plugins=i.plugins,
@@ -513,6 +533,9 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     decode_act = decode_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.decode_region, dtype_bytes=b) + (
         cfg.vocab_size * 4)  # logits
     phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "question scoring": score_act, "suffix decode": decode_act}
+    if i.decode_on_prefill:  # decode runs on the prefill engine: its activations are the prefill's
+        del phases["suffix decode"]
+        phases["prefill chunk and decode"] = phases.pop("prefill chunk")
     largest = max(phases, key=phases.get)
 
     if on_host:
@@ -762,6 +785,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--plugins", action=argparse.BooleanOptionalAction, default=True,
                    help="the engines use the videoxl plugins (videoxl build's default); --no-plugins: the inlined "
                         "ONNX bodies, whose prefill holds one layer's timestamp-query attention over the whole past")
+    p.add_argument("--decode-on-prefill", action="store_true",
+                   help="engines built with `videoxl build --decode-on-prefill`: no decode engine (one LLM weight copy "
+                        "fewer), decode runs on the prefill_chunk engine at its widened profile")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -776,7 +802,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         unified_memory=args.unified_memory, weights_bytes=args.weights_bytes,
         weights=None if args.weights is None else WeightFormat.parse(args.weights, args.block_size),
         max_new_tokens=args.max_new_tokens, timestamp_tokens_per_group=args.timestamp_tokens,
-        dense_tier=args.dense_tier, plugins=args.plugins,
+        dense_tier=args.dense_tier, plugins=args.plugins, decode_on_prefill=args.decode_on_prefill,
         host_budget_bytes=args.host_memory if args.host_memory is not None else available_host_bytes(),
     )
     print(plan.table())

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 import videoxl
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
-from videoxl.files import confined_path
+from videoxl.embedding import embedding_row
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_artifacts
@@ -292,17 +291,6 @@ class OnnxRuntimeBackend(Backend):
     def _pad_embedding(self) -> np.ndarray:
         """Row <|vision_pad|> of the embedding table, read from the export (external data: one row's bytes)."""
         if self._vision_pad_row is None:
-            path = self.artifacts.graph_path("prefill_chunk")
-            table = next(t for t in onnx.load(str(path), load_external_data=False).graph.initializer
-                         if t.name == "model.embed_tokens.weight")
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(table.data_type))
-            row_bytes = int(table.dims[1]) * dtype.itemsize
-            if table.data_location == onnx.TensorProto.EXTERNAL:
-                where = {e.key: e.value for e in table.external_data}
-                with open(confined_path(path.parent, where["location"], what="external data"), "rb") as f:
-                    f.seek(int(where.get("offset", 0)) + self._vision_pad * row_bytes)
-                    row = np.frombuffer(f.read(row_bytes), dtype)
-            else:
-                row = onnx.numpy_helper.to_array(table)[self._vision_pad]
+            row = embedding_row(self.artifacts.graph_path("prefill_chunk"), self._vision_pad)
             self._vision_pad_row = row.astype(self.float_dtype)
         return self._vision_pad_row

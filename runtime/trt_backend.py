@@ -48,6 +48,18 @@ returns after synchronising ``compute``, so its pinned staging may be rewritten 
 Decode steps replay CUDA graphs: the decode engine reads a capacity bucket of the cache plus a
 valid length (``past_len``), so one graph per (new tokens, bucket) serves every step of that
 bucket, see ``DecodeGraphCache``.
+
+Engines built with ``--decode-on-prefill`` (manifest ``decode_on_prefill``) have no decode engine,
+so the LLM's weights are on the GPU once fewer: a decode step runs on the prefill_chunk engine (or
+chain) as a chunk that sees every past row, as the ONNX Runtime backend does by default::
+
+    decode(ids) == prefill_chunk(ids, visual_embeds = the vision_pad row per generated <|vision_pad|>,
+                                 past_len = length, visible_past_index = 0..length-1,
+                                 timestamp_query_index = [])     past: decode rows [0, length),
+                                                                 present: rows [length, length + T) in place
+
+The index list is staged like the other small inputs and grows every step, so such steps run
+plainly, without CUDA graphs (a captured graph bakes the shapes). score keeps its own engine.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
 from videoxl.config import VideoXLConfig
 from videoxl.engines.profiles import format_bytes
 from videoxl.engines.trt_module import trt_logger
+from videoxl.files import confined_path
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError
@@ -377,6 +390,9 @@ class TensorRTBackend(Backend):
         self._video: TrtVideoCache | None = None
         self._decode_cache: TrtDecodeCache | None = None
         self._generation = 0
+        # decode on the prefill_chunk engine (module docstring): <|vision_pad|>'s id and embedding row
+        self.decode_on_prefill = bool(self.manifest.get("decode_on_prefill"))
+        self._vision_pad: tuple[int, np.ndarray] | None = None
         try:
             self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena, dense_tier)
         except BaseException:
@@ -427,7 +443,11 @@ class TensorRTBackend(Backend):
                     ) from None
                 raise
 
+        if self.decode_on_prefill:
+            self._vision_pad = self._read_vision_pad()
         for graph in GRAPHS:
+            if graph == "decode" and self.decode_on_prefill:
+                continue  # decode runs on the prefill_chunk engine
             entry = self.manifest["engines"][graph]
             if "ranges" in entry:  # built in layer ranges (videoxl.engines.ranges): run as one chain
                 parts = [load(graph, r["file"]) for r in entry["ranges"]]
@@ -488,6 +508,16 @@ class TensorRTBackend(Backend):
         self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in io_tensors}
         self._graphs = DecodeGraphCache(max_graphs=8 if cuda_graphs else 0)
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
+
+    def _read_vision_pad(self) -> tuple[int, np.ndarray]:
+        """<|vision_pad|>'s id and embedding row, as `videoxl build --decode-on-prefill` stored them (sha checked
+        with the manifest), in the engines' float type: the visual row of a decode step that generated one."""
+        entry = self.manifest["decode_on_prefill"]
+        path = confined_path(self.engines_dir, entry["file"], what="vision_pad embedding")
+        row = np.load(path, allow_pickle=False)
+        if row.shape != (self.config.hidden_size,):
+            raise unavailable(f"{path}: a row of shape {row.shape}, the model's hidden size is {self.config.hidden_size}; rebuild the engines")
+        return int(entry["vision_pad"]), row.astype(self.float_dtype)
 
     def _plan_kv(self, dense_tier: str, dense_blocks: int) -> tuple[int, KVRows]:
         """Frames and KV rows for what the arena has left: both tiers on the device, or the dense tier
@@ -927,8 +957,11 @@ class TensorRTBackend(Backend):
 
     def decode(self, cache: TrtDecodeCache, input_ids) -> np.ndarray:
         """One step: replays the captured graph of its (tokens, bucket) after the first use, then moves
-        the new rows from the engine's output staging to the cache (their row changes every step)."""
+        the new rows from the engine's output staging to the cache (their row changes every step).
+        Engines built with --decode-on-prefill: a plain step on the prefill_chunk engine instead."""
         self._live(cache)
+        if self.decode_on_prefill:
+            return self._decode_on_prefill(cache, np.asarray(input_ids, np.int64))
         slabs, t, past = self._kv["decode"], len(input_ids), cache.length
         if past + t > cache.capacity:
             raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
@@ -952,6 +985,33 @@ class TensorRTBackend(Backend):
         self.compute.synchronize()
         cache.length = past + t
         return self._host[("decode", "logits")][: self.config.vocab_size].reshape(1, -1).copy()
+
+    def _decode_on_prefill(self, cache: TrtDecodeCache, ids: np.ndarray) -> np.ndarray:
+        """A decode step as a chunk on the prefill_chunk engine that sees decode rows [0, length) and writes its
+        rows after them in place (module docstring); no CUDA graph: the visible index list grows every step."""
+        engine, slabs, past, t = self.engines["prefill_chunk"], self._kv["decode"], cache.length, len(ids)
+        if past + t > cache.capacity:
+            raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
+        token, row = self._vision_pad
+        feeds = {
+            "input_ids": ids,
+            "visual_embeds": np.repeat(row[None], int(np.count_nonzero(ids == token)), axis=0),  # [pads, hidden]
+            "past_len": np.array([past], np.int64),
+            "visible_past_index": np.arange(past, dtype=np.int64),
+            "timestamp_query_index": np.zeros(0, np.int64),
+        }
+        shapes = {name: value.shape for name, value in feeds.items()}
+        engine.check_shapes(shapes)  # before anything is staged
+        address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
+        address["logits"] = self._io[("prefill_chunk", "logits")].ptr
+        self._bind_rows(shapes, address, "past", slabs, 0, past)
+        self._bind_rows({}, address, "present", slabs, past, t)
+        engine.set_shapes(engine.context, shapes)
+        engine.enqueue(engine.context, address, self.compute)
+        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
+        self.compute.synchronize()
+        cache.length = past + t
+        return logits.reshape(1, -1).copy()
 
     @property
     def _kv_shape(self) -> tuple[int, int]:

@@ -209,7 +209,7 @@ def test_graphs_of_another_contract_are_refused(trt, onnx_copy: Path, tmp_path: 
 
 def test_a_shape_tensor_needs_a_value_range(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ranges = profiles.shape_input_values
-    monkeypatch.setattr(build_module, "shape_input_values", lambda *a: {**ranges(*a), "prefill_chunk": {}})
+    monkeypatch.setattr(build_module, "shape_input_values", lambda *a, **k: {**ranges(*a, **k), "prefill_chunk": {}})
     err = _refused(onnx_dir, tmp_path / "out", r"TensorRT uses input 'past_len' as a shape tensor", use_plugins=False)
     assert "add one in videoxl.engines.profiles.shape_input_values" in str(err)
 

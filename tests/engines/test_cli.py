@@ -34,6 +34,15 @@ def test_build_error_is_one_line(trt, onnx_dir: Path, tmp_path: Path, capsys: py
     assert not out.exists()
 
 
+def test_decode_on_prefill_needs_the_vision_pad_token(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The fixture export names no special tokens: --decode-on-prefill is refused in one line, before any build."""
+    out = tmp_path / "engines"
+    assert main(["build", "--onnx", str(onnx_dir), "--out", str(out), "--decode-on-prefill", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("videoxl build: error: ") and err.count("\n") == 1 and "special_tokens.vision_pad" in err
+    assert not out.exists()
+
+
 @pytest.mark.skipif(gpu_compute_capability() is not None, reason="this machine has a GPU")
 def test_check_without_gpu_says_so(engines_without_plugins: Path, onnx_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["check", "--engines", str(engines_without_plugins), "--onnx", str(onnx_dir)]) == 1

@@ -55,6 +55,22 @@ def test_past_len_values_stay_inside_the_past() -> None:
     assert values["prefill_chunk"]["past_len"][2] == (t.context_tokens,)
 
 
+def test_decode_on_prefill_widens_the_prefill_profile_to_the_decode_capacity() -> None:
+    """--decode-on-prefill: no decode profile; a decode step (1 token, no visual rows, the whole decode cache
+    visible) and the question at once fit the prefill_chunk profile, whose opt stays the chunk's."""
+    cfg, t = VideoXLConfig(), TokenBudget.of(VideoXLConfig(), LIMITS)
+    plain, shared = dimension_ranges(cfg, LIMITS), dimension_ranges(cfg, LIMITS, decode_on_prefill=True)
+    assert set(shared) == set(GRAPHS) - {"decode"}
+    prefill = shared["prefill_chunk"]
+    assert prefill["past_tokens"].max == prefill["visible_past"].max == t.total_tokens
+    assert prefill["chunk_tokens"].max == max(t.chunk_tokens, LIMITS.suffix_tokens)
+    assert prefill["chunk_tokens"].min == 1 and prefill["visual_tokens"].min == 0
+    assert all(prefill[d].opt == plain["prefill_chunk"][d].opt for d in prefill)
+    assert {g: r for g, r in shared.items() if g != "prefill_chunk"} == {g: r for g, r in plain.items() if g not in ("prefill_chunk", "decode")}
+    values = shape_input_values(cfg, LIMITS, decode_on_prefill=True)["prefill_chunk"]["past_len"]
+    assert values[2] == (t.total_tokens - 1,) and values[2][0] <= prefill["past_tokens"].max
+
+
 def test_kv_cache_bytes_is_the_video_and_decode_regions() -> None:
     cfg, t = VideoXLConfig(), TokenBudget.of(VideoXLConfig(), LIMITS)
     rows = t.sparse_tokens + t.context_tokens + t.total_tokens

@@ -100,3 +100,36 @@ def test_tiny_export_builds_in_layer_ranges(trt, tiny_onnx: Path, tmp_path: Path
     (out / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(EngineMismatchError, match="do not chain"):
         check_manifest(out, trt_module=trt, gpu_compute_capability="sm_89")
+
+
+@pytest.mark.parametrize("use_plugins", [True, False], ids=["plugins", "inlined"])
+def test_tiny_export_builds_with_decode_on_prefill(trt, tiny_onnx: Path, tmp_path: Path, use_plugins: bool) -> None:
+    """--decode-on-prefill: no decode engine; the prefill_chunk profile reaches the decode capacity and the
+    question; <|vision_pad|>'s embedding row is stored beside the engines with its sha, checked on load."""
+    import numpy as np
+
+    from videoxl.embedding import embedding_row
+    from videoxl.engines.errors import EngineMismatchError
+    from videoxl.engines.manifest import VISION_PAD_FILE, check_manifest, rebuild_command
+    from videoxl.files import file_sha256
+
+    out = build_engines(tiny_onnx, tmp_path / "engines", precision="fp32", use_plugins=use_plugins, decode_on_prefill=True, **LIMITS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "decode" not in manifest["engines"] and not list(out.glob("decode*.engine"))
+    assert sorted(manifest["engines"]) == sorted(g for g in GRAPHS if g != "decode")
+    assert "decode" not in manifest["dimensions"] and "decode.onnx" not in manifest["onnx"]
+    tokens, prefill = manifest["tokens"], manifest["engines"]["prefill_chunk"]["inputs"]
+    assert prefill["past_key.0"]["max"][0] == prefill["visible_past_index"]["max"][0] == tokens["total"]  # the decode capacity
+    assert prefill["input_ids"]["min"] == [1] and prefill["input_ids"]["max"][0] >= 256  # a step; the question at once
+    assert prefill["visual_embeds"]["min"][0] == 0
+    entry = manifest["decode_on_prefill"]
+    pad = json.loads((tiny_onnx / "export_manifest.json").read_text())["special_tokens"]["vision_pad"]
+    assert entry == {"vision_pad": pad, "file": VISION_PAD_FILE, **{k: entry[k] for k in ("sha256", "bytes", "mtime_ns")}}
+    assert entry["sha256"] == file_sha256(out / VISION_PAD_FILE)
+    np.testing.assert_array_equal(np.load(out / VISION_PAD_FILE), embedding_row(tiny_onnx / "prefill_chunk.onnx", pad))
+    assert "--decode-on-prefill" in rebuild_command(manifest)
+    check_manifest(out, trt_module=trt, gpu_compute_capability="sm_89", onnx_dir=tiny_onnx)
+
+    np.save(out / VISION_PAD_FILE, np.zeros_like(np.load(out / VISION_PAD_FILE)))  # not the row the build wrote
+    with pytest.raises(EngineMismatchError, match="vision_pad_embedding.npy differs from the file the build wrote"):
+        check_manifest(out, trt_module=trt, gpu_compute_capability="sm_89")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
 from videoxl import graphs
 from videoxl.config import ConfigError, VideoXLConfig
-from videoxl.engines.profiles import BuildLimits, dimension_ranges, kv_cache_bytes, parse_bytes
+from videoxl.engines.profiles import BuildLimits, dimension_ranges, format_bytes, kv_cache_bytes, parse_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError
 from videoxl.weight_format import WeightFormat
 from videoxl.runtime.memory_plan import (
@@ -436,3 +437,40 @@ def test_the_plan_knows_whether_the_engines_use_plugins():
     # the host tier runs the streaming rule: no timestamp queries, the inlined prefill needs no more than the plugin's
     streaming = plan_memory(REAL, frames=10_000, budget_bytes=80 * GiB, plugins=False, dense_tier="host")
     assert streaming.item("activations").nbytes == with_plugins.item("activations").nbytes
+
+
+# --- engines built with --decode-on-prefill: decode runs on the prefill_chunk engine ----------------------
+@pytest.mark.parametrize("name", ["fp", "int4"])
+def test_decode_on_prefill_holds_one_llm_copy_fewer(name):
+    """No decode engine: the weights drop by exactly its copy; the prefill engine's activations are taken
+    at its widened profile (the question's tokens over the decode capacity) and stand for decode too."""
+    fmt = WeightFormat.parse(name)
+    engines = engine_weight_bytes(REAL, fmt, 2, estimate_params(REAL))
+    shared = engine_weight_bytes(REAL, fmt, 2, estimate_params(REAL), decode_on_prefill=True)
+    assert shared == {g: n for g, n in engines.items() if g != "decode"}
+    both = [plan_memory(REAL, frames=1000, budget_bytes=80 * GiB, weights=name, plugins=False, decode_on_prefill=d) for d in (False, True)]
+    assert both[0].item("weights").nbytes - both[1].item("weights").nbytes == engines["decode"]
+    assert "decode runs on prefill_chunk" in both[1].item("weights").detail
+    detail = both[1].item("activations").detail
+    assert "prefill chunk and decode" in detail and "suffix decode" not in detail
+    t = both[1].tokens
+    past = 64 + (math.ceil(250 / 4) - 1) * 4 * 150  # the last chunk's past (prefix, 4-group chunks of 150 tokens)
+    widened = prefill_activation_bytes(
+        REAL, chunk_tokens=4 * 150, past_tokens=max(past, t.decode_region), visible_past=t.decode_region,
+        timestamp_queries=4 * 6, dtype_bytes=2, plugins=False,
+    ) + REAL.vocab_size * 4  # with the logits
+    assert f"prefill chunk and decode {format_bytes(widened)}" in detail
+
+
+def test_decode_on_prefill_fits_1000_frames_on_a_16gib_jetson_with_int4(capsys):
+    """`videoxl plan --config real --frames 1000 --gpu-memory-budget 16GiB --unified-memory --weights int4`:
+    316 frames fit with three LLM copies (14.3 GiB of weights); with --decode-on-prefill (9.6 GiB) 1,808."""
+    argv = ["--config", "real", "--frames", "1000", "--gpu-memory-budget", "16GiB", "--unified-memory", "--weights", "int4"]
+    assert _plan_command(argv) == 1
+    assert "frames that fit this budget: 316 with the dense tier on the device" in capsys.readouterr().out
+    assert _plan_command([*argv, "--decode-on-prefill"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: yes" in out and "frames that fit this budget: 1,808 with the dense tier on the device" in out
+    for frames, fits in ((1808, True), (1812, False)):
+        assert plan_memory(REAL, frames=frames, budget_bytes=16 * GiB, unified_memory=True, weights="int4",
+                           decode_on_prefill=True).fits == fits

@@ -313,7 +313,8 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
     initializers = {t.name for t in model.graph.initializer}
     dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
             for vi in model.graph.input if vi.name not in initializers}
-    profile = input_profile(graph, dims, dimension_ranges(cfg, BuildLimits(**FAKE_LIMITS))[graph])
+    ranges = dimension_ranges(cfg, BuildLimits(**FAKE_LIMITS), decode_on_prefill=spec.get("decode_on_prefill", False))
+    profile = input_profile(graph, dims, ranges[graph])
     dtype = {vi.name: ONNX_TYPES[vi.type.tensor_type.elem_type] for vi in (*model.graph.input, *model.graph.output)}
     outputs = [vi.name for vi in model.graph.output]
     tensors = [TensorSpec(n, dtype[n], profile=profile[n]) for n in dims] + [TensorSpec(n, dtype[n], is_input=False) for n in outputs]
@@ -340,7 +341,7 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
     )
 
 
-def _range_engines(onnx_dir, engines, config, layers_per_engine: int) -> dict:
+def _range_engines(onnx_dir, engines, config, layers_per_engine: int, decode_on_prefill: bool = False) -> dict:
     """Fake range engines of the LLM graphs and their manifest entries (the build's, less what the fakes ignore)."""
     import onnx
 
@@ -353,7 +354,7 @@ def _range_engines(onnx_dir, engines, config, layers_per_engine: int) -> dict:
         for part in split_layers(model, GRAPHS[graph], config, layers_per_engine=layers_per_engine):
             path = engines / part.layers.file(graph)
             path.write_bytes(part.model.SerializeToString())
-            spec = {"graph": graph, "onnx": str(path), "config": str(engines / "config.json")}
+            spec = {"graph": graph, "onnx": str(path), "config": str(engines / "config.json"), "decode_on_prefill": decode_on_prefill}
             (engines / part.layers.file(graph, "engine")).write_text(json.dumps(spec))
             ranges.append({
                 "layers": [part.layers.start, part.layers.stop], "file": part.layers.file(graph, "engine"),
@@ -379,8 +380,13 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
 
     made = []
 
-    def make(device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None, **options) -> TensorRTBackend:
-        """``layers_per_engine``: the LLM graphs as layer-range engines (videoxl.engines.ranges), as `videoxl build` cuts them."""
+    def make(
+        device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None, decode_on_prefill: bool = False,
+        **options,
+    ) -> TensorRTBackend:
+        """``layers_per_engine``: the LLM graphs as layer-range engines (videoxl.engines.ranges), as `videoxl build` cuts them.
+        ``decode_on_prefill``: as `videoxl build --decode-on-prefill` writes it: no decode engine, the prefill_chunk
+        profile widened, the vision_pad row beside the engines."""
         engines = tmp_path / f"engines{len(made)}"
         engines.mkdir()
         config = VideoXLConfig.load(tiny_onnx / "config.json")
@@ -389,16 +395,26 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
         config.save(engines / "config.json")
         entries = {}
         for graph in GRAPHS:
-            spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json")}
+            spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json"),
+                    "decode_on_prefill": decode_on_prefill}
             (engines / f"{graph}.engine").write_text(json.dumps(spec))
             entries[graph] = {"file": f"{graph}.engine"}
         if layers_per_engine is not None:
-            entries |= _range_engines(tiny_onnx, engines, config, layers_per_engine)
+            entries |= _range_engines(tiny_onnx, engines, config, layers_per_engine, decode_on_prefill)
         manifest = {
             "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
             "engines": entries,
             "model": {"onnx_dir": str(tiny_onnx)},
+            "decode_on_prefill": None,
         }
+        if decode_on_prefill:
+            from videoxl.embedding import embedding_row
+            from videoxl.engines.manifest import VISION_PAD_FILE
+
+            del entries["decode"]
+            pad = json.loads((tiny_onnx / "export_manifest.json").read_text())["special_tokens"]["vision_pad"]
+            np.save(engines / VISION_PAD_FILE, embedding_row(tiny_onnx / "prefill_chunk.onnx", pad))
+            manifest["decode_on_prefill"] = {"vision_pad": pad, "file": VISION_PAD_FILE}
         trt = fake_tensorrt(device, lambda data: onnx_engine(device, data))
         monkeypatch.setattr(device_module, "gpu_problem", lambda: None)
         monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
@@ -571,6 +587,54 @@ def test_simulated_layer_range_engines_give_the_onnxruntime_tokens(make_simulate
     assert backend._graphs.replays > 0 and device.graph_launches > launches
     steps = [e.executions - r for e, r in zip(decode_parts, runs)]
     assert len(set(steps)) == 1 and steps[0] >= len(answer.token_ids)  # replays ran every range, not just the first
+
+
+@pytest.mark.parametrize("layers_per_engine", [None, 1], ids=["whole-graphs", "layer-ranges"])
+def test_simulated_decode_on_prefill_gives_the_onnxruntime_tokens(make_simulated, tiny_onnx, tiny_tokenizer, make_layout, layers_per_engine):
+    """Engines built with --decode-on-prefill: no decode engine (one copy of the LLM weights fewer), every
+    decode step a plain run of the prefill_chunk engine or chain (no CUDA graph), and the answers are
+    ONNX Runtime's, token for token, under both prefill rules."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    device = FakeCudart(delay_ms=(0.0, 1.0), seed=5)
+    backend = make_simulated(device, decode_on_prefill=True, layers_per_engine=layers_per_engine)
+    assert backend.decode_on_prefill and "decode" not in backend.engines
+    assert not any(graph == "decode" for graph, _ in backend._io)  # no decode I/O buffers either
+    if layers_per_engine is None:  # four engines' weights: vision, prefill_chunk, score, kv_gather
+        assert 4 * 300_000 <= backend.arena.layout.regions["weights"].nbytes < 5 * 300_000
+    layout = make_layout(10, "Which colour comes last?")
+    visual = np.random.default_rng(11).standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    gen = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    ours, reference = Pipeline(backend, tiny_tokenizer), Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
+    launches = device.graph_launches
+    for rule in ("evaluation", "streaming"):
+        options = InferenceOptions(dense_blocks=1, prefill_rule=rule, **GEOMETRY_SIM)
+        answer = ours.answer_tokens(layout, visual, options=options, gen=gen)
+        expected = reference.answer_tokens(layout, visual, options=options, gen=gen)
+        assert answer.token_ids == expected.token_ids
+        assert answer.report.dense_blocks == expected.report.dense_blocks
+    assert device.graph_launches == launches and backend._graphs.replays == 0
+
+
+def test_simulated_decode_on_prefill_splices_the_vision_pad_row(make_simulated, tiny_onnx, tiny_tokenizer):
+    """Steps that feed back a generated <|vision_pad|> (alone and twice among other tokens) get its own
+    embedding as their visual row: the logits equal the separate decode graph's in ONNX Runtime."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.text import SpecialTokens
+
+    pad = SpecialTokens.from_tokenizer(tiny_tokenizer).vision_pad
+    backend = make_simulated(FakeCudart(delay_ms=(0.0, 1.0), seed=6), decode_on_prefill=True)
+    reference = OnnxRuntimeBackend(tiny_onnx, share_llm_session=False)  # the decode graph itself
+    ours, theirs = backend.new_decode_cache(32), reference.new_decode_cache(32)
+    for ids in ([5, 17, 42, 99, 7, 64, 120, 33], [pad], [7], [pad, 3, pad]):
+        got = backend.decode(ours, np.array(ids, np.int64))
+        want = reference.decode(theirs, np.array(ids, np.int64))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), ids
+    assert ours.length == theirs.length == 13
+    with pytest.raises(RuntimeError, match="decode cache full"):
+        backend.decode(ours, np.arange(20, dtype=np.int64))
 
 
 def test_simulated_requests_beyond_the_regions_fail_with_the_bytes_missing(simulated):
