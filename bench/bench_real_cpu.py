@@ -150,7 +150,7 @@ def run_worker(args) -> int:
 
     pipeline = Pipeline(backend, load_tokenizer(args.onnx))
     video = open_video(args.video, **sampling_settings(backend, fps=None, max_frames=args.frames))
-    options = InferenceOptions()
+    options = InferenceOptions(dense_blocks=args.dense_blocks, block_groups=args.block_groups)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     started = time.perf_counter()
     prepared = pipeline.prepare(video, options=options, max_new_tokens=gen.max_new_tokens)
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default: ONNX Runtime's, 4)")
     parser.add_argument("--separate-decode", action="store_true", help="decode on decode.onnx's own session (one more LLM weight copy)")
+    parser.add_argument("--block-groups", type=int, default=None,
+                        help="groups per bi-level block (default: the config's); 1 with --dense-blocks 1 makes 16 frames choose a block")
+    parser.add_argument("--dense-blocks", type=int, default=4, help="top-k blocks chosen by the question (default 4)")
     parser.add_argument("--worker", choices=["run"], help=argparse.SUPPRESS)
     parser.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
@@ -263,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "--video", str(video), "--result", str(result_file), "--frames", str(args.frames),
                                 "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
                                 *(["--accuracy-level", str(args.accuracy_level)] if args.accuracy_level is not None else []),
-                                *(["--separate-decode"] if args.separate_decode else [])],
+                                *(["--separate-decode"] if args.separate_decode else []),
+                                *(["--block-groups", str(args.block_groups)] if args.block_groups else []),
+                                "--dense-blocks", str(args.dense_blocks)],
                         cap_gib=args.cap_gib, log_path=work / "run.log")
         if result_file.is_file():
             step["result"] = json.loads(result_file.read_text())
         step["separate_decode"] = args.separate_decode
-        results["run_separate_decode" if args.separate_decode else "run"] = step
+        scored = args.block_groups is not None or args.dense_blocks != 4
+        results["run_separate_decode" if args.separate_decode else "run_scored" if scored else "run"] = step
         save()
     print(json.dumps(results, indent=2))
     return 0
