@@ -785,23 +785,37 @@ class TensorRTBackend(Backend):
         self._live(cache)
         if self.dense_on_host:
             return self._prefill_chunk_resident(input_ids, visual_embeds, vis)
-        engine, slabs = self.engines["prefill_chunk"], self._kv["video"]
+        staged = self._stage_chunk(input_ids, visual_embeds, vis.start, vis.visible_past_index, vis.timestamp_query_index)
+        dense = cache.sparse_rows  # dense row p is region row sparse_rows + p
+        self._run_chunk(*staged, self._kv["video"], (dense, vis.start), (dense + vis.start, vis.end - vis.start))
+        return self._chunk_logits()
+
+    def _stage_chunk(self, input_ids, visual_embeds, past_len: int, visible_past_index, timestamp_query_index) -> tuple[dict, dict]:
+        """The prefill_chunk engine's small inputs, checked against its profile, then staged: (shapes, addresses)."""
         feeds = {
             "input_ids": np.asarray(input_ids, np.int64),
             "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
-            "past_len": np.array([vis.start], np.int64),
-            "visible_past_index": vis.visible_past_index,
-            "timestamp_query_index": vis.timestamp_query_index,
+            "past_len": np.array([past_len], np.int64),  # the absolute position: RoPE of the chunk
+            "visible_past_index": visible_past_index,
+            "timestamp_query_index": timestamp_query_index,
         }
         shapes = {name: value.shape for name, value in feeds.items()}
-        engine.check_shapes(shapes)  # before anything is staged
+        self.engines["prefill_chunk"].check_shapes(shapes)  # before anything is staged
         address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        dense = cache.sparse_rows  # dense row p is region row sparse_rows + p
-        self._bind_rows(shapes, address, "past", slabs, dense, vis.start)
-        self._bind_rows({}, address, "present", slabs, dense + vis.start, vis.end - vis.start)
+        return shapes, address
+
+    def _run_chunk(self, shapes: dict, address: dict, slabs: KVSlabs, past: tuple[int, int], present: tuple[int, int]) -> None:
+        """Queue the prefill_chunk engine (or chain) on ``compute``: it reads the (first row, rows) ``past`` of
+        ``slabs`` in place and writes its own rows at ``present``."""
+        engine = self.engines["prefill_chunk"]
+        self._bind_rows(shapes, address, "past", slabs, *past)
+        self._bind_rows({}, address, "present", slabs, *present)
         engine.set_shapes(engine.context, shapes)
         engine.enqueue(engine.context, address, self.compute)
+
+    def _chunk_logits(self) -> np.ndarray:
+        """The prefill_chunk engine's last-position logits, once ``compute`` has run everything queued."""
         logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
         self.compute.synchronize()
         return logits.reshape(1, -1).copy()
@@ -860,7 +874,7 @@ class TensorRTBackend(Backend):
         """
         if len(vis.timestamp_query_index):
             raise self._evaluation_refused()
-        engine, slabs, resident, base = self.engines["prefill_chunk"], self._kv["video"], self._resident, self._rows.sparse
+        slabs, resident, base = self._kv["video"], self._resident, self._rows.sparse
         visible = vis.visible_past_index
         resident.keep_only(visible)  # rows no later chunk reads become holes
         rows = vis.end - vis.start
@@ -874,29 +888,16 @@ class TensorRTBackend(Backend):
                     f"keeps {resident.capacity} (sized for the engines' window of {self.limits.get('window_chunks')} chunks of "
                     f"{self.limits.get('chunk_groups')} groups); lower --window or --chunk-groups, or use --dense-tier device"
                 )
-        feeds = {
-            "input_ids": np.asarray(input_ids, np.int64),
-            "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
-            "past_len": np.array([vis.start], np.int64),  # the absolute position: RoPE of the chunk
-            "visible_past_index": resident.rows_of(visible),  # in position order, each row <= its position < past_len
-            "timestamp_query_index": vis.timestamp_query_index,
-        }
-        shapes = {name: value.shape for name, value in feeds.items()}
-        engine.check_shapes(shapes)
-        address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
-        address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        self._bind_rows(shapes, address, "past", slabs, base, resident.end)
+        # visible rows in position order: each row <= its position < past_len
+        staged = self._stage_chunk(input_ids, visual_embeds, vis.start, resident.rows_of(visible), vis.timestamp_query_index)
+        past_rows = resident.end
         first = resident.append(vis.start, rows)
-        self._bind_rows({}, address, "present", slabs, base + first, rows)
-        engine.set_shapes(engine.context, shapes)
-        engine.enqueue(engine.context, address, self.compute)
+        self._run_chunk(*staged, slabs, (base, past_rows), (base + first, rows))
         self._events["chunk_written"].record(self.compute)
         self.copy.wait(self._events["chunk_written"])
         self._copy_rows(self._host_tier, vis.start, slabs, base + first, rows, "DeviceToHost", self.copy)
         self._events["copied_out"].record(self.copy)
-        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
-        self.compute.synchronize()
-        return logits.reshape(1, -1).copy()
+        return self._chunk_logits()
 
     def _gather_staged(self, cache: TrtVideoCache, plan: GatherPlan, target: KVSlabs) -> None:
         """kv_gather over [sparse tier | resident rows | staging]: the plan's dense rows are read where
@@ -989,29 +990,16 @@ class TensorRTBackend(Backend):
     def _decode_on_prefill(self, cache: TrtDecodeCache, ids: np.ndarray) -> np.ndarray:
         """A decode step as a chunk on the prefill_chunk engine that sees decode rows [0, length) and writes its
         rows after them in place (module docstring); no CUDA graph: the visible index list grows every step."""
-        engine, slabs, past, t = self.engines["prefill_chunk"], self._kv["decode"], cache.length, len(ids)
+        past, t = cache.length, len(ids)
         if past + t > cache.capacity:
             raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
         token, row = self._vision_pad
-        feeds = {
-            "input_ids": ids,
-            "visual_embeds": np.repeat(row[None], int(np.count_nonzero(ids == token)), axis=0),  # [pads, hidden]
-            "past_len": np.array([past], np.int64),
-            "visible_past_index": np.arange(past, dtype=np.int64),
-            "timestamp_query_index": np.zeros(0, np.int64),
-        }
-        shapes = {name: value.shape for name, value in feeds.items()}
-        engine.check_shapes(shapes)  # before anything is staged
-        address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
-        address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        self._bind_rows(shapes, address, "past", slabs, 0, past)
-        self._bind_rows({}, address, "present", slabs, past, t)
-        engine.set_shapes(engine.context, shapes)
-        engine.enqueue(engine.context, address, self.compute)
-        logits = self._fetch("prefill_chunk", "logits", self.config.vocab_size)
-        self.compute.synchronize()
+        pads = np.repeat(row[None], int(np.count_nonzero(ids == token)), axis=0)  # [pads, hidden]
+        staged = self._stage_chunk(ids, pads, past, np.arange(past, dtype=np.int64), np.zeros(0, np.int64))
+        self._run_chunk(*staged, self._kv["decode"], (0, past), (past, t))
+        logits = self._chunk_logits()
         cache.length = past + t
-        return logits.reshape(1, -1).copy()
+        return logits
 
     @property
     def _kv_shape(self) -> tuple[int, int]:

@@ -20,8 +20,10 @@ from __future__ import annotations
 #
 #   removed from runtime/trt_backend.py   caught by test_simulated_...
 #   encode_frames     compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., answers_follow_up_questions
-#   prefill_chunk     compute.synchronize()    every test that prefills (a device fault: the next chunk's index
-#                                              list overwrote this one's before its copy ran)
+#   _chunk_logits     compute.synchronize()    every test that prefills, and the decode-on-prefill tests (a device
+#                                              fault: the next chunk's index list overwrote this one's before its
+#                                              copy ran); prefill_chunk, its resident form and decode on prefill
+#                                              all return through it
 #   gather            compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., chunks_that_finish_two_blocks_each
 #   score             compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., answers_follow_up_questions,
 #                                              chunks_that_finish_two_blocks_each
@@ -42,7 +44,7 @@ from __future__ import annotations
 #   _prefill_chunk_resident  compute.wait(copied_out)     survives_a_slow_stream[copy] (compaction and the next chunk
 #                                                         overwrite rows still on their way out; unseen once with the
 #                                                         copy stream lagging 20 ms an item, hence 50 ms)
-#   _prefill_chunk_resident  compute.synchronize()        every dense-tier test that prefills (a device fault, as above)
+#   (its compute.synchronize() is _chunk_logits's, in the table above: every dense-tier test that prefills fails)
 #   _gather_staged           compute.wait(staged)         survives_a_slow_stream[copy] (a pass gathers stale staging rows)
 #   _gather_staged           compute.synchronize()        survives_a_slow_stream[compute], [copy] (the next pass rewrites
 #                                                         the staging rows and pinned inputs still being read)
