@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError
 
 import videoxl
 from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
-from videoxl.embedding import embedding_row
+from videoxl.embedding import decode_as_chunk, embedding_row
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
 from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_artifacts
@@ -276,12 +276,8 @@ class OnnxRuntimeBackend(Backend):
         ids = np.asarray(input_ids, np.int64)
         if self.share_llm_session:
             self._bind_cache("prefill_chunk", cache, len(ids), write=True)
-            pads = int(np.count_nonzero(ids == self._vision_pad))
-            visual = np.repeat(self._pad_embedding()[None], pads, axis=0) if pads else np.zeros((0, self.config.hidden_size), self.float_dtype)
-            logits = self._run("prefill_chunk", {
-                "input_ids": ids, "visual_embeds": visual, "past_len": np.array([cache.length], np.int64),
-                "visible_past_index": np.arange(cache.length, dtype=np.int64), "timestamp_query_index": np.zeros(0, np.int64),
-            }, "logits", self._logits_shape)
+            feeds = decode_as_chunk(ids, cache.length, self._vision_pad, self._pad_embedding())
+            logits = self._run("prefill_chunk", feeds, "logits", self._logits_shape)
         else:
             self._bind_cache("decode", cache, len(ids), write=True)
             logits = self._run("decode", {"input_ids": ids, "past_len": np.array([cache.length], np.int64)}, "logits", self._logits_shape)

@@ -80,6 +80,7 @@ from videoxl.backend import Backend, DecodeCache, GatherPlan, VideoCache
 from videoxl.config import VideoXLConfig
 from videoxl.engines.profiles import format_bytes
 from videoxl.engines.trt_module import trt_logger
+from videoxl.embedding import decode_as_chunk
 from videoxl.files import confined_path
 from videoxl.graphs import GRAPHS, kv_names
 from videoxl.layout import ChunkVisibility
@@ -790,12 +791,12 @@ class TensorRTBackend(Backend):
         self._run_chunk(*staged, self._kv["video"], (dense, vis.start), (dense + vis.start, vis.end - vis.start))
         return self._chunk_logits()
 
-    def _stage_chunk(self, input_ids, visual_embeds, past_len: int, visible_past_index, timestamp_query_index) -> tuple[dict, dict]:
+    def _stage_chunk(self, input_ids, visual_embeds, past_len, visible_past_index, timestamp_query_index) -> tuple[dict, dict]:
         """The prefill_chunk engine's small inputs, checked against its profile, then staged: (shapes, addresses)."""
         feeds = {
             "input_ids": np.asarray(input_ids, np.int64),
             "visual_embeds": np.asarray(visual_embeds).reshape(-1, self.config.hidden_size),
-            "past_len": np.array([past_len], np.int64),  # the absolute position: RoPE of the chunk
+            "past_len": np.asarray(past_len, np.int64).reshape(1),  # the absolute position: RoPE of the chunk
             "visible_past_index": visible_past_index,
             "timestamp_query_index": timestamp_query_index,
         }
@@ -993,9 +994,8 @@ class TensorRTBackend(Backend):
         past, t = cache.length, len(ids)
         if past + t > cache.capacity:
             raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
-        token, row = self._vision_pad
-        pads = np.repeat(row[None], int(np.count_nonzero(ids == token)), axis=0)  # [pads, hidden]
-        staged = self._stage_chunk(ids, pads, past, np.arange(past, dtype=np.int64), np.zeros(0, np.int64))
+        feeds = decode_as_chunk(ids, past, *self._vision_pad)
+        staged = self._stage_chunk(**feeds)
         self._run_chunk(*staged, self._kv["decode"], (0, past), (past, t))
         logits = self._chunk_logits()
         cache.length = past + t

@@ -2,7 +2,7 @@
 
 The ONNX Runtime backend and the engine builder both need the embedding of ``<|vision_pad|>``: a
 decode step run on the prefill_chunk graph splices a "visual" row in for every vision_pad it
-generates, and that row is the token's own embedding, so the splice is exact. The table lives in
+generates, and that row is the token's own embedding, so the splice is exact (``decode_as_chunk``). The table lives in
 the export's external data; one row is ``hidden_size x dtype`` bytes at ``offset + token x row``.
 """
 
@@ -40,3 +40,18 @@ def embedding_row(graph_path: str | Path, token: int, *, table: str = EMBEDDING_
     if len(data) != row_bytes:
         raise ValueError(f"{graph_path}: the external data of {table!r} ends before row {token}; re-export the directory")
     return np.frombuffer(data, dtype).copy()
+
+
+def decode_as_chunk(input_ids: np.ndarray, past_len: int, vision_pad: int, pad_row: np.ndarray) -> dict[str, np.ndarray]:
+    """The prefill_chunk inputs of a decode step: the new tokens see every past row [0, past_len), no
+    timestamp queries, and each generated ``<|vision_pad|>`` gets ``pad_row`` (its own embedding) as its
+    visual row, so the step equals the decode graph's."""
+    ids = np.asarray(input_ids, np.int64)
+    pads = int(np.count_nonzero(ids == vision_pad))
+    return {
+        "input_ids": ids,
+        "visual_embeds": np.repeat(np.asarray(pad_row)[None], pads, axis=0),  # [pads, hidden]
+        "past_len": np.array([past_len], np.int64),
+        "visible_past_index": np.arange(past_len, dtype=np.int64),
+        "timestamp_query_index": np.zeros(0, np.int64),
+    }
