@@ -2,6 +2,9 @@
 
     python bench/bench_e2e_gpu.py [--frames 512 2048] [--budget-s 170] [--json F] [--markdown F]
     python bench/bench_e2e_gpu.py --dry-run [--library LIB]   # CPU: a tiny random model, same code
+    python bench/bench_e2e_gpu.py --dry-run --real-widths --library LIB
+                                  # CPU: every real width (head_dim 128, 28/4 heads, 384-px SigLIP,
+                                  # vocabulary 152064), one LLM and two vision layers
 
 The full-size model (SigLIP-SO400M 26 of 27 layers, the DTS compressor, the projector,
 Qwen2.5-7B: 28 layers, hidden 3584, 28/4 heads, MLP 18944, vocabulary 152064) is built from
@@ -42,6 +45,7 @@ import numpy as np
 
 FULL_FRAMES = [512, 2048]
 DRY_FRAMES = [8, 16]  # 16 frames: 5 blocks, so top-1 block scoring runs
+REAL_WIDTH_FRAMES = [8]  # the emulated kernels at head_dim 128 take minutes on 2 cores
 
 
 def sync(torch, device: str) -> None:
@@ -285,6 +289,15 @@ def dry_config():
                          chunk_groups=1, window_chunks=1, block_groups=1)
 
 
+def real_width_config():
+    from videoxl.config import VideoXLConfig
+
+    # the full-size widths with the fewest layers the config allows (the vision tower's select
+    # layer is its second to last): the shapes a GPU run meets, at a CPU's cost; one group per
+    # chunk and per block, as in dry_config, so that a few frames make blocks to score
+    return VideoXLConfig(num_hidden_layers=1, vision_num_layers=2, chunk_groups=1, window_chunks=1, block_groups=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=None, help=f"frame counts (default {FULL_FRAMES})")
@@ -295,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-blocks", type=int, default=4, help="top-k blocks reloaded dense")
     parser.add_argument("--no-kernels", action="store_true", help="plain torch attention, gather and scoring")
     parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny random model (emulated kernels with --library)")
+    parser.add_argument("--real-widths", action="store_true", help="with --dry-run: the real widths, 1 LLM and 2 vision layers")
     parser.add_argument("--library", type=Path, help="kernel library to load (a host build with --dry-run)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -314,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     use_kernels = not args.no_kernels
     if args.dry_run:
-        device, dtype, cfg = "cpu", torch.float32, dry_config()
-        frames = args.frames or DRY_FRAMES
+        device, dtype, cfg = "cpu", torch.float32, real_width_config() if args.real_widths else dry_config()
+        frames = args.frames or (REAL_WIDTH_FRAMES if args.real_widths else DRY_FRAMES)
         if args.library is not None and use_kernels:
             kernels.use_library(args.library, host_memory=True)
             dtype = torch.float16  # the emulated tensor-core kernel, as bf16/fp16 runs on the GPU
@@ -330,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         frames = args.frames or FULL_FRAMES
         if args.library is not None:
             kernels.use_library(args.library)
+    if args.real_widths and not args.dry_run:
+        parser.error("--real-widths is a CPU check: use it with --dry-run")
     if args.frame_batch % 4:
         parser.error("--frame-batch must be a multiple of 4")
 
