@@ -312,14 +312,13 @@ class TorchBackend(Backend):
             if self.kernels is None:
                 mass.add_(probs.sum(dim=(0, 1))[:past].double())
                 return out
-            # The block-score kernel takes a softmax over all the keys it is given, so each query
-            # gets its own launch over the past plus its causal own keys (as the score graph sees
-            # them); one-row "blocks" give the per-row mass this interface returns.
-            for q in range(len(ids)):
-                for start in range(0, past, MAX_SCORE_BLOCKS):
-                    stop = min(past, start + MAX_SCORE_BLOCKS)
-                    self.kernels.block_scores_torch(query[q : q + 1], keys[: past + q + 1], row_bounds[start:stop],
-                                                    scale=self.scale, scores=mass[start:stop])
+            # One launch per layer (per slice of the kernel's block limit): the question's keys are
+            # the causal tail, so query q sees the past and its own keys 0..q, as the score graph
+            # does; one-row "blocks" give the per-row mass this interface returns.
+            for start in range(0, past, MAX_SCORE_BLOCKS):
+                stop = min(past, start + MAX_SCORE_BLOCKS)
+                self.kernels.block_scores_torch(query, keys, row_bounds[start:stop], scale=self.scale,
+                                                scores=mass[start:stop], causal_tail=len(ids))
             return out
 
         self.forward(self.model.model.embed_tokens(ids), torch.arange(past, past + len(ids), device=self.device), attention)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "VIDEOXL_KERNELS_LIBRARY"  # explicit path to a prebuilt library
-KERNELS_VERSION = 2  # VIDEOXL_KERNELS_VERSION these bindings are written for
+KERNELS_VERSION = 3  # VIDEOXL_KERNELS_VERSION these bindings are written for
 
 
 class DType(enum.IntEnum):
@@ -111,7 +111,7 @@ SIGNATURES: dict[str, list[Any]] = {
     ],
     "videoxl_block_scores": [
         _p, _p, _p, _p,  # query, key, block_bounds, scores
-        _i64, _i64, _i32,  # num_queries, num_keys, num_blocks
+        _i64, _i64, _i64, _i32,  # num_queries, num_keys, causal_tail, num_blocks
         _i32, _i32, _i32,  # num_q_heads, num_kv_heads, head_dim
         _f32, ctypes.c_int, _p,  # scale, dtype, stream
     ],
@@ -296,12 +296,12 @@ def pool_kv(
 
 def block_scores(
     *, query: int, key: int, block_bounds: int, scores: int, num_queries: int, num_keys: int,
-    num_blocks: int, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+    causal_tail: int = 0, num_blocks: int, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
     dtype: DTypeLike, stream: int = 0,
 ) -> None:
     """videoxl_block_scores (adds one layer's mass into `scores`)."""
     _call(
-        "videoxl_block_scores", query, key, block_bounds, scores, num_queries, num_keys, num_blocks,
+        "videoxl_block_scores", query, key, block_bounds, scores, num_queries, num_keys, causal_tail, num_blocks,
         num_q_heads, num_kv_heads, head_dim, scale, DType.of(dtype), stream,
     )
 
@@ -432,21 +432,27 @@ def pool_kv_torch(kv: torch.Tensor, stride: int, *, out: torch.Tensor | None = N
 
 def block_scores_torch(
     query: torch.Tensor, key: torch.Tensor, block_bounds: Any, *, scale: float | None = None,
-    scores: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, causal_tail: int = 0,
 ) -> torch.Tensor:
-    """Adds one layer's block mass into `scores` ((num_blocks,) float32, zeros if None)."""
+    """Adds one layer's block mass into `scores` ((num_blocks,) float32, zeros if None).
+
+    causal_tail = len(query): the last len(query) keys are the queries' own and query q sees
+    the keys before them plus its own 0..q (a whole question in one launch); 0: all keys.
+    """
     import torch
 
     _check_device(query=query, key=key)
+    if causal_tail not in (0, query.shape[0]) or causal_tail > key.shape[0]:
+        raise ValueError(f"causal_tail must be 0 or the {query.shape[0]} queries (of {key.shape[0]} keys); got {causal_tail}")
     bounds = _device_tensor(block_bounds, query, torch.int64).reshape(-1, 2)
     num_blocks = bounds.shape[0]
     scores = torch.zeros(num_blocks, dtype=torch.float32, device=query.device) if scores is None else scores
     _check_device(scores=scores)
     block_scores(
         query=query.data_ptr(), key=key.data_ptr(), block_bounds=bounds.data_ptr(), scores=scores.data_ptr(),
-        num_queries=query.shape[0], num_keys=key.shape[0], num_blocks=num_blocks, num_q_heads=query.shape[1],
-        num_kv_heads=key.shape[1], head_dim=query.shape[2], scale=query.shape[2] ** -0.5 if scale is None else scale,
-        dtype=_torch_dtype(query), stream=_stream(),
+        num_queries=query.shape[0], num_keys=key.shape[0], causal_tail=causal_tail, num_blocks=num_blocks,
+        num_q_heads=query.shape[1], num_kv_heads=key.shape[1], head_dim=query.shape[2],
+        scale=query.shape[2] ** -0.5 if scale is None else scale, dtype=_torch_dtype(query), stream=_stream(),
     )
     return scores
 

@@ -259,20 +259,29 @@ def block_scores(
     block_bounds: Sequence[tuple[int, int]] | np.ndarray,
     scale: float,
     *,
+    causal_tail: int = 0,
     dtype: type | None = None,
 ) -> np.ndarray:
     """Attention mass each block receives from the queries of one layer -> (num_blocks,).
 
-    query (Q, Hq, D) and key (N, Hkv, D) both rotated. Per (head, query) a softmax over all
-    N keys (they are all in the queries' past); the probabilities are summed over heads and
-    queries, then over each block's key range [start, end).
+    query (Q, Hq, D) and key (N, Hkv, D) both rotated. Per (head, query) a softmax over the
+    keys the query sees; the probabilities are summed over heads and queries, then over each
+    block's key range [start, end). causal_tail = 0: every key is in the queries' past.
+    causal_tail = Q: the last Q keys are the queries' own, in order, and query q sees keys
+    [0, N - Q + q + 1) (the past and its own keys 0..q).
     """
+    num_queries, num_keys = query.shape[0], key.shape[0]
+    if causal_tail not in (0, num_queries) or causal_tail > num_keys:
+        raise ValueError(f"causal_tail must be 0 or the {num_queries} queries (of {num_keys} keys); got {causal_tail}")
     compute = _compute_dtype(query, key, dtype=dtype)
     q = np.asarray(query, dtype=compute)
     k = np.asarray(key, dtype=compute)
     group = q.shape[1] // k.shape[1]
     k = np.repeat(k, group, axis=1)
     logits = (q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)) * compute(scale)  # (Hq, Q, N)
+    if causal_tail:
+        visible_keys = num_keys - causal_tail + np.arange(num_queries) + 1  # (Q,)
+        logits = np.where(np.arange(num_keys)[None, :] < visible_keys[:, None], logits, -np.inf)
     mass = _softmax(logits, axis=-1).sum(axis=(0, 1))  # (N,)
     bounds = np.asarray(block_bounds, dtype=np.int64).reshape(-1, 2)
     return np.array([mass[start:end].sum() for start, end in bounds], dtype=compute)

@@ -25,13 +25,14 @@ __device__ __forceinline__ float key_logit(const float (&q)[D >= 32 ? D / 32 : 1
     return warp_sum(partial);
 }
 
-// One thread block per (query head, query): a two-pass softmax over all keys (pass 1: max and
-// sum, pass 2: probabilities summed per block in shared memory), then one atomicAdd per block.
+// One thread block per (query head, query): a two-pass softmax over the keys this query sees
+// (pass 1: max and sum, pass 2: probabilities summed per block in shared memory), then one
+// atomicAdd per block. With a causal tail query qi sees keys [0, num_keys - num_queries + qi + 1).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) block_scores_kernel(
     const T* __restrict__ query, const T* __restrict__ key, const int64_t* __restrict__ block_bounds,
-    float* __restrict__ scores, int64_t num_keys, int num_blocks, int num_q_heads, int num_kv_heads,
-    float scale_log2) {
+    float* __restrict__ scores, int64_t num_keys, int64_t causal_tail, int num_blocks, int num_q_heads,
+    int num_kv_heads, float scale_log2) {
     extern __shared__ float block_mass[];  // (num_blocks,)
     __shared__ float warp_max_s[kWarps];
     __shared__ float warp_sum_s[kWarps];
@@ -44,6 +45,8 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(
     const int kv_head = head / (num_q_heads / num_kv_heads);
     const int64_t key_stride = static_cast<int64_t>(num_kv_heads) * D;
     const T* key_head = key + static_cast<int64_t>(kv_head) * D;
+    // causal_tail is 0 or num_queries (checked by the launcher): the tail's key qi is this query's own
+    const int64_t visible_keys = num_keys - causal_tail + (causal_tail > 0 ? qi + 1 : 0);
 
     float q[kSlices];
 #pragma unroll
@@ -55,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(
 
     // pass 1: running max and sum of exp2 per warp (values are warp-uniform)
     float row_max = -INFINITY, row_sum = 0.0f;
-    for (int64_t j = warp; j < num_keys; j += kWarps) {
+    for (int64_t j = warp; j < visible_keys; j += kWarps) {
         const float s = key_logit<T, D>(q, key_head + j * key_stride, lane);
         const float new_max = fmaxf(row_max, s);
         row_sum = row_sum * exp2f(row_max - new_max) + exp2f(s - new_max);
@@ -78,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(
     // pass 2: unnormalised probabilities summed per block
     for (int b = 0; b < num_blocks; ++b) {
         const int64_t begin = max(block_bounds[2 * b], int64_t{0});
-        const int64_t end = min(block_bounds[2 * b + 1], num_keys);
+        const int64_t end = min(block_bounds[2 * b + 1], visible_keys);
         float mass = 0.0f;
         for (int64_t j = begin + warp; j < end; j += kWarps) {
             mass += exp2f(key_logit<T, D>(q, key_head + j * key_stride, lane) - total_max);
@@ -118,8 +121,9 @@ __global__ void __launch_bounds__(kTopKThreads) top_k_blocks_kernel(
 
 template <typename T>
 int launch_block_scores(const void* query, const void* key, const int64_t* block_bounds, float* scores,
-                        int64_t num_queries, int64_t num_keys, int32_t num_blocks, int32_t num_q_heads,
-                        int32_t num_kv_heads, int32_t head_dim, float scale, cudaStream_t stream) {
+                        int64_t num_queries, int64_t num_keys, int64_t causal_tail, int32_t num_blocks,
+                        int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
+                        cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned int>(num_q_heads), static_cast<unsigned int>(num_queries));
     const size_t shared_bytes = static_cast<size_t>(num_blocks) * sizeof(float);
     const float scale_log2 = scale * 1.4426950408889634f;
@@ -127,7 +131,7 @@ int launch_block_scores(const void* query, const void* key, const int64_t* block
     case DIM:                                                                                               \
         block_scores_kernel<T, DIM><<<grid, kThreads, shared_bytes, stream>>>(                              \
             static_cast<const T*>(query), static_cast<const T*>(key), block_bounds, scores, num_keys,       \
-            num_blocks, num_q_heads, num_kv_heads, scale_log2);                                             \
+            causal_tail, num_blocks, num_q_heads, num_kv_heads, scale_log2);                                \
         break;
     switch (head_dim) {
         VIDEOXL_BLOCK_SCORES_CASE(16)
@@ -145,7 +149,7 @@ int launch_block_scores(const void* query, const void* key, const int64_t* block
 
 VIDEOXL_API int videoxl_block_scores(
     const void* query, const void* key, const int64_t* block_bounds, float* scores,
-    int64_t num_queries, int64_t num_keys, int32_t num_blocks,
+    int64_t num_queries, int64_t num_keys, int64_t causal_tail, int32_t num_blocks,
     int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     float scale, VideoxlDType dtype, cudaStream_t stream) {
     using namespace videoxl;
@@ -153,12 +157,16 @@ VIDEOXL_API int videoxl_block_scores(
         num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads > 65535) {
         return VIDEOXL_STATUS_INVALID_ARGUMENT;
     }
+    // a tail is the queries' own keys, one per query: anything else has no causal meaning
+    if ((causal_tail != 0 && causal_tail != num_queries) || causal_tail > num_keys) {
+        return VIDEOXL_STATUS_INVALID_ARGUMENT;
+    }
     if (num_blocks > VIDEOXL_MAX_SCORE_BLOCKS) return VIDEOXL_STATUS_TOO_MANY_BLOCKS;
     if (num_queries == 0 || num_keys == 0 || num_blocks == 0) return VIDEOXL_STATUS_OK;
     if (!query || !key || !block_bounds || !scores) return VIDEOXL_STATUS_INVALID_ARGUMENT;
     VIDEOXL_DISPATCH_DTYPE(dtype, {
-        return launch_block_scores<scalar_t>(query, key, block_bounds, scores, num_queries, num_keys, num_blocks,
-                                             num_q_heads, num_kv_heads, head_dim, scale, stream);
+        return launch_block_scores<scalar_t>(query, key, block_bounds, scores, num_queries, num_keys, causal_tail,
+                                             num_blocks, num_q_heads, num_kv_heads, head_dim, scale, stream);
     })
     return VIDEOXL_STATUS_INVALID_ARGUMENT;
 }

@@ -11,16 +11,20 @@
 
 /* One layer's contribution to the block scores, ADDED to `scores` (zero it once, then call
  * once per layer):
- *     prob[h, q, :] = softmax_j(scale * query[q, h] . key[j, h / (Hq / Hkv)])  over all N keys
- *     scores[b]    += sum_{h, q} sum_{j in [block_bounds[b, 0], block_bounds[b, 1])} prob[h, q, j]
+ *     prob[h, q, :] = softmax_j(scale * query[q, h] . key[j, h / (Hq / Hkv)])  over j < visible(q)
+ *     scores[b]    += sum_{h, q} sum_{j in [block_bounds[b, 0], block_bounds[b, 1]), j < visible(q)} prob[h, q, j]
  *   query         (num_queries, num_q_heads, head_dim), RoPE applied
- *   key           (num_keys, num_kv_heads, head_dim), RoPE applied (all in the queries' past)
+ *   key           (num_keys, num_kv_heads, head_dim), RoPE applied
+ *   causal_tail   0: every key is in the queries' past, visible(q) = num_keys;
+ *                 num_queries: the last num_queries keys are the queries' own, in order, and query q
+ *                 sees the past and its own keys 0..q: visible(q) = num_keys - num_queries + q + 1
+ *                 (one launch scores a whole question causally); any other value is rejected
  *   block_bounds  (num_blocks, 2) int64 [start, end) into the key axis
  *   scores        (num_blocks,) float32, accumulated with atomics (order not deterministic)
  * Returns 0, a VideoxlStatus (< 0) or a cudaError_t (> 0). */
 VIDEOXL_API int videoxl_block_scores(
     const void* query, const void* key, const int64_t* block_bounds, float* scores,
-    int64_t num_queries, int64_t num_keys, int32_t num_blocks,
+    int64_t num_queries, int64_t num_keys, int64_t causal_tail, int32_t num_blocks,
     int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     float scale, VideoxlDType dtype, cudaStream_t stream);
 

@@ -20,7 +20,7 @@
 #define VIDEOXL_API VIDEOXL_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped whenever a launcher's signature or numerics change. */
-#define VIDEOXL_KERNELS_VERSION 2  /* 2: op contract v2 */
+#define VIDEOXL_KERNELS_VERSION 3  /* 2: op contract v2; 3: videoxl_block_scores takes causal_tail */
 
 /* Element type of the model's float tensors (indices and weights have fixed types). */
 typedef enum VideoxlDType {

@@ -117,7 +117,14 @@ def test_launchers_validate_arguments_without_a_gpu(one_arch_library) -> None:
     # missing positions
     assert lib.videoxl_bilevel_kv_gather(fake, fake, fake, fake, None, fake, fake, fake, 8, 4, 4, 2, 16, 1e6, 0, None) == -1
     assert lib.videoxl_pool_kv(fake, fake, 4, 0, 2, 16, 0, None) == -1
-    assert lib.videoxl_block_scores(fake, fake, fake, fake, 3, 9, 9000, 4, 2, 16, 1.0, 0, None) == -3
+    def block_scores(num_queries=3, num_keys=9, causal_tail=0, num_blocks=5):
+        return lib.videoxl_block_scores(fake, fake, fake, fake, num_queries, num_keys, causal_tail, num_blocks,
+                                        4, 2, 16, 1.0, 0, None)
+
+    assert block_scores(num_blocks=9000) == -3
+    for tail in (1, 4, -1):  # the causal tail is none or exactly the queries' own keys
+        assert block_scores(causal_tail=tail) == -1, tail
+    assert block_scores(num_keys=2, causal_tail=3) == -1  # more own keys than keys
     assert lib.videoxl_top_k_blocks(fake, fake, fake, 8, -1, None) == -1
 
 

@@ -500,6 +500,38 @@ def test_block_scores_accumulate_over_layers(target, case, dtype) -> None:
     np.testing.assert_allclose(scores.double().cpu().numpy(), want, rtol=1e-4, atol=1e-6 * want.sum())
 
 
+# (q heads, kv heads, head_dim, queries, past keys): a past of 0 or 1 key, so most of the mass
+# sits in the causal tail
+CAUSAL_CASES = [(4, 2, 16, 5, 1), (2, 1, 32, 3, 0), (3, 3, 64, 4, 6)]
+CAUSAL_CASES_GPU = [(28, 4, 128, 41, 300), (4, 2, 16, 9, 0)]
+if FULL:
+    CAUSAL_CASES_GPU += [(28, 4, 128, 41, 20_000)]
+
+
+@dtypes
+@targets_with(CAUSAL_CASES, CAUSAL_CASES_GPU)
+def test_block_scores_with_a_causal_tail(target, case, dtype) -> None:
+    """One launch scores a question causally: query q sees the past and its own keys 0..q."""
+    num_q_heads, num_kv_heads, head_dim, num_queries, past = case
+    num_keys = past + num_queries
+    gen = torch.Generator().manual_seed(sum(case))
+    q, q64 = random((num_queries, num_q_heads, head_dim), dtype, gen, target)
+    k, k64 = random((num_keys, num_kv_heads, head_dim), dtype, gen, target)
+    # one row per key (what the torch backend asks for), then blocks that straddle the tail's
+    # start, lie inside it, hold its last key alone, cover everything, or are empty
+    rows = [(j, j + 1) for j in range(num_keys)]
+    bounds = np.array([*rows, (0, past + 2), (max(0, past - 1), past + 1), (past + 1, num_keys),
+                       (num_keys - 1, num_keys), (0, num_keys), (past, past)], dtype=np.int64)
+    scores = kernel_module.block_scores_torch(q, k, bounds, scale=head_dim**-0.5, causal_tail=num_queries)
+    target.synchronize()
+    want = ref.block_scores(q64, k64, bounds, head_dim**-0.5, causal_tail=num_queries)
+    got = scores.double().cpu().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * num_q_heads * num_queries)
+    np.testing.assert_allclose(got[-2], num_q_heads * num_queries, rtol=1e-5)  # every softmax sums to 1
+    with pytest.raises(ValueError, match="causal_tail"):
+        kernel_module.block_scores_torch(q, k, bounds, causal_tail=num_queries - 1)
+
+
 @targets_with([1, 2, 5, 37, 640], [4000, 8192] if FULL else [])
 def test_top_k_blocks(target, case) -> None:
     num_blocks = case

@@ -366,7 +366,7 @@ def brute_force_block_scores(q, k, bounds, scale) -> np.ndarray:
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             for b, (start, end) in enumerate(bounds):
-                for j in range(start, end):
+                for j in range(start, min(end, len(probs))):  # keys past the ones given are not seen
                     scores[b] += probs[j]
     return scores
 
@@ -384,6 +384,35 @@ def test_block_scores_match_brute_force() -> None:
     np.testing.assert_allclose(got.sum(), 6 * 5, rtol=1e-12)
     single = ref.block_scores(queries.astype(np.float32), keys.astype(np.float32), plan.block_bounds, 12**-0.5)
     np.testing.assert_allclose(single, want, rtol=1e-5)
+
+
+def brute_force_causal_block_scores(q, past_k, own_k, bounds, scale) -> np.ndarray:
+    """Query i attends to the past and the question's own keys 0..i, one query at a time."""
+    scores = np.zeros(len(bounds))
+    for i in range(q.shape[0]):
+        scores += brute_force_block_scores(q[i : i + 1], np.concatenate([past_k, own_k[: i + 1]]), bounds, scale)
+    return scores
+
+
+@pytest.mark.parametrize("past", [0, 1, 9])
+def test_block_scores_with_a_causal_tail_match_brute_force(past: int) -> None:
+    rng = np.random.default_rng(13 + past)
+    num_queries = 4
+    past_k, own_k = rng.standard_normal((past, 2, 12)), rng.standard_normal((num_queries, 2, 12))
+    queries = rng.standard_normal((num_queries, 6, 12))
+    keys = np.concatenate([past_k, own_k])
+    n = len(keys)
+    # blocks inside the past, straddling the tail, inside it, the last key alone, all keys, empty
+    bounds = np.array([(0, max(1, past // 2)), (max(0, past - 1), past + 2), (past + 1, n), (n - 1, n), (0, n), (2, 2)])
+    got = ref.block_scores(queries, keys, bounds, 12**-0.5, causal_tail=num_queries)
+    want = brute_force_causal_block_scores(queries, past_k, own_k, bounds, 12**-0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got[4], 6 * num_queries, rtol=1e-12)  # each (head, query) softmax sums to 1
+    assert got[3] < 6  # the last key is seen by the last query only
+    assert not np.allclose(got, ref.block_scores(queries, keys, bounds, 12**-0.5))  # the tail matters
+    for wrong in (1, num_queries + 1, -1):
+        with pytest.raises(ValueError, match="causal_tail"):
+            ref.block_scores(queries, keys, bounds, 12**-0.5, causal_tail=wrong)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 7, 50])

@@ -150,8 +150,16 @@ def test_emulated_simt_kernels_give_onnxruntime_tokens(tiny_checkpoint, tiny_mod
     assert ours.token_ids == reference.token_ids
 
 
-def test_emulated_block_scores_equal_the_score_graph_mass(tiny_checkpoint, tiny_model, emulated_kernels):
-    """Per-row mass from the block-score kernel (one launch per question token) vs plain torch."""
+def test_emulated_block_scores_equal_the_score_graph_mass(tiny_checkpoint, tiny_model, emulated_kernels, monkeypatch):
+    """Per-row mass from the block-score kernel (one causal launch per layer) vs plain torch."""
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs.get("causal_tail"))
+        return block_scores_torch(*args, **kwargs)
+
+    block_scores_torch = kernels.block_scores_torch
+    monkeypatch.setattr(kernels, "block_scores_torch", counted)
     plain = TorchBackend(tiny_checkpoint, model=tiny_model)
     video = plain.new_video_cache(dense_rows=20, sparse_rows=0)
     ids = np.arange(40, 60, dtype=np.int64)
@@ -161,6 +169,7 @@ def test_emulated_block_scores_equal_the_score_graph_mass(tiny_checkpoint, tiny_
     question = np.array([70, 71, 72], np.int64)
     expected = plain.score(decode, question)
     got = TorchBackend(tiny_checkpoint, model=tiny_model, kernels=True).score(decode, question)
+    assert launches == [len(question)] * tiny_model.cfg.num_hidden_layers  # the question's keys as the causal tail
     # float32 softmax and atomics in the kernel vs float64 sums: ~1e-7 relative per row
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert abs(expected.sum() - 3 * 2 * 4) > 1e-3  # the question's own keys take part of the mass
