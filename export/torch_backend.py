@@ -308,8 +308,8 @@ class TorchBackend(Backend):
             values = torch.cat([cache.rows.values[layer][:past], value])
             own = torch.arange(len(ids), device=self.device)
             visible = torch.cat([torch.ones(len(ids), past, dtype=torch.bool, device=self.device), own[None] <= own[:, None]], 1)
-            out, probs = attend(query, keys, values, visible, self.scale)
             if self.kernels is None:
+                out, probs = attend(query, keys, values, visible, self.scale)
                 mass.add_(probs.sum(dim=(0, 1))[:past].double())
                 return out
             # One launch per layer (per slice of the kernel's block limit): the question's keys are
@@ -319,7 +319,10 @@ class TorchBackend(Backend):
                 stop = min(past, start + MAX_SCORE_BLOCKS)
                 self.kernels.block_scores_torch(query, keys, row_bounds[start:stop], scale=self.scale,
                                                 scores=mass[start:stop], causal_tail=len(ids))
-            return out
+            # the kernel has the mass, so the layer's output needs no probabilities: SDPA
+            q, k, v = (x.transpose(0, 1)[None] for x in (query, keys, values))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale, enable_gqa=True)
+            return out[0].transpose(0, 1)
 
         self.forward(self.model.model.embed_tokens(ids), torch.arange(past, past + len(ids), device=self.device), attention)
         return mass.float().cpu().numpy()
