@@ -16,12 +16,13 @@ from videoxl import graphs
 from videoxl.config import VideoXLConfig
 from videoxl.engines import build as build_module
 from videoxl.engines import profiles
-from videoxl.engines.build import build_engines, max_frames_for_budget
+from videoxl.engines.build import build_engines, max_frames_for_budget, plan_for_build
 from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import GRAPHS, BuildLimits, ProfileError, kv_cache_bytes
 from videoxl.engines.trt_module import TensorRTUnavailableError, import_tensorrt
 from videoxl.ops import PLUGIN_VERSION
 from videoxl.runtime.memory_plan import plan_memory
+from videoxl.weight_format import WeightFormat
 
 
 def _manifest(engine_dir: Path) -> dict:
@@ -188,6 +189,22 @@ def _fitting_frames(err: EngineBuildError) -> int:
     found = re.search(r"use --max-frames (\d+) or less", str(err))
     assert found, str(err)
     return int(found.group(1))
+
+
+def test_the_build_plan_follows_plugins_weights_and_decode_on_prefill() -> None:
+    """What the fixture cannot show (its plan is the same with and without plugins): the real 8B, chunks of 8 groups,
+    where the inlined prefill's timestamp queries over the whole past outgrow the question's scores."""
+    real, limits = VideoXLConfig(), BuildLimits(max_frames=2048, chunk_groups=8, window_chunks=3)
+
+    def plan(**changes):
+        options = {"precision": "fp16", "weights": WeightFormat(), "use_plugins": True, "decode_on_prefill": False, **changes}
+        return plan_for_build(real, limits, budget_bytes=80 * 2**30, **options)
+
+    default = plan()
+    assert plan(use_plugins=False).item("activations").nbytes > default.item("activations").nbytes  # the inlined prefill
+    assert plan(decode_on_prefill=True).item("weights").nbytes < default.item("weights").nbytes  # no decode engine
+    assert plan(weights=WeightFormat.parse("int4")).item("weights").nbytes < default.item("weights").nbytes
+    assert plan(precision="fp32").device_bytes > default.device_bytes
 
 
 def test_gpu_memory_budget_refuses_before_any_tensorrt_work(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
