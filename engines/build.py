@@ -1,7 +1,7 @@
 """`videoxl build`: the exporter's ONNX directory -> a checked engine directory.
 
     onnx_dir/{vision,prefill_chunk,decode,score,kv_gather}.onnx + config.json   (videoxl.graphs)
-      -> check contract I/O, precision, targets, memory budget, dimension names   (before any TensorRT work)
+      -> check contract I/O, precision, targets, memory budgets, dimension names   (before any TensorRT work)
       -> per graph: parse (plugins or inlined function bodies), one optimization profile from
          the frame budget (profiles.py) with value ranges for shape tensors, strongly typed build
       -> out_dir/{graph}.engine + config.json + manifest.json
@@ -89,6 +89,7 @@ from videoxl.engines.trt_module import (
 )
 from videoxl import graphs as graph_contract
 from videoxl.ops import ALL_OPS, DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from videoxl.runtime.memory_plan import MemoryPlan, plan_memory
 from videoxl.weight_format import WeightFormat
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def build_engines(
     flavour: str | None = None,
     use_plugins: bool = True,
     memory_budget_bytes: int | None = None,
+    gpu_memory_budget_bytes: int | None = None,
     progress: bool = False,
     stream_weights: bool | None = None,
     max_engine_weights: int | None = DEFAULT_MAX_ENGINE_WEIGHTS,
@@ -150,7 +152,9 @@ def build_engines(
     so a given one must match it. ``max_frames``, ``chunk_groups`` and ``window_chunks`` default to the model config's
     inference defaults. ``targets`` are compute capabilities like ``"sm_89"`` (TensorRT for RTX;
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
-    the KV cache of the largest profile (``kv_cache_bytes``). ``stream_weights`` builds
+    the KV cache alone of the largest profile (``kv_cache_bytes``); ``gpu_memory_budget_bytes``
+    bounds everything one request at the profile maxima holds on the GPU, as the memory planner
+    counts it (``plan_for_build``: weights, activations, KV regions). ``stream_weights`` builds
     weight-streaming engines, serialised straight to their files (default: for graphs of 2 GiB of
     weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets.
     ``max_engine_weights`` (bytes; None: no limit) cuts an LLM graph with more weights into layer
@@ -178,6 +182,10 @@ def build_engines(
     _check_precision_targets(precision, targets)
     kv_bytes = kv_cache_bytes(cfg, limits, precision)
     _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
+    gpu_plan = _check_gpu_memory(
+        cfg, limits, precision=precision, weights=weights, use_plugins=use_plugins,
+        decode_on_prefill=decode_on_prefill, budget_bytes=gpu_memory_budget_bytes,
+    )
     vision_pad = _vision_pad_embedding(onnx_dir, graphs) if decode_on_prefill else None
     ranges = dimension_ranges(cfg, limits, decode_on_prefill=decode_on_prefill)
     profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
@@ -222,7 +230,7 @@ def build_engines(
                 trt, cfg, onnx_dir, out_dir, graphs + [g for parts in builds.values() for g in parts if g.part], engines, targets=targets, precision=precision, weights=weights, limits=limits,
                 ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
                 layer_ranges={"max_engine_weights": max_engine_weights, "layers_per_engine": layers_per_engine},
-                memory_budget_bytes=memory_budget_bytes, seconds=time.perf_counter() - started, decode_on_prefill=decode_entry,
+                memory_budget_bytes=memory_budget_bytes, gpu_plan=gpu_plan, seconds=time.perf_counter() - started, decode_on_prefill=decode_entry,
             )
             manifest_io.write_manifest(staging, manifest)
             if timing_cache is not None and timing is not None:
@@ -469,9 +477,63 @@ def _check_memory_budget(
         f"region of {t.sparse_tokens + t.context_tokens} rows (sparse + dense tier) and a decode region of "
         f"{t.total_tokens} rows, at {cfg.num_hidden_layers} layers x 2 x {cfg.num_key_value_heads} KV heads x "
         f"{cfg.head_dim} x {PRECISION_BYTES[precision]} bytes per row; that is more than the memory budget of "
-        f"{format_bytes(budget)}: use --max-frames {fitting_frames} or less, "
-        "or raise --memory-budget"
+        f"{format_bytes(budget)} (--memory-budget counts the KV cache only): use --max-frames {fitting_frames} "
+        "or less, or raise --memory-budget; --gpu-memory-budget checks weights and activations too"
     )
+
+
+def plan_for_build(
+    cfg: VideoXLConfig, limits: BuildLimits, *, precision: str, weights: WeightFormat, use_plugins: bool,
+    decode_on_prefill: bool, budget_bytes: int,
+) -> MemoryPlan:
+    """The memory planner's plan (runtime/memory_plan.py) of one request at these engines' profile maxima.
+
+    The planner's inputs are the build's: KV and float weights in the engines' precision, the
+    export's weight format, the engines that will exist (no decode engine with
+    ``decode_on_prefill``), plugins or inlined bodies, the token limits the profiles are sized for,
+    and the dense tier where the runtime's ``auto`` puts it.
+    """
+    return plan_memory(
+        cfg, frames=limits.max_frames, budget_bytes=budget_bytes,
+        chunk_groups=limits.chunk_groups, window_chunks=limits.window_chunks,
+        dtype_bytes=PRECISION_BYTES[precision], weights=weights,
+        timestamp_tokens_per_group=limits.timestamp_tokens, prefix_tokens=limits.prefix_tokens,
+        suffix_tokens=limits.suffix_tokens, max_new_tokens=limits.answer_tokens,
+        vision_batch_frames=limits.vision_batch_frames, dense_tier="auto",
+        plugins=use_plugins, decode_on_prefill=decode_on_prefill,
+    )
+
+
+def _check_gpu_memory(
+    cfg: VideoXLConfig, limits: BuildLimits, *, precision: str, weights: WeightFormat, use_plugins: bool,
+    decode_on_prefill: bool, budget_bytes: int | None,
+) -> MemoryPlan | None:
+    """The plan of ``plan_for_build`` when it fits ``budget_bytes`` (None: no budget given); else refuse."""
+    if budget_bytes is None:
+        return None
+    plan = plan_for_build(
+        cfg, limits, precision=precision, weights=weights, use_plugins=use_plugins,
+        decode_on_prefill=decode_on_prefill, budget_bytes=budget_bytes,
+    )
+    if plan.fits:
+        if plan.inputs.dense_tier == "host":
+            log.info("at %d frames the dense KV tier fits only in pinned host memory: run with --dense-tier auto or "
+                     "host and --prefill-rule streaming", limits.max_frames)
+        return plan
+    parts = ", ".join(f"{item.name} {format_bytes(item.nbytes)}" for item in plan.items if item.where == "device")
+    head = (f"the engines need {format_bytes(plan.device_bytes)} of GPU memory for one request of {limits.max_frames} "
+            f"frames ({parts}), more than --gpu-memory-budget {format_bytes(budget_bytes)}")
+    weights_bytes = plan.item("weights").nbytes
+    if weights_bytes >= budget_bytes:
+        copies = "each LLM engine its own copy" + (", no decode engine" if decode_on_prefill else "")
+        raise EngineBuildError(f"{head}: the weights alone ({copies}) need {format_bytes(weights_bytes)}, no frame "
+                               "count fits; raise --gpu-memory-budget or export smaller weights (`videoxl export --weights int4`)")
+    tier, frames = max(plan.frames_fit, key=lambda fit: fit[1])  # auto: whichever dense tier fits more
+    if frames == 0:
+        raise EngineBuildError(f"{head}: not even {cfg.frames_per_group} frames fit; raise --gpu-memory-budget")
+    where = "on the device" if tier == "device" else "in pinned host memory, --prefill-rule streaming at run time"
+    raise EngineBuildError(f"{head}: use --max-frames {frames} or less (the most that fits, dense KV tier {where}), "
+                           "or raise --gpu-memory-budget")
 
 
 def _vision_pad_embedding(onnx_dir: Path, graphs: list[_Graph]) -> tuple[int, np.ndarray]:
@@ -902,6 +964,7 @@ def _manifest(
     kv_bytes: int,
     memory_budget_bytes: int | None,
     seconds: float,
+    gpu_plan: MemoryPlan | None = None,
     layer_ranges: dict[str, int | None],
     decode_on_prefill: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -932,7 +995,17 @@ def _manifest(
             "visible_past": tokens.visible_past_tokens,
         },
         "dimensions": {g: {d: [r.min, r.opt, r.max] for d, r in dims.items()} for g, dims in ranges.items()},
-        "memory": {"kv_cache_bytes_max_profile": kv_bytes, "budget_bytes": memory_budget_bytes},
+        # budget_bytes: --memory-budget (KV only); gpu_plan: --gpu-memory-budget and the planner's device total
+        # for one request at the profile maxima, and where the dense tier fits (None: no such budget given)
+        "memory": {
+            "kv_cache_bytes_max_profile": kv_bytes,
+            "budget_bytes": memory_budget_bytes,
+            "gpu_plan": None if gpu_plan is None else {
+                "budget_bytes": gpu_plan.budget_bytes,
+                "device_bytes": gpu_plan.device_bytes,
+                "dense_tier": gpu_plan.inputs.dense_tier,
+            },
+        },
         "model": {"config_hash": cfg.model_hash(), "onnx_dir": str(onnx_dir.resolve())},
         "onnx": onnx_files,
         "graph_contract": {"version": graph_contract.CONTRACT_VERSION, "graphs": list(graph_contract.GRAPHS)},

@@ -47,7 +47,17 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--flavour", choices=FLAVOURS, help="TensorRT flavour (default: standard if importable, else RTX)")
     parser.add_argument("--no-plugins", dest="use_plugins", action="store_false", help="inline the custom ops' ONNX bodies (standard ONNX Attention -> TensorRT's fused attention) instead of the videoxl plugins: engines that stock TensorRT loads with no plugin library")
-    parser.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", help="refuse profiles whose KV cache (video region + decode region) exceeds this (e.g. 16GiB)")
+    parser.add_argument(
+        "--gpu-memory-budget", type=parse_bytes, metavar="BYTES",
+        help="GPU memory the engines must run in (e.g. 16GiB, 24GB): before building, plan one request at --max-frames "
+        "as `videoxl plan` does (weights, each LLM engine its own copy; activations; the KV regions; the dense tier on "
+        "the device or else in pinned host memory) and refuse a build that does not fit, naming the largest --max-frames that does",
+    )
+    parser.add_argument(
+        "--memory-budget", type=parse_bytes, metavar="BYTES",
+        help="refuse profiles whose KV cache alone (video region + decode region) exceeds this (e.g. 16GiB); "
+        "counts no weights nor activations: see --gpu-memory-budget",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
     parser.add_argument(
         "--decode-on-prefill", action="store_true",
@@ -93,7 +103,7 @@ def run_build(args: argparse.Namespace) -> int:
             args.onnx, args.out, precision=args.precision, max_frames=args.max_frames,
             chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, timing_cache=args.timing_cache,
             targets=args.targets, flavour=args.flavour, use_plugins=args.use_plugins,
-            memory_budget_bytes=args.memory_budget,
+            memory_budget_bytes=args.memory_budget, gpu_memory_budget_bytes=args.gpu_memory_budget,
             max_engine_weights=args.max_engine_weights, layers_per_engine=args.layers_per_engine,
             decode_on_prefill=args.decode_on_prefill,
             progress=sys.stderr.isatty() if args.progress is None else args.progress,

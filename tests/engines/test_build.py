@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import onnx
@@ -15,11 +16,13 @@ from videoxl import graphs
 from videoxl.config import VideoXLConfig
 from videoxl.engines import build as build_module
 from videoxl.engines import profiles
-from videoxl.engines.build import build_engines, max_frames_for_budget
+from videoxl.engines.build import build_engines, max_frames_for_budget, plan_for_build
 from videoxl.engines.errors import EngineBuildError
 from videoxl.engines.profiles import GRAPHS, BuildLimits, ProfileError, kv_cache_bytes
 from videoxl.engines.trt_module import TensorRTUnavailableError, import_tensorrt
 from videoxl.ops import PLUGIN_VERSION
+from videoxl.runtime.memory_plan import plan_memory
+from videoxl.weight_format import WeightFormat
 
 
 def _manifest(engine_dir: Path) -> dict:
@@ -160,6 +163,80 @@ def test_memory_budget(trt, onnx_dir: Path, tmp_path: Path) -> None:
     assert f"--max-frames {fitting} or less" in str(err)
     assert kv_cache_bytes(cfg, BuildLimits(**{**BUILD_LIMITS, "max_frames": fitting}), "fp16") <= needed - 1
     assert kv_cache_bytes(cfg, BuildLimits(**{**BUILD_LIMITS, "max_frames": fitting + 4}), "fp16") > needed - 1
+    assert "counts the KV cache only" in str(err) and "--gpu-memory-budget" in str(err)
+
+
+def _fixture_plan(onnx: Path, frames: int, budget: int, *, plugins: bool = True, decode_on_prefill: bool = False):
+    """The planner, called by hand for what a build of the fixture export holds (fp16, fp weights, the build's token limits)."""
+    limits = BuildLimits(**{**BUILD_LIMITS, "max_frames": frames})
+    return plan_memory(
+        VideoXLConfig.load(onnx / "config.json"), frames=frames, budget_bytes=budget, chunk_groups=limits.chunk_groups,
+        window_chunks=limits.window_chunks, dtype_bytes=2, weights="fp", timestamp_tokens_per_group=limits.timestamp_tokens,
+        prefix_tokens=limits.prefix_tokens, suffix_tokens=limits.suffix_tokens, max_new_tokens=limits.answer_tokens,
+        vision_batch_frames=limits.vision_batch_frames, dense_tier="auto", plugins=plugins, decode_on_prefill=decode_on_prefill,
+    )
+
+
+def _no_tensorrt_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("TensorRT work began before the GPU memory check refused the build")
+
+    for name in ("_prepare_plugins", "_cut_into_ranges", "_build_one"):
+        monkeypatch.setattr(build_module, name, refuse)
+
+
+def _fitting_frames(err: EngineBuildError) -> int:
+    found = re.search(r"use --max-frames (\d+) or less", str(err))
+    assert found, str(err)
+    return int(found.group(1))
+
+
+def test_the_build_plan_follows_plugins_weights_and_decode_on_prefill() -> None:
+    """What the fixture cannot show (its plan is the same with and without plugins): the real 8B, chunks of 8 groups,
+    where the inlined prefill's timestamp queries over the whole past outgrow the question's scores."""
+    real, limits = VideoXLConfig(), BuildLimits(max_frames=2048, chunk_groups=8, window_chunks=3)
+
+    def plan(**changes):
+        options = {"precision": "fp16", "weights": WeightFormat(), "use_plugins": True, "decode_on_prefill": False, **changes}
+        return plan_for_build(real, limits, budget_bytes=80 * 2**30, **options)
+
+    default = plan()
+    assert plan(use_plugins=False).item("activations").nbytes > default.item("activations").nbytes  # the inlined prefill
+    assert plan(decode_on_prefill=True).item("weights").nbytes < default.item("weights").nbytes  # no decode engine
+    assert plan(weights=WeightFormat.parse("int4")).item("weights").nbytes < default.item("weights").nbytes
+    assert plan(precision="fp32").device_bytes > default.device_bytes
+
+
+def test_gpu_memory_budget_refuses_before_any_tensorrt_work(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = 5_500_000  # the fixture's plan: ~6.3 MB at 64 frames, activations the most (the question's scores)
+    assert not _fixture_plan(onnx_dir, 64, budget).fits
+    _no_tensorrt_work(monkeypatch)
+    err = _refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget 5\.25 MiB", gpu_memory_budget_bytes=budget)
+    for item in ("weights", "activations", "video KV region", "decode KV region"):  # what takes the memory, the planner's names
+        assert re.search(rf"{item} \d", str(err)), (item, str(err))
+    fitting = _fitting_frames(err)
+    assert fitting % 4 == 0 and 0 < fitting < 64
+    assert _fixture_plan(onnx_dir, fitting, budget).fits
+    assert not _fixture_plan(onnx_dir, fitting + 4, budget).fits
+
+
+def test_gpu_memory_budget_that_fits_is_recorded(trt, onnx_dir: Path, tmp_path: Path) -> None:
+    plan = _fixture_plan(onnx_dir, 64, 2**40, plugins=False)
+    _refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget", use_plugins=False, gpu_memory_budget_bytes=plan.device_bytes - 1)
+    out = build_engines(onnx_dir, tmp_path / "out", precision="fp16", use_plugins=False,
+                        gpu_memory_budget_bytes=plan.device_bytes, **BUILD_LIMITS)
+    memory = _manifest(out)["memory"]
+    assert memory["gpu_plan"] == {"budget_bytes": plan.device_bytes, "device_bytes": plan.device_bytes, "dense_tier": "device"}
+    assert memory["budget_bytes"] is None  # --memory-budget (KV only) was not given
+
+
+def test_gpu_memory_budget_counts_one_weight_copy_fewer_with_decode_on_prefill(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = _fixture_plan(onnx_dir, 60, 2**40, decode_on_prefill=True).device_bytes  # 60 frames fit exactly without decode's weights
+    _no_tensorrt_work(monkeypatch)
+    with_decode_engine = _fitting_frames(_refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget", gpu_memory_budget_bytes=budget))
+    decode_on_prefill = _fitting_frames(_refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget",
+                                             gpu_memory_budget_bytes=budget, decode_on_prefill=True))
+    assert decode_on_prefill == 60 and with_decode_engine < decode_on_prefill
 
 
 def test_corrupt_onnx(trt, onnx_copy: Path, tmp_path: Path) -> None:
