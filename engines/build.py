@@ -140,6 +140,7 @@ def build_engines(
     use_plugins: bool = True,
     memory_budget_bytes: int | None = None,
     gpu_memory_budget_bytes: int | None = None,
+    unified_memory: bool = False,
     progress: bool = False,
     stream_weights: bool | None = None,
     max_engine_weights: int | None = DEFAULT_MAX_ENGINE_WEIGHTS,
@@ -154,7 +155,8 @@ def build_engines(
     default sm_89); standard TensorRT builds for the GPU present. ``memory_budget_bytes`` bounds
     the KV cache alone of the largest profile (``kv_cache_bytes``); ``gpu_memory_budget_bytes``
     bounds everything one request at the profile maxima holds on the GPU, as the memory planner
-    counts it (``plan_for_build``: weights, activations, KV regions). ``stream_weights`` builds
+    counts it (``plan_for_build``: weights, activations, KV regions; ``unified_memory``: host and
+    device share that budget, as on Jetson, so a pinned dense tier saves nothing). ``stream_weights`` builds
     weight-streaming engines, serialised straight to their files (default: for graphs of 2 GiB of
     weights or more, the 8B LLM); their manifest entry's ``weights`` says what the loader sets.
     ``max_engine_weights`` (bytes; None: no limit) cuts an LLM graph with more weights into layer
@@ -184,7 +186,7 @@ def build_engines(
     _check_memory_budget(cfg, limits, precision, kv_bytes, memory_budget_bytes)
     gpu_plan = _check_gpu_memory(
         cfg, limits, precision=precision, weights=weights, use_plugins=use_plugins,
-        decode_on_prefill=decode_on_prefill, budget_bytes=gpu_memory_budget_bytes,
+        decode_on_prefill=decode_on_prefill, budget_bytes=gpu_memory_budget_bytes, unified_memory=unified_memory,
     )
     vision_pad = _vision_pad_embedding(onnx_dir, graphs) if decode_on_prefill else None
     ranges = dimension_ranges(cfg, limits, decode_on_prefill=decode_on_prefill)
@@ -484,7 +486,7 @@ def _check_memory_budget(
 
 def plan_for_build(
     cfg: VideoXLConfig, limits: BuildLimits, *, precision: str, weights: WeightFormat, use_plugins: bool,
-    decode_on_prefill: bool, budget_bytes: int,
+    decode_on_prefill: bool, budget_bytes: int, unified_memory: bool = False,
 ) -> MemoryPlan:
     """The memory planner's plan (runtime/memory_plan.py) of one request at these engines' profile maxima.
 
@@ -500,20 +502,20 @@ def plan_for_build(
         timestamp_tokens_per_group=limits.timestamp_tokens, prefix_tokens=limits.prefix_tokens,
         suffix_tokens=limits.suffix_tokens, max_new_tokens=limits.answer_tokens,
         vision_batch_frames=limits.vision_batch_frames, dense_tier="auto",
-        plugins=use_plugins, decode_on_prefill=decode_on_prefill,
+        plugins=use_plugins, decode_on_prefill=decode_on_prefill, unified_memory=unified_memory,
     )
 
 
 def _check_gpu_memory(
     cfg: VideoXLConfig, limits: BuildLimits, *, precision: str, weights: WeightFormat, use_plugins: bool,
-    decode_on_prefill: bool, budget_bytes: int | None,
+    decode_on_prefill: bool, budget_bytes: int | None, unified_memory: bool = False,
 ) -> MemoryPlan | None:
     """The plan of ``plan_for_build`` when it fits ``budget_bytes`` (None: no budget given); else refuse."""
     if budget_bytes is None:
         return None
     plan = plan_for_build(
         cfg, limits, precision=precision, weights=weights, use_plugins=use_plugins,
-        decode_on_prefill=decode_on_prefill, budget_bytes=budget_bytes,
+        decode_on_prefill=decode_on_prefill, budget_bytes=budget_bytes, unified_memory=unified_memory,
     )
     if plan.fits:
         if plan.inputs.dense_tier == "host":

@@ -54,6 +54,10 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "the device or else in pinned host memory) and refuse a build that does not fit, naming the largest --max-frames that does",
     )
     parser.add_argument(
+        "--unified-memory", action="store_true",
+        help="with --gpu-memory-budget: host and device share that memory (Jetson), so the pinned dense tier counts against it",
+    )
+    parser.add_argument(
         "--memory-budget", type=parse_bytes, metavar="BYTES",
         help="refuse profiles whose KV cache alone (video region + decode region) exceeds this (e.g. 16GiB); "
         "counts no weights nor activations: see --gpu-memory-budget",
@@ -104,6 +108,7 @@ def run_build(args: argparse.Namespace) -> int:
             chunk_groups=args.chunk_groups, window_chunks=args.window_chunks, timing_cache=args.timing_cache,
             targets=args.targets, flavour=args.flavour, use_plugins=args.use_plugins,
             memory_budget_bytes=args.memory_budget, gpu_memory_budget_bytes=args.gpu_memory_budget,
+            unified_memory=args.unified_memory,
             max_engine_weights=args.max_engine_weights, layers_per_engine=args.layers_per_engine,
             decode_on_prefill=args.decode_on_prefill,
             progress=sys.stderr.isatty() if args.progress is None else args.progress,

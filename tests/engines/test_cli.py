@@ -84,3 +84,18 @@ def test_parse_bytes(text, expected: int) -> None:
 def test_parse_bytes_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="write e.g. 16GiB"):
         parse_bytes("lots")
+
+
+def test_unified_memory_reaches_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from videoxl.engines import build
+
+    seen = {}
+
+    def fake_build(onnx_dir, out_dir, **kwargs):
+        seen.update(kwargs)
+        return Path(out_dir)
+
+    monkeypatch.setattr(build, "build_engines", fake_build)
+    for flags, unified in (([], False), (["--unified-memory"], True)):
+        assert main(["build", "--onnx", "o", "--out", str(tmp_path / "e"), "--gpu-memory-budget", "16GiB", "--no-progress", *flags]) == 0
+        assert seen["gpu_memory_budget_bytes"] == 16 * 2**30 and seen["unified_memory"] is unified
