@@ -44,22 +44,67 @@ def quantize_weight(w_in_out: np.ndarray, bits: int, block_size: int | None, sca
     input rows and output channel, shape (in / block_size, out). The scale is rounded to its stored
     dtype before the weights are divided by it, so dequantization uses exactly the divisor
     (``scale_dtype`` "bf16": float32 values that bf16 holds exactly, written as bf16 by the builder).
+
+    Per element, in float32 throughout: scale = absmax / qmax (1 where absmax is 0), rounded to the
+    stored dtype; q = clip(rint(w / scale), -qmax, qmax). The work goes tile by tile (whole blocks,
+    about TILE_BYTES each) into one reused float32 buffer, so each weight is read from memory once
+    or twice and no full-size float temporary exists (bench/bench_quant_speed.py).
     """
     w = np.asarray(w_in_out, dtype=np.float32)
     k, n = w.shape
     qmax = QMAX[bits]
-    if bits == 8:
-        absmax = np.abs(w).max(axis=0)  # (out,)
-        blocks = w[None]  # (1, in, out): one block spanning every input row
-    else:
-        absmax = np.abs(w.reshape(k // block_size, block_size, n)).max(axis=1)  # (in / B, out)
-        blocks = w.reshape(k // block_size, block_size, n)
-    # an all-zero block keeps scale 1: its values quantize to 0 and dequantize to exactly 0
+    q = np.empty((k, n), np.int8)
+    scale = np.empty((1 if bits == 8 else k // block_size, n), np.float32 if scale_dtype == BF16 else scale_dtype)
+    if bits == 8:  # one block of every row: its absmax takes a first pass, then any rows make a tile
+        scale[0] = _scale(_absmax_of_columns(w), qmax, scale_dtype)
+    block = 1 if bits == 8 else block_size
+    tile_rows, tile_cols = _tile_shape(n, block)
+    buf = np.empty(tile_rows * tile_cols, np.float32)
+    for r0 in range(0, k, tile_rows):
+        for c0 in range(0, n, tile_cols):
+            tile = w[r0 : r0 + tile_rows, c0 : c0 + tile_cols]
+            cols = slice(c0, c0 + tile.shape[1])
+            if bits == 8:
+                blocks, scale_rows = tile[None], slice(0, 1)  # (1, rows, c)
+            else:  # the tile's blocks' scales from one read while it is in cache
+                blocks = tile.reshape(tile.shape[0] // block, block, tile.shape[1])  # (m, B, c), a view
+                scale_rows = slice(r0 // block, r0 // block + blocks.shape[0])
+                scale[scale_rows, cols] = _scale(np.maximum(blocks.max(axis=1), -blocks.min(axis=1)), qmax, scale_dtype)
+            out = buf[: tile.size].reshape(blocks.shape)
+            # a true division by the stored scale (not a reciprocal product): ties round as in the format
+            np.divide(blocks, scale[scale_rows, cols].astype(np.float32)[:, None, :], out=out)
+            np.rint(out, out=out)
+            np.clip(out, -qmax, qmax, out=out)
+            q[r0 : r0 + tile.shape[0], cols] = out.reshape(tile.shape)  # float32 -> int8, exact for these integers
+    return q, (scale[0] if bits == 8 else scale)
+
+
+TILE_BYTES = 1 << 20  # float32 per tile: the tile and its quotient stay in a 2 MiB L2
+
+
+def _tile_shape(n: int, block: int) -> tuple[int, int]:
+    """(rows, columns) of a tile of the (k, n) weight: whole blocks of rows, about TILE_BYTES."""
+    elements = TILE_BYTES // 4
+    cols = min(n, max(256, elements // block))  # >= 1 KiB contiguous per row
+    return block * max(1, elements // (block * cols)), cols
+
+
+def _absmax_of_columns(w: np.ndarray) -> np.ndarray:
+    """max |w| per column of (k, n) float32, as max(max, -min) over row slabs (no |w| temporary)."""
+    k, n = w.shape
+    rows = max(1, TILE_BYTES // (4 * n))
+    hi, lo = w[:rows].max(axis=0), w[:rows].min(axis=0)
+    for r0 in range(rows, k, rows):
+        np.maximum(hi, w[r0 : r0 + rows].max(axis=0), out=hi)
+        np.minimum(lo, w[r0 : r0 + rows].min(axis=0), out=lo)
+    return np.maximum(hi, -lo)
+
+
+def _scale(absmax: np.ndarray, qmax: int, scale_dtype: np.dtype | str) -> np.ndarray:
+    """absmax / qmax in the stored dtype; an all-zero block keeps scale 1 (its values quantize to 0
+    and dequantize to exactly 0)."""
     scale = np.where(absmax > 0, absmax / qmax, 1.0)
-    scale = _round_to_bf16(scale) if scale_dtype == BF16 else scale.astype(scale_dtype)
-    divisor = scale.astype(np.float32)[None] if bits == 8 else scale.astype(np.float32)[:, None]
-    q = np.clip(np.rint(blocks / divisor), -qmax, qmax).astype(np.int8).reshape(k, n)
-    return q, scale
+    return _round_to_bf16(scale) if scale_dtype == BF16 else scale.astype(scale_dtype)
 
 
 def dequantize_weight(q: np.ndarray, scale: np.ndarray, bits: int, block_size: int | None) -> np.ndarray:
@@ -76,12 +121,24 @@ def dequantize_attrs(bits: int, block_size: int | None) -> dict:
 
 
 def pack_int4(q: np.ndarray) -> bytes:
-    """ONNX INT4 raw data: two values per byte, the first element in the low nibble."""
-    flat = q.astype(np.int8).ravel()
+    """ONNX INT4 raw data: two values per byte, the first element in the low nibble.
+
+    Each pair of int8 values read as one little-endian uint16 (first value in bits 0..7, second in
+    8..15) packs as (v & 0x0F) | ((v >> 4) & 0xF0): contiguous reads, in slabs that stay in cache.
+    """
+    flat = np.ascontiguousarray(q, dtype=np.int8).reshape(-1)
     if flat.size % 2:
         flat = np.append(flat, np.int8(0))
-    nibbles = (flat & 0x0F).astype(np.uint8)
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    pairs = flat.view("<u2")
+    packed = np.empty(pairs.size, np.uint8)
+    high = np.empty(max(1, min(pairs.size, TILE_BYTES // 2)), np.uint16)
+    for start in range(0, pairs.size, high.size):
+        v, hi, out = pairs[start : start + high.size], high[: pairs.size - start], packed[start : start + high.size]
+        np.right_shift(v, 4, out=hi)  # the second value's low nibble now in bits 4..7
+        np.bitwise_and(hi, 0xF0, out=hi)
+        np.bitwise_and(v, 0x0F, out=out, casting="unsafe")  # < 16: exact as uint8
+        np.bitwise_or(out, hi, out=out, casting="unsafe")  # < 256: exact as uint8
+    return packed.tobytes()
 
 
 def quantized_tensors(

@@ -244,3 +244,85 @@ def test_free_space_estimate_of_the_real_int4_export(tmp_path):
         tmp_path, "fp32", external_data=None, weights=WeightFormat.parse("int4"), config=VideoXLConfig()
     )
     assert external and measured <= estimate <= 1.01 * measured
+
+
+# --- the tiled arithmetic against the plain formulation ----------------------------------------
+def reference_quantize(w: np.ndarray, bits: int, block: int | None, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The format in whole-array numpy (the exporter's first form): what quantize_weight must equal bit for bit."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    qmax = {8: 127, 4: 7}[bits]
+    blocks = w[None] if bits == 8 else w.reshape(k // block, block, n)
+    absmax = np.abs(blocks).max(axis=1)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    if scale_dtype == "bf16":  # round to nearest even bf16, kept as float32
+        u = scale.astype(np.float32).view(np.uint32)
+        scale = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) << 16).astype(np.uint32).view(np.float32)
+    else:
+        scale = scale.astype(scale_dtype)
+    q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, None, :]), -qmax, qmax).astype(np.int8).reshape(k, n)
+    return q, (scale[0] if bits == 8 else scale)
+
+
+def reference_pack_int4(q: np.ndarray) -> bytes:
+    flat = q.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = (flat & 0x0F).astype(np.uint8)
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def awkward_weight(k: int, n: int, block: int, seed: int) -> np.ndarray:
+    """Random weights with the cases tiling and rounding can get wrong: an all-zero block, a column
+    of zeros and -0.0, ties (exact .5 multiples of a power-of-two scale), +-absmax in one block."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) * rng.choice([1e-3, 1.0, 30.0], size=(1, n))).astype(np.float32)
+    w[:block, 0] = 0.0  # an all-zero block (int8: a zero column) keeps scale 1
+    w[:, 1] = np.where(rng.random(k) < 0.5, -0.0, 0.0)
+    # column 2: absmax 7 * 2^-3 (int4) or 127 * 2^-3 (int8) in every block, so the scale is exactly 2^-3 in
+    # every dtype and w / scale lands on .5 ties: rint must take the even neighbour
+    half_steps = rng.integers(-13, 14, size=k) + 0.5
+    w[:, 2] = np.clip(half_steps, -6.5, 6.5) / 8
+    w[::block, 2] = 7 / 8
+    w[1::block, 3] = -w[::block, 3] if block > 1 else w[1::block, 3]  # +- the same absmax
+    return w
+
+
+SHAPES = [(32, 5), (64, 33), (256, 7), (4096, 300), (1024, 2500), (128, 70000)]  # odd widths, one tile, many tiles, a wide row
+
+
+@pytest.mark.parametrize("scale_dtype", [np.dtype(np.float32), np.dtype(np.float16), "bf16"], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("bits,block", [(8, None), (4, 16), (4, 32), (4, 128)])
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_quantize_weight_equals_the_plain_formulation_bit_for_bit(k, n, bits, block, scale_dtype):
+    if block and k % block:
+        pytest.skip(f"block {block} does not divide {k} input rows (refused by --block-size)")
+    w = awkward_weight(k, n, block or k, seed=k * n + bits)
+    q, scale = quantize_weight(w, bits, block, scale_dtype)
+    q_ref, scale_ref = reference_quantize(w, bits, block, scale_dtype)
+    assert q.dtype == np.int8 and scale.dtype == scale_ref.dtype and scale.shape == scale_ref.shape
+    np.testing.assert_array_equal(scale.view(np.uint8), scale_ref.view(np.uint8))  # bits, not values: -0.0 or NaN would differ
+    np.testing.assert_array_equal(q, q_ref)
+    if bits == 4:
+        assert pack_int4(q) == reference_pack_int4(q)
+
+
+def test_ties_round_to_even():
+    """Not vacuous: the tie column really holds .5 quotients, and they go to the even neighbour."""
+    for bits, block, qmax in ((4, 32, 7), (8, None, 127)):
+        w = awkward_weight(256, 8, block or 256, seed=3)
+        if bits == 8:
+            w[0, 2] = 127 / 8  # int8: absmax 127 / 8, scale exactly 1 / 8
+        q, scale = quantize_weight(w, bits, block, np.dtype(np.float32))
+        assert np.all(scale[..., 2] == 0.125)
+        quotient = w[:, 2] * 8
+        ties = (quotient % 1) == 0.5
+        assert ties.sum() > 50
+        np.testing.assert_array_equal(q[ties, 2], 2 * np.round(quotient[ties] / 2))
+
+
+def test_pack_int4_equals_the_plain_formulation():
+    rng = np.random.default_rng(2)
+    for shape in ((1, 1), (3, 5), (128, 257), (4096, 512)):
+        q = rng.integers(-8, 8, size=shape).astype(np.int8)
+        assert pack_int4(q) == reference_pack_int4(q)
