@@ -10,7 +10,7 @@ quantizers (ONNX Runtime's MatMulNBits, ModelOpt) and TensorRT's weight-only GEM
 
 prefill_chunk:  the chunk at positions past_len + i, attention by videoxl::ChunkSparseAttention
 decode:         T tokens at positions past_len + t against a capacity buffer, standard Attention
-score:          the question against the sparse cache -> attention mass per past row
+score:          the question's queries and keys (from prefill_chunk) -> attention mass per past row; no weights
 kv_gather:      videoxl::BilevelKVGather over one layer's source KV
 """
 
@@ -164,7 +164,7 @@ class LLMGraphWriter:
         b.op("Identity", v, outputs=[present_value])
 
     def _cache_prologue(self, b: GraphBuilder) -> tuple[str, str, str, str]:
-        """What decode and score share: token embeddings, the (T, P + T) mask over [past buffer ++ new
+        """What decode needs first: token embeddings, the (T, P + T) mask over [past buffer ++ new
         keys] (past rows < past_len, new keys causally), and RoPE at positions past_len + t."""
         x = b.op("Gather", self._weight(b, "model.embed_tokens.weight"), "input_ids", axis=0)
         past_pos = b.arange(b.const(0), b.dim(kv_names("past", 0)[0], 0))
@@ -202,6 +202,7 @@ class LLMGraphWriter:
 
         def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
             self._store_present(b, i, k_rot, v)
+            b.op("Identity", q_rot, outputs=[f"query.{i}"])  # what block scoring reads (score)
             return chunk_sparse_attention(
                 b, q_rot, k_rot, v, *kv_names("past", i), "past_len", "visible_past_index", "timestamp_query_index",
                 scale=cfg.head_dim**-0.5,
@@ -224,27 +225,30 @@ class LLMGraphWriter:
         return self._model(b, DECODE)
 
     def score(self) -> onnx.ModelProto:
-        """The decode layers with explicit probabilities: their mass on each past row, summed."""
-        cfg, b = self.cfg, GraphBuilder(external=self.external)
-        x, visible, cos, sin = self._cache_prologue(b)
+        """The question's attention mass on the scoring cache, from its per-layer queries and keys: no
+        weights. Query t sees past rows [0, past_len) and the question's keys 0..t (as in decode)."""
+        cfg, b = self.cfg, GraphBuilder()
         scale = b.const(cfg.head_dim**-0.5, np.float32)
+        past_pos = b.arange(b.const(0), b.dim(kv_names("past", 0)[0], 0))
+        own = b.arange(b.const(0), b.dim("query.0", 0))
+        # key positions: past rows at their row index, the question's keys after every valid row
+        query_pos = b.op("Add", own, b.scalar("past_len"))
+        key_pos = b.op("Concat", past_pos, query_pos, axis=0)
+        causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
+        new = b.op("Expand", b.const([True], np.bool_), b.op("Shape", own))
+        valid = b.op("Concat", b.op("Less", past_pos, "past_len"), new, axis=0)
+        visible = b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
         num_past = b.op("Shape", kv_names("past", 0)[0], start=0, end=1)
-        layers = cfg.num_hidden_layers
-
-        def attend(i: int, q_rot: str, k_rot: str, v: str) -> str:
-            past_key, past_value = kv_names("past", i)
-            keys, values = b.op("Concat", past_key, k_rot, axis=0), b.op("Concat", past_value, v, axis=0)
-            probs = gqa_probs(b, q_rot, keys, visible, scale)  # (Hkv, G, T, P + T)
-            mass = b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0)
-            # a running sum, attention_mass.{i+1} = attention_mass.{i} + this layer's: a layer range
-            # takes the partial sum in and gives it out (videoxl.graphs boundary)
-            total = ["attention_mass" if i + 1 == layers else f"attention_mass.{i + 1}"]
-            past_mass = b.op("Slice", mass, b.const([0]), num_past, outputs=total if i == 0 else 1)
-            if i > 0:
-                b.op("Add", f"attention_mass.{i}", past_mass, outputs=total)
-            return gqa_attention(b, q_rot, keys, values, visible, scale, probs=probs)
-
-        self._layers(b, x, cos, sin, attend)
+        total = None
+        for i in range(cfg.num_hidden_layers):
+            keys = b.op("Concat", kv_names("past", i)[0], f"key.{i}", axis=0)
+            probs = gqa_probs(b, f"query.{i}", keys, visible, scale)  # (Hkv, G, T, P + T)
+            mass = b.op("Slice", b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0), b.const([0]), num_past)
+            last = i + 1 == cfg.num_hidden_layers
+            if total is None:
+                total = b.op("Identity", mass, outputs=["attention_mass"] if last else 1)
+            else:
+                total = b.op("Add", total, mass, outputs=["attention_mass"] if last else 1)
         return self._model(b, SCORE)
 
     def kv_gather(self) -> onnx.ModelProto:

@@ -8,11 +8,12 @@ reads and writes them through I/O binding at row offsets, so no KV is copied bet
                    present_key.i -> dense rows [start, end)          (written in place)
     kv_gather      key, value   <- [sparse | dense] of layer i
                    mixed_key    -> sparse rows, or decode-cache rows  (written in place)
-    decode/score   past_key.i   <- decode-cache rows [0, length); decode writes [length, length + T)
+    decode         past_key.i   <- decode-cache rows [0, length); writes [length, length + T)
+    score          past_key.i   <- scoring-cache rows [0, length); the question's query.i, key.i
 
 Sessions: every session holds its own copy of the int4/int8 weights (ONNX Runtime repacks the
 fused MatMulNBits weights per session; float weights in external data are memory-mapped), so an
-8B int4 export costs ~4.5 GB per LLM session. Two things keep that to one session for most runs:
+8B int4 export costs ~4.5 GB per LLM session. One LLM session serves everything by default:
 
 - decode runs on the prefill_chunk session (``share_llm_session``, the default): a decode step
   is a chunk that sees every past row, no timestamp queries, no visual rows
@@ -22,9 +23,10 @@ fused MatMulNBits weights per session; float weights in external data are memory
 
   (a generated <|vision_pad|> gets its own embedding row as its "visual" row, so the splice is
   exact); decode.onnx is then never loaded;
-- the score session is loaded on the first block choice, which a video of a few blocks never
-  makes (every block is dense).
-The others load with the backend, so their load time is not counted as vision or prefill time.
+- block scoring runs the question the same way on the scoring cache, keeping its per-layer
+  queries and keys (``query.i``, ``present_key.i``) in buffers of its own, and the score graph,
+  which holds no weights, sums their attention probabilities.
+Sessions load with the backend, so their load time is not counted as vision or prefill time.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from videoxl.runtime.artifacts import ArtifactError, OnnxArtifacts, load_onnx_ar
 log = logging.getLogger(__name__)
 
 NUMPY_FLOAT = {"fp32": np.float32, "fp16": np.float16}
-LAZY_GRAPHS = ("score",)  # loaded on first use: only a video with more blocks than top-k + the always-dense ones scores
 # ONNX Runtime's level for the DequantizeLinear -> MatMul fusion into MatMulNBits: 0/1 float32
 # activations; 4 (its default) int8 activations, quantized per block inside the kernel.
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -61,19 +62,21 @@ def default_providers() -> list[str]:
 
 
 class _Rows:
-    """Per-layer K and V buffers of `rows` rows on one device, addressed by row."""
+    """Per-layer K and V buffers of `rows` rows on one device, addressed by row (`heads`: Hq for a
+    question's queries, held in `keys`, with `values=False`)."""
 
-    def __init__(self, backend: "OnnxRuntimeBackend", rows: int) -> None:
+    def __init__(self, backend: "OnnxRuntimeBackend", rows: int, *, heads: int | None = None, values: bool = True) -> None:
         cfg = backend.config
         self.device, self.dtype = backend.device, backend.float_dtype
-        self.shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
-        self.row_bytes = cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        self.shape = (rows, heads or cfg.num_key_value_heads, cfg.head_dim)
+        self.row_bytes = self.shape[1] * cfg.head_dim * self.dtype.itemsize
+        self.keys = [self._buffer() for _ in range(cfg.num_hidden_layers)]
+        self.values = [self._buffer() for _ in range(cfg.num_hidden_layers)] if values else []
+
+    def _buffer(self):
         if self.device == "cpu":
-            self.keys = [np.zeros(self.shape, self.dtype) for _ in range(cfg.num_hidden_layers)]
-            self.values = [np.zeros(self.shape, self.dtype) for _ in range(cfg.num_hidden_layers)]
-        else:  # device tensors owned by ONNX Runtime, bound by address
-            self.keys = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0) for _ in range(cfg.num_hidden_layers)]
-            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0) for _ in range(cfg.num_hidden_layers)]
+            return np.zeros(self.shape, self.dtype)
+        return ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0)  # owned by ONNX Runtime, bound by address
 
     def address(self, buffer, row: int) -> int:
         base = buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
@@ -156,18 +159,18 @@ class OnnxRuntimeBackend(Backend):
         self.load_seconds: dict[str, float] = {}  # per graph, as loaded
         self.share_llm_session = share_llm_session
         vision_pad = (self.artifacts.manifest.get("special_tokens") or {}).get("vision_pad")
-        if share_llm_session and vision_pad is None:
+        if vision_pad is None:  # a question (and, with share_llm_session, a decode step) runs as a chunk
             raise ArtifactError(f"{self.artifact_dir}: the export manifest names no vision_pad token; re-export the directory")
-        self._vision_pad = None if vision_pad is None else int(vision_pad)
+        self._vision_pad = int(vision_pad)
         self._vision_pad_row: np.ndarray | None = None  # its embedding, read from the export on first need
         for name in GRAPHS:
-            if name not in LAZY_GRAPHS and not (share_llm_session and name == "decode"):
+            if not (share_llm_session and name == "decode"):
                 self._session(name)
         self._logits_shape = (1, self.config.vocab_size)
         log.info("ONNX Runtime backend on %s, KV on %s", self.providers, self.device)
 
     def _session(self, name: str) -> ort.InferenceSession:
-        """The graph's session, created on first use (``LAZY_GRAPHS``) or with the backend."""
+        """The graph's session, created with the backend (decode's on first use, when not shared)."""
         if name not in self.sessions:
             started = time.perf_counter()
             log.info("loading the %s graph into ONNX Runtime", name)
@@ -268,9 +271,30 @@ class OnnxRuntimeBackend(Backend):
         return binding
 
     def score(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
-        self._bind_cache("score", cache, len(input_ids), write=False)
-        feed = {"input_ids": np.asarray(input_ids, np.int64), "past_len": np.array([cache.length], np.int64)}
-        return self._run("score", feed, "attention_mass", (cache.length,))
+        """The question as a chunk on the prefill_chunk session (its queries and keys into buffers of this
+        call, the scoring cache untouched), then the weightless score graph over them."""
+        ids, past, layers = np.asarray(input_ids, np.int64), cache.length, self.config.num_hidden_layers
+        own = _Rows(self, len(ids))  # the question's K and V
+        queries = _Rows(self, len(ids), heads=self.config.num_attention_heads, values=False)
+        chunk = self.sessions["prefill_chunk"].io_binding()  # its own: decode's binding must not keep these buffers
+        mass = self.sessions["score"].io_binding()
+        mass.bind_cpu_input("past_len", np.array([past], np.int64))
+        for layer in range(layers):
+            for i, (past_name, present_name) in enumerate(zip(kv_names("past", layer), kv_names("present", layer))):
+                cache.rows.bind(chunk, past_name, (cache.rows.keys, cache.rows.values)[i][layer], 0, past)
+                own.bind(chunk, present_name, (own.keys, own.values)[i][layer], 0, len(ids), output=True)
+            queries.bind(chunk, f"query.{layer}", queries.keys[layer], 0, len(ids), output=True)
+            queries.bind(mass, f"query.{layer}", queries.keys[layer], 0, len(ids))
+            own.bind(mass, f"key.{layer}", own.keys[layer], 0, len(ids))
+            cache.rows.bind(mass, kv_names("past", layer)[0], cache.rows.keys[layer], 0, past)
+        for name, value in decode_as_chunk(ids, past, self._vision_pad, self._pad_embedding()).items():
+            chunk.bind_cpu_input(name, np.ascontiguousarray(value))
+        chunk.bind_output("logits", self.device)  # unused: ONNX Runtime allocates it
+        self.sessions["prefill_chunk"].run_with_iobinding(chunk)
+        result = ort.OrtValue.ortvalue_from_shape_and_type((past,), np.float32, self.device, 0)
+        mass.bind_ortvalue_output("attention_mass", result)
+        self.sessions["score"].run_with_iobinding(mass)
+        return result.numpy()
 
     def decode(self, cache: OrtDecodeCache, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64)

@@ -20,7 +20,11 @@ Conventions:
   of layer a (none when a = 0: it owns the embeddings and the visual splice) and gives out those
   of layer b (the graph's own outputs when b = L: it owns the final norm and lm_head).
 
-      input_ids ... -> [layers 0..a) -> hidden.a, attention_mass.a -> [layers a..b) -> hidden.b, ...
+      input_ids ... -> [layers 0..a) -> hidden.a -> [layers a..b) -> hidden.b -> ...
+- Block scoring holds no weights: the question runs as a chunk on the scoring cache through
+  prefill_chunk (its per-layer `query.{layer}` and `present_key.{layer}` outputs), and `score`
+  turns those queries and keys into attention mass. So the LLM's weights exist once per
+  prefill_chunk engine (plus decode's, unless decode runs on prefill_chunk too).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from dataclasses import dataclass
 
 from videoxl.config import VideoXLConfig
 
-CONTRACT_VERSION = 2
-MODEL_DIMS = ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "image_size", "tokens_per_group")
+CONTRACT_VERSION = 3  # 3: prefill_chunk gives out its queries; score is the weightless mass over them
+MODEL_DIMS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "image_size", "tokens_per_group")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ PREFILL_CHUNK = GraphContract(
     outputs=(
         IOSpec("logits", (1, "vocab_size"), "float32", "logits of the chunk's last position"),
         *_kv("present", "chunk_tokens", "the chunk's KV, to be written at rows [past_len, past_len + Q)"),
+        IOSpec("query.{layer}", ("chunk_tokens", "num_attention_heads", "head_dim"), "float",
+               "the chunk's queries, rotated at their positions: what `score` reads when the chunk is a question"),
     ),
     doc="One prefill chunk (or the prefix) against the rotated past, read in place; positions past_len + i.",
     boundary=(_hidden("chunk_tokens"),),
@@ -139,15 +145,20 @@ DECODE = GraphContract(
 
 SCORE = GraphContract(
     "score",
-    inputs=DECODE.inputs,  # the question against the all-sparse scoring cache, as a decode step would run it
+    inputs=(
+        IOSpec("past_len", (1,), "int64", "valid rows of the scoring cache"),
+        IOSpec("query.{layer}", ("new_tokens", "num_attention_heads", "head_dim"), "float",
+               "the question's queries, rotated: prefill_chunk's query.{layer} for the question run as a chunk on the scoring cache"),
+        IOSpec("key.{layer}", ("new_tokens", *KV), "float", "the question's own keys, rotated: that run's present_key.{layer}"),
+        IOSpec("past_key.{layer}", ("past_tokens", *KV), "float",
+               "the all-sparse scoring cache, a capacity buffer (rows >= past_len unused); keys rotated at their positions"),
+    ),
     outputs=(
-        IOSpec("attention_mass", ("past_tokens",), "float32", "attention probability each past row receives, summed over layers, heads and queries"),
+        IOSpec("attention_mass", ("past_tokens",), "float32",
+               "attention probability each past row receives, summed over layers, heads and queries (0 for rows >= past_len)"),
     ),
-    doc="Block scoring, run once per question: the suffix's own attention on the sparse cache.",
-    boundary=(
-        _hidden("new_tokens"),
-        IOSpec("attention_mass.{layer}", ("past_tokens",), "float32", "attention_mass summed over the layers before `layer`"),
-    ),
+    doc="Block scoring, once per question: the question's attention probabilities on the all-sparse cache (query t sees "
+    "rows [0, past_len) and its own keys 0..t), summed. No weights: the queries and keys come from the prefill_chunk engine.",
 )
 
 KV_GATHER = GraphContract(

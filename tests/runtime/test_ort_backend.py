@@ -7,24 +7,29 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from videoxl.runtime.ort_backend import LAZY_GRAPHS, OnnxRuntimeBackend
+from videoxl.runtime.ort_backend import OnnxRuntimeBackend
 
 IDS = np.array([5, 17, 42, 99, 7, 64, 120, 33], dtype=np.int64)
 
 
-def test_one_llm_session_unless_blocks_are_scored(tiny_onnx):
-    """An 8B int4 LLM session holds ~4.5 GB of repacked weights: decode runs on the prefill_chunk
-    session, and the score graph, which only a video with more blocks than top-k + the always-dense
-    ones runs, is loaded on first use."""
+def test_one_llm_session_and_a_weightless_score_graph(tiny_onnx):
+    """An 8B int4 LLM session holds ~4.5 GB of repacked weights: decode and the question's scoring
+    pass run on the prefill_chunk session; the score graph holds no weights and leaves the scoring
+    cache as it was."""
     backend = OnnxRuntimeBackend(tiny_onnx)
-    assert LAZY_GRAPHS == ("score",)
-    assert sorted(backend.sessions) == ["kv_gather", "prefill_chunk", "vision"]
+    assert sorted(backend.sessions) == ["kv_gather", "prefill_chunk", "score", "vision"]
     assert sorted(backend.load_seconds) == sorted(backend.sessions)
+    score_graph = onnx.load(str(tiny_onnx / "score.onnx"))
+    assert not score_graph.graph.initializer  # its few constants are Constant nodes
     cache = backend.new_decode_cache(16)
     backend.decode(cache, IDS[:4])
+    before = [k.copy() for k in cache.rows.keys]
     mass = backend.score(cache, IDS[4:])
-    assert "score" in backend.sessions and backend.load_seconds["score"] > 0
+    assert cache.length == 4 and all(np.array_equal(a, b.copy()) for a, b in zip(before, cache.rows.keys))
     assert mass.shape == (4,) and np.all(mass > 0)
+    # the question's own keys take the rest: each of 4 queries x heads x layers spreads a probability of 1
+    cfg = backend.config
+    assert 0 < mass.sum() < 4 * cfg.num_attention_heads * cfg.num_hidden_layers
     assert "decode" not in backend.sessions
 
 
