@@ -23,10 +23,12 @@ Everything is written into a hidden sibling directory and renamed to ``out_dir``
 engines are built: a failed build leaves no partial engine directory, and an existing one
 is replaced only by a complete new one.
 
-With ``--decode-on-prefill`` the decode engine is not built: the runtime decodes on the
-prefill_chunk engine, whose profile widens to the decode capacity (``profiles.py``), so the LLM's
-weights are on the GPU once fewer. A generated <|vision_pad|> then needs its own embedding as the
-step's visual row: that one row is read from the export and written beside the engines
+The score engine holds no weights: a question runs on the prefill_chunk engine as a chunk over the
+scoring cache, and score sums the attention of its queries and keys. With ``--decode-on-prefill``
+the decode engine is not built either: the runtime decodes on the prefill_chunk engine, whose
+profile widens to the decode capacity (``profiles.py``), so the LLM's weights are on the GPU once.
+A question or a decode step run as a chunk gives each <|vision_pad|> token its own embedding as its
+visual row: that one row is read from the export and written beside the engines
 (``manifest.VISION_PAD_FILE``, with its sha256 in the manifest).
 
 TensorRT for RTX builds with no GPU for the compute capabilities it is given (default sm_89);
@@ -188,7 +190,7 @@ def build_engines(
         cfg, limits, precision=precision, weights=weights, use_plugins=use_plugins,
         decode_on_prefill=decode_on_prefill, budget_bytes=gpu_memory_budget_bytes, unified_memory=unified_memory,
     )
-    vision_pad = _vision_pad_embedding(onnx_dir, graphs) if decode_on_prefill else None
+    vision_pad = _vision_pad_embedding(onnx_dir, graphs)
     ranges = dimension_ranges(cfg, limits, decode_on_prefill=decode_on_prefill)
     profiles = {g.name: input_profile(g.name, g.inputs, ranges[g.name]) for g in graphs}
     shape_values = shape_input_values(cfg, limits, decode_on_prefill=decode_on_prefill)
@@ -222,17 +224,16 @@ def build_engines(
             for name in (manifest_io.CONFIG_FILE, *manifest_io.COPIED_FILES):
                 if (onnx_dir / name).is_file():
                     shutil.copy2(onnx_dir / name, staging / name)
-            decode_entry = None
-            if vision_pad is not None:
-                token, row = vision_pad
-                np.save(staging / manifest_io.VISION_PAD_FILE, row, allow_pickle=False)
-                decode_entry = {"vision_pad": token, "file": manifest_io.VISION_PAD_FILE,
+            token, row = vision_pad
+            np.save(staging / manifest_io.VISION_PAD_FILE, row, allow_pickle=False)
+            vision_pad_entry = {"token": token, "file": manifest_io.VISION_PAD_FILE,
                                 **manifest_io.file_fingerprint(staging / manifest_io.VISION_PAD_FILE)}
             manifest = _manifest(
                 trt, cfg, onnx_dir, out_dir, graphs + [g for parts in builds.values() for g in parts if g.part], engines, targets=targets, precision=precision, weights=weights, limits=limits,
                 ranges=ranges, use_plugins=use_plugins, kv_bytes=kv_bytes,
                 layer_ranges={"max_engine_weights": max_engine_weights, "layers_per_engine": layers_per_engine},
-                memory_budget_bytes=memory_budget_bytes, gpu_plan=gpu_plan, seconds=time.perf_counter() - started, decode_on_prefill=decode_entry,
+                memory_budget_bytes=memory_budget_bytes, gpu_plan=gpu_plan, seconds=time.perf_counter() - started, decode_on_prefill=decode_on_prefill,
+                vision_pad=vision_pad_entry,
             )
             manifest_io.write_manifest(staging, manifest)
             if timing_cache is not None and timing is not None:
@@ -539,20 +540,20 @@ def _check_gpu_memory(
 
 
 def _vision_pad_embedding(onnx_dir: Path, graphs: list[_Graph]) -> tuple[int, np.ndarray]:
-    """(<|vision_pad|>'s id, its embedding row) from the export: what a decode step on the prefill engine splices in."""
+    """(<|vision_pad|>'s id, its embedding row) from the export: what a question or decode step on the prefill engine splices in."""
     path = onnx_dir / "export_manifest.json"
     try:
         token = int(json.loads(path.read_text())["special_tokens"]["vision_pad"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EngineBuildError(
-            f"{path}: no special_tokens.vision_pad ({type(err).__name__}: {err}), which --decode-on-prefill needs; "
-            "re-export the directory with `videoxl export`, or build without --decode-on-prefill"
+            f"{path}: no special_tokens.vision_pad ({type(err).__name__}: {err}), which a question run on prefill_chunk "
+            "needs; re-export the directory with `videoxl export`"
         ) from err
     prefill = next(g for g in graphs if g.name == "prefill_chunk")
     try:
         return token, embedding_row(prefill.path, token)
     except (OSError, ValueError) as err:
-        raise EngineBuildError(f"--decode-on-prefill needs the embedding of <|vision_pad|>: {err}") from err
+        raise EngineBuildError(f"a question run on prefill_chunk needs the embedding of <|vision_pad|>: {err}") from err
 
 
 def _prepare_plugins(trt: ModuleType, use_plugins: bool) -> None:
@@ -968,7 +969,8 @@ def _manifest(
     seconds: float,
     gpu_plan: MemoryPlan | None = None,
     layer_ranges: dict[str, int | None],
-    decode_on_prefill: dict[str, Any] | None = None,
+    decode_on_prefill: bool = False,
+    vision_pad: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     onnx_files: dict[str, dict[str, Any]] = {}
     for graph in graphs:
@@ -1022,8 +1024,9 @@ def _manifest(
             "kernels_library": manifest_io.kernels_library_info() if use_plugins else None,
         },
         "layer_ranges": layer_ranges,  # how the LLM graphs were cut (ranges.py); engines[graph]["ranges"] where they were
-        # None, or decode runs on the prefill_chunk engine (no decode engine): vision_pad's id and its embedding row's file
-        "decode_on_prefill": decode_on_prefill,
+        "decode_on_prefill": decode_on_prefill,  # decode runs on the prefill_chunk engine (no decode engine)
+        # <|vision_pad|>'s id and its embedding row's file: the visual row of that token in a question or decode step run as a chunk
+        "vision_pad": vision_pad,
         "engines": engines,
     }
     if use_plugins and not manifest["plugins"]["used"]:

@@ -196,10 +196,9 @@ def sample_feeds(
         capacity = sizes["past_tokens"] = _pick(ranges, "past_tokens", 48)
         # a capacity buffer with unused rows at its end: they must not change the result
         past_len = _pick_value(inputs, "past_len", capacity - 5, high=capacity)
-        values.update(
-            input_ids=rng.integers(0, cfg.vocab_size, size=new).astype(np.int64),
-            past_len=np.array([past_len], np.int64),
-        )
+        values["past_len"] = np.array([past_len], np.int64)
+        if graph == "decode":  # score's queries and keys are random floats, like every KV input
+            values["input_ids"] = rng.integers(0, cfg.vocab_size, size=new).astype(np.int64)
     elif graph == "kv_gather":
         source = sizes["source_tokens"] = _pick(ranges, "source_tokens", 64)
         gathered = sizes["gathered_tokens"] = _pick(ranges, "gathered_tokens", 20)

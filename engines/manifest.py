@@ -17,9 +17,10 @@ and raises :class:`EngineMismatchError` naming the actual values and the rebuild
                       layer order, each with its engine file and the boundary tensors it takes in
                       and gives out (a chain the TensorRT backend runs as one engine)
       vision_pad_embedding.npy
-                      with --decode-on-prefill (no decode engine then): the embedding row of
-                      <|vision_pad|>, the visual row of a decode step that generated one; its
-                      entry "decode_on_prefill" names the token, the file and its sha256
+                      the embedding row of <|vision_pad|>: that token's visual row when a question
+                      (block scoring) or, with --decode-on-prefill (no decode engine then), a decode
+                      step runs on prefill_chunk; the entry "vision_pad" names the token, the file
+                      and its sha256
       export_manifest.json, tokenizer*.json, generation_config.json   copied when present,
                       so that the runtime needs nothing else next to the engines
 """
@@ -45,9 +46,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
-VISION_PAD_FILE = "vision_pad_embedding.npy"  # with --decode-on-prefill: one float row, [hidden]
+VISION_PAD_FILE = "vision_pad_embedding.npy"  # one float row, [hidden]
 COPIED_FILES = ("export_manifest.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-MANIFEST_FORMAT = 3  # 3: an LLM graph may be built in layer ranges (engines[graph]["ranges"]); 2: contract v2
+MANIFEST_FORMAT = 4  # 4: "vision_pad" always, "decode_on_prefill" a bool; 3: layer ranges (engines[graph]["ranges"])
 
 __all__ = ["EngineMismatchError", "check_manifest", "read_manifest", "write_manifest", "rebuild_command"]
 
@@ -185,7 +186,7 @@ def check_manifest(
             elif path.stat().st_size != part["bytes"]:
                 problems.append(f"engine file {path.name} has {path.stat().st_size} bytes, the build wrote {part['bytes']}")
 
-    problems += _decode_on_prefill_problems(engine_dir, manifest)
+    problems += _decode_engine_problems(manifest) + _vision_pad_problems(engine_dir, manifest)
     config_hash = manifest["model"]["config_hash"]
     problems += _config_problems(engine_dir / CONFIG_FILE, config_hash, "engine directory")
     if onnx_dir is not None:
@@ -228,19 +229,25 @@ def _chain_problems(graph: str, ranges: Any, layers: int | None) -> list[str]:
     return []
 
 
-def _decode_on_prefill_problems(engine_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """With decode on the prefill engine: no decode engine listed, and the vision_pad row as the build wrote it."""
-    entry = manifest.get("decode_on_prefill")
-    if not entry:
-        return [] if "decode" in manifest["engines"] else ["no decode engine, and the manifest does not say decode runs on prefill_chunk"]
-    if "decode" in manifest["engines"]:
-        return ["a decode engine is listed, but the manifest says decode runs on prefill_chunk"]
+def _decode_engine_problems(manifest: dict[str, Any]) -> list[str]:
+    """A decode engine is listed exactly when decode does not run on the prefill engine."""
+    listed = "decode" in manifest["engines"]
+    if manifest.get("decode_on_prefill"):
+        return ["a decode engine is listed, but the manifest says decode runs on prefill_chunk"] if listed else []
+    return [] if listed else ["no decode engine, and the manifest does not say decode runs on prefill_chunk"]
+
+
+def _vision_pad_problems(engine_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The vision_pad row as the build wrote it."""
+    entry = manifest.get("vision_pad")
+    if not isinstance(entry, dict):
+        return ["the manifest names no vision_pad embedding"]
     try:
         path = confined_path(engine_dir, entry.get("file"), what="vision_pad embedding")
     except UnsafePathError as err:
         return [str(err)]
     if not path.is_file():
-        return [f"{path.name} (the vision_pad embedding a decode step on prefill_chunk needs) is missing"]
+        return [f"{path.name} (the vision_pad embedding a question or decode step on prefill_chunk needs) is missing"]
     if path.stat().st_size != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
         return [f"{path.name} differs from the file the build wrote"]
     return []

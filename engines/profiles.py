@@ -16,13 +16,14 @@ Token arithmetic (per sequence)::
     total_tokens   = context_tokens + suffix_tokens + answer_tokens  what the decode cache may hold
     visible_past   = prefix + earlier timestamps + window_chunks * chunk_groups * group_tokens
 
-Decode on the prefill_chunk engine (``decode_on_prefill``, ``videoxl build --decode-on-prefill``):
-no decode engine is built; a decode step is a prefill chunk that sees every past row, so the
-prefill_chunk profile widens to cover it::
+Block scoring runs the question on the prefill_chunk engine as a chunk that sees every row of the
+scoring cache (its queries and keys go to the weightless score engine), and with
+``decode_on_prefill`` (``videoxl build --decode-on-prefill``: no decode engine) every decode step
+does the same over the decode cache, so the prefill_chunk profile widens to cover them::
 
     chunk_tokens   up to max(chunk, suffix_tokens)       the question goes in at once
-    past_tokens    up to max(context, total_tokens)      the decode cache at its capacity
-    visible_past   up to max(visible_past, total_tokens)
+    past_tokens    up to max(context, scoring_tokens)    (decode_on_prefill: total_tokens, the decode capacity)
+    visible_past   up to max(visible_past, scoring_tokens)  (decode_on_prefill: total_tokens)
     visual_tokens  from 0, chunk_tokens from 1            (already: the prefix chunk has no visual rows)
 """
 
@@ -129,8 +130,9 @@ class TokenBudget:
 def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits, *, decode_on_prefill: bool = False) -> dict[str, dict[str, DimRange]]:
     """For each graph of the contract, the range of each free dimension name its inputs use.
 
-    ``decode_on_prefill``: decode runs on the prefill_chunk engine (module docstring): its profile
-    widens to the decode capacity and the question, and there is no decode entry."""
+    prefill_chunk's profile also takes the question as a chunk over the whole scoring cache (block
+    scoring); ``decode_on_prefill``: decode runs on the prefill_chunk engine (module docstring): its
+    profile widens to the decode capacity, and there is no decode entry."""
     t = TokenBudget.of(cfg, limits)
     stamps_per_chunk = limits.chunk_groups * limits.timestamp_tokens
     groups = DimRange(1, t.vision_groups, t.vision_groups)
@@ -160,12 +162,15 @@ def dimension_ranges(cfg: VideoXLConfig, limits: BuildLimits, *, decode_on_prefi
             "pool": DimRange(1, cfg.kv_pool_stride, cfg.kv_pool_stride),  # 1: copies (the decode cache); stride: pooling
         },
     }
+    # a question runs on prefill_chunk as a chunk that sees every row of the scoring cache (its queries
+    # and keys feed score); with decode_on_prefill every decode step does, up to the decode capacity
+    prefill = ranges["prefill_chunk"]
+    widened = lambda r, high: DimRange(r.min, r.opt, max(r.max, high))  # noqa: E731
+    sees_all = t.total_tokens if decode_on_prefill else t.scoring_tokens
+    prefill["chunk_tokens"] = widened(prefill["chunk_tokens"], limits.suffix_tokens)
+    prefill["past_tokens"] = widened(prefill["past_tokens"], sees_all)
+    prefill["visible_past"] = widened(prefill["visible_past"], sees_all)
     if decode_on_prefill:
-        prefill = ranges["prefill_chunk"]
-        widened = lambda r, high: DimRange(r.min, r.opt, max(r.max, high))  # noqa: E731
-        prefill["chunk_tokens"] = widened(prefill["chunk_tokens"], limits.suffix_tokens)
-        prefill["past_tokens"] = widened(prefill["past_tokens"], t.total_tokens)
-        prefill["visible_past"] = widened(prefill["visible_past"], t.total_tokens)
         del ranges["decode"]
     return ranges
 
@@ -185,8 +190,8 @@ def shape_input_values(cfg: VideoXLConfig, limits: BuildLimits, *, decode_on_pre
 
     return {
         "vision": {},
-        # a decode step on the prefill engine starts at most one row before the decode capacity
-        "prefill_chunk": {"past_len": values(max(t.context_tokens, t.total_tokens - 1) if decode_on_prefill else t.context_tokens)},
+        # a decode step on the prefill engine starts at most one row before the decode capacity; a question, after the scoring cache
+        "prefill_chunk": {"past_len": values(max(t.context_tokens, t.scoring_tokens, t.total_tokens - 1 if decode_on_prefill else 0))},
         "decode": {"past_len": values(t.total_tokens - 1)},
         "score": {"past_len": values(t.scoring_tokens)},
         "kv_gather": {},

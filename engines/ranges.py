@@ -6,7 +6,7 @@ the exporter names the tensors that cross between layers (``GraphContract.bounda
 ``videoxl.graphs``), and a range is the part of the graph between two boundaries::
 
     full graph:   inputs -> [embed, splice] -> hidden.0 -> layer 0 -> hidden.1 -> ... -> layer L-1 -> [norm, lm_head] -> logits
-    range [a, b): inputs it reads + hidden.a (+ attention_mass.a) -> layers a..b-1 -> hidden.b (+ attention_mass.b)
+    range [a, b): inputs it reads + hidden.a -> layers a..b-1 -> hidden.b
                   a = 0: it owns the embeddings and the visual splice;  b = L: it owns the graph's own outputs
 
 Each range is written as its own small ``.onnx`` file beside the graph, in the same directory,
@@ -34,7 +34,7 @@ from videoxl.config import VideoXLConfig
 from videoxl.engines.errors import EngineBuildError
 from videoxl.graphs import GraphContract, range_file
 
-RANGED_GRAPHS = ("prefill_chunk", "decode", "score")  # the graphs that hold the LLM's layers
+RANGED_GRAPHS = ("prefill_chunk", "decode")  # the graphs that hold the LLM's layers (score holds no weights)
 _ELEM = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 _LAYER_NAME = re.compile(r"^(.*)\.(\d+)$")
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.")

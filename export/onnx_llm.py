@@ -29,12 +29,11 @@ from videoxl.export.model import VideoXLModel
 from videoxl.export.onnx_graph import ONNX_FLOAT, ExternalData, GraphBuilder, value_info
 from videoxl.export.onnx_ops import (
     attention,
+    attention_mass_body,
     bilevel_kv_gather,
     chunk_sparse_attention,
     custom_opset_imports,
     function_protos,
-    gqa_attention,
-    gqa_probs,
     rope,
     rope_tables,
 )
@@ -225,30 +224,9 @@ class LLMGraphWriter:
         return self._model(b, DECODE)
 
     def score(self) -> onnx.ModelProto:
-        """The question's attention mass on the scoring cache, from its per-layer queries and keys: no
-        weights. Query t sees past rows [0, past_len) and the question's keys 0..t (as in decode)."""
-        cfg, b = self.cfg, GraphBuilder()
-        scale = b.const(cfg.head_dim**-0.5, np.float32)
-        past_pos = b.arange(b.const(0), b.dim(kv_names("past", 0)[0], 0))
-        own = b.arange(b.const(0), b.dim("query.0", 0))
-        # key positions: past rows at their row index, the question's keys after every valid row
-        query_pos = b.op("Add", own, b.scalar("past_len"))
-        key_pos = b.op("Concat", past_pos, query_pos, axis=0)
-        causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
-        new = b.op("Expand", b.const([True], np.bool_), b.op("Shape", own))
-        valid = b.op("Concat", b.op("Less", past_pos, "past_len"), new, axis=0)
-        visible = b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
-        num_past = b.op("Shape", kv_names("past", 0)[0], start=0, end=1)
-        total = None
-        for i in range(cfg.num_hidden_layers):
-            keys = b.op("Concat", kv_names("past", i)[0], f"key.{i}", axis=0)
-            probs = gqa_probs(b, f"query.{i}", keys, visible, scale)  # (Hkv, G, T, P + T)
-            mass = b.op("Slice", b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0), b.const([0]), num_past)
-            last = i + 1 == cfg.num_hidden_layers
-            if total is None:
-                total = b.op("Identity", mass, outputs=["attention_mass"] if last else 1)
-            else:
-                total = b.op("Add", total, mass, outputs=["attention_mass"] if last else 1)
+        """The question's attention mass from its per-layer queries and keys (``attention_mass_body``): no weights."""
+        b = GraphBuilder()
+        attention_mass_body(b, self.cfg.num_hidden_layers, self.cfg.head_dim**-0.5)
         return self._model(b, SCORE)
 
     def kv_gather(self) -> onnx.ModelProto:

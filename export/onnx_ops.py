@@ -36,6 +36,27 @@ def gqa_probs(b: GraphBuilder, query: str, key: str, visible: str, scale: str) -
     return b.op("Softmax", b.op("Where", visible, scores, b.const(-np.inf, np.float32)), axis=-1)
 
 
+def attention_mass_body(b: GraphBuilder, layers: int, scale: float) -> None:
+    """The score graph (``videoxl.graphs.SCORE``): per layer the question's probabilities over
+    [past_key.i ++ key.i] (query t sees rows < past_len and its own keys 0..t), summed over heads
+    and queries, sliced to the past rows and added over layers into ``attention_mass``."""
+    scale = b.const(scale, np.float32)
+    past_pos = b.arange(b.const(0), b.dim("past_key.0", 0))
+    query_pos = b.op("Add", b.arange(b.const(0), b.dim("query.0", 0)), b.scalar("past_len"))
+    key_pos = b.op("Concat", past_pos, query_pos, axis=0)
+    causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0])), b.op("Unsqueeze", query_pos, b.const([1])))
+    own = b.op("Expand", b.const([True], np.bool_), b.op("Shape", query_pos))
+    valid = b.op("Concat", b.op("Less", past_pos, "past_len"), own, axis=0)
+    visible = b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
+    num_past = b.op("Shape", "past_key.0", start=0, end=1)
+    total = None
+    for i in range(layers):
+        probs = gqa_probs(b, f"query.{i}", b.op("Concat", f"past_key.{i}", f"key.{i}", axis=0), visible, scale)  # (Hkv, G, T, P + T)
+        mass = b.op("Slice", b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0), b.const([0]), num_past)
+        out = ["attention_mass"] if i + 1 == layers else 1
+        total = b.op("Identity", mass, outputs=out) if total is None else b.op("Add", total, mass, outputs=out)
+
+
 def gqa_attention(b: GraphBuilder, query: str, key: str, value: str, visible: str, scale: str, probs: str | None = None) -> str:
     """query (n, Hq, D), key/value (m, Hkv, D), visible (n, m) bool -> (n, Hq, D).
 

@@ -59,7 +59,15 @@ chain) as a chunk that sees every past row, as the ONNX Runtime backend does by 
                                                                  present: rows [length, length + T) in place
 
 The index list is staged like the other small inputs and grows every step, so such steps run
-plainly, without CUDA graphs (a captured graph bakes the shapes). score keeps its own engine.
+plainly, without CUDA graphs (a captured graph bakes the shapes).
+
+Block scoring runs the question the same way, on the prefill_chunk engine over the all-sparse
+scoring cache (its KV goes to the decode rows right after it, which the decode cache's gather
+rewrites next), and the score engine, which holds no weights, reads that run's per-layer queries
+(prefill_chunk's ``query.i`` io buffers) and keys (those decode rows) where they are::
+
+    compute  [question as a chunk: past = decode rows [0, length), present -> [length, length + T), query.i -> io]
+             [score: query.i, key.i = rows [length, length + T), past_key.i = rows [0, length)] [mass down]
 """
 
 from __future__ import annotations
@@ -116,6 +124,7 @@ WEIGHTS_SLACK_BYTES = 64 << 20  # at most this much is kept after the weights fo
 HOST_TIER_FRACTION = 0.8  # of the host memory available at start-up, at most, for the pinned dense tier
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_, "UINT8": np.uint8}
 _KV_NAME = re.compile(r"^(past|present)_(key|value)\.(\d+)$")
+_QUESTION_TENSOR = re.compile(r"^(query|key)\.(\d+)$")  # score's inputs, bound where prefill_chunk left them
 
 
 class BackendUnavailable(RuntimeError):
@@ -391,9 +400,9 @@ class TensorRTBackend(Backend):
         self._video: TrtVideoCache | None = None
         self._decode_cache: TrtDecodeCache | None = None
         self._generation = 0
-        # decode on the prefill_chunk engine (module docstring): <|vision_pad|>'s id and embedding row
+        # decode on the prefill_chunk engine (module docstring)
         self.decode_on_prefill = bool(self.manifest.get("decode_on_prefill"))
-        self._vision_pad: tuple[int, np.ndarray] | None = None
+        self._vision_pad: tuple[int, np.ndarray] | None = None  # <|vision_pad|>'s id and embedding row
         try:
             self._start(gpu_memory_budget, plan_dense_blocks, cuda_graphs, weights_in_arena, dense_tier)
         except BaseException:
@@ -444,8 +453,7 @@ class TensorRTBackend(Backend):
                     ) from None
                 raise
 
-        if self.decode_on_prefill:
-            self._vision_pad = self._read_vision_pad()
+        self._vision_pad = self._read_vision_pad()
         for graph in GRAPHS:
             if graph == "decode" and self.decode_on_prefill:
                 continue  # decode runs on the prefill_chunk engine
@@ -472,7 +480,7 @@ class TensorRTBackend(Backend):
 
         # I/O buffers at their profile maxima; KV tensors live in the KV regions instead
         self._row_bytes = cfg.num_key_value_heads * cfg.head_dim * self.float_dtype.itemsize
-        io_tensors = [(g, t) for g, e in self.engines.items() for t in e.tensors.values() if not _is_kv(g, t.name)]
+        io_tensors = [(g, t) for g, e in self.engines.items() for t in e.tensors.values() if not (_is_kv(g, t.name) or _borrowed(g, t.name))]
         boundary = [(g, t) for g, e in self.engines.items() if isinstance(e, EngineChain) for t in e.boundary.values()]
         io = self.arena.add("io", sum(align_up(_max_bytes(t)) for _, t in io_tensors + boundary))
         self._io = {(g, t.name): io.carve(f"{g}.{t.name}", _max_bytes(t)) for g, t in io_tensors + boundary}
@@ -505,20 +513,21 @@ class TensorRTBackend(Backend):
             )
 
         # pinned host memory: staging for every non-KV I/O tensor (the only bytes that cross the bus)
-        self.pinned = PinnedHostPool(sum(align_up(_max_bytes(t)) for _, t in io_tensors))
-        self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in io_tensors}
+        staged = [(g, t) for g, t in io_tensors if not _device_only(g, t.name)]
+        self.pinned = PinnedHostPool(sum(align_up(_max_bytes(t)) for _, t in staged))
+        self._host = {(g, t.name): self.pinned.array(f"{g}.{t.name}", (int(np.prod(t.max)),), t.dtype) for g, t in staged}
         self._graphs = DecodeGraphCache(max_graphs=8 if cuda_graphs else 0)
         log.info("TensorRT backend ready: %s", "; ".join(self.arena.layout.describe()))
 
     def _read_vision_pad(self) -> tuple[int, np.ndarray]:
-        """<|vision_pad|>'s id and embedding row, as `videoxl build --decode-on-prefill` stored them (sha checked
-        with the manifest), in the engines' float type: the visual row of a decode step that generated one."""
-        entry = self.manifest["decode_on_prefill"]
+        """<|vision_pad|>'s id and embedding row, as `videoxl build` stored them (sha checked with the manifest),
+        in the engines' float type: that token's visual row in a question or decode step run as a chunk."""
+        entry = self.manifest["vision_pad"]
         path = confined_path(self.engines_dir, entry["file"], what="vision_pad embedding")
         row = np.load(path, allow_pickle=False)
         if row.shape != (self.config.hidden_size,):
             raise unavailable(f"{path}: a row of shape {row.shape}, the model's hidden size is {self.config.hidden_size}; rebuild the engines")
-        return int(entry["vision_pad"]), row.astype(self.float_dtype)
+        return int(entry["token"]), row.astype(self.float_dtype)
 
     def _plan_kv(self, dense_tier: str, dense_blocks: int) -> tuple[int, KVRows]:
         """Frames and KV rows for what the arena has left: both tiers on the device, or the dense tier
@@ -804,6 +813,8 @@ class TensorRTBackend(Backend):
         self.engines["prefill_chunk"].check_shapes(shapes)  # before anything is staged
         address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
+        for layer in range(self.config.num_hidden_layers):  # read by score only; every run writes them
+            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
         return shapes, address
 
     def _run_chunk(self, shapes: dict, address: dict, slabs: KVSlabs, past: tuple[int, int], present: tuple[int, int]) -> None:
@@ -943,17 +954,29 @@ class TensorRTBackend(Backend):
             self.compute.synchronize()
 
     def score(self, cache: TrtDecodeCache, input_ids) -> np.ndarray:
+        """The question as a chunk on prefill_chunk over the scoring cache, then the weightless score engine
+        over its queries and keys where that run left them (module docstring)."""
         self._live(cache)
-        engine, slabs = self.engines["score"], self._kv["decode"]
-        feeds = {"input_ids": np.asarray(input_ids, np.int64), "past_len": np.array([cache.length], np.int64)}
-        shapes = {name: value.shape for name, value in feeds.items()}
+        ids, past, cfg = np.asarray(input_ids, np.int64), cache.length, self.config
+        slabs, t = self._kv["decode"], len(ids)
+        self._require_rows("decode", past + t, "the question's keys after the scoring cache")
+        engine = self.engines["score"]
+        shapes = {"past_len": (1,)}
+        for layer in range(cfg.num_hidden_layers):
+            shapes[f"query.{layer}"] = (t, cfg.num_attention_heads, cfg.head_dim)
+            shapes[f"key.{layer}"] = (t, *self._kv_shape)
+            shapes[kv_names("past", layer)[0]] = (past, *self._kv_shape)
         engine.check_shapes(shapes)
-        address = {name: self._put("score", name, value) for name, value in feeds.items()}
-        address["attention_mass"] = self._io[("score", "attention_mass")].ptr
-        self._bind_rows(shapes, address, "past", slabs, 0, cache.length)
+        # its KV goes to decode rows [past, past + t): the scoring cache is not read again after this call
+        self._run_chunk(*self._stage_chunk(**decode_as_chunk(ids, past, *self._vision_pad)), slabs, (0, past), (past, t))
+        address = {"past_len": self._put("score", "past_len", np.array([past], np.int64)), "attention_mass": self._io[("score", "attention_mass")].ptr}
+        for layer in range(cfg.num_hidden_layers):
+            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
+            address[f"key.{layer}"] = slabs.key(layer, past)
+            address[kv_names("past", layer)[0]] = slabs.key(layer, 0)
         engine.set_shapes(engine.context, shapes)
         engine.enqueue(engine.context, address, self.compute)
-        mass = self._fetch("score", "attention_mass", cache.length)
+        mass = self._fetch("score", "attention_mass", past)
         self.compute.synchronize()
         return mass.copy()
 
@@ -1064,6 +1087,17 @@ def _is_kv(graph: str, name: str) -> bool:
     if graph == "decode" and name.startswith("present_"):
         return False
     return bool(_KV_NAME.match(name))
+
+
+def _borrowed(graph: str, name: str) -> bool:
+    """score's question tensors: bound where the prefill_chunk run left them (its query.i io buffers, the
+    question's key rows in the decode region), so they get no buffers of their own."""
+    return graph == "score" and bool(_QUESTION_TENSOR.match(name))
+
+
+def _device_only(graph: str, name: str) -> bool:
+    """Outputs no host reads (no pinned staging): prefill_chunk's queries, which only score reads."""
+    return graph == "prefill_chunk" and name.startswith("query.")
 
 
 def _max_bytes(tensor: _Tensor) -> int:

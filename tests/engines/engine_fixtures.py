@@ -1,4 +1,4 @@
-"""TEST FIXTURE: a tiny stand-in for the exporter's artifact directory (graph contract v2).
+"""TEST FIXTURE: a tiny stand-in for the exporter's artifact directory (graph contract v3).
 
 Writes ``vision.onnx``, ``prefill_chunk.onnx``, ``decode.onnx``, ``score.onnx``,
 ``kv_gather.onnx``, ``config.json`` and ``export_manifest.json`` for a toy config, so that the
@@ -10,11 +10,11 @@ parser looks a plugin up by it, "1" when absent; the v2 plugins are version 2), 
 exporter's standard ONNX ``Attention``, so the builder sees what a real export gives it.
 
     prefill_chunk.onnx, per layer i (positions past_len + j):
-        x --MatMul--> q, present_key.i, present_value.i
+        x --MatMul--> query.i, present_key.i, present_value.i
         videoxl::ChunkSparseAttention(q, present_key.i, present_value.i, past_key.i, past_value.i,
                                       past_len, visible_past_index, timestamp_query_index) --MatMul--> x
     decode.onnx, per layer i:   Attention(q, past_key.i ++ k, past_value.i ++ v, rows < past_len, causal)
-    score.onnx, per layer i:    the same probabilities written out; their mass per past row, summed
+    score.onnx:                 the exporter's own weightless body (onnx_ops.attention_mass_body)
     kv_gather.onnx:             videoxl::BilevelKVGather(key, value, gather_index, gather_weight,
                                                          source_position, target_position)
 """
@@ -31,10 +31,12 @@ from onnx import TensorProto, helper, numpy_helper
 from videoxl import graphs, ops
 from videoxl.config import VideoXLConfig
 from videoxl.export.onnx_graph import GraphBuilder
-from videoxl.export.onnx_ops import OPSET, attention, custom_opset_imports, function_protos, gqa_attention, gqa_probs
+from videoxl.embedding import EMBEDDING_TABLE
+from videoxl.export.onnx_ops import OPSET, attention, attention_mass_body, custom_opset_imports, function_protos
 
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 _FIXED_TYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
+VISION_PAD = 63  # the toy vocabulary's last id stands for <|vision_pad|>
 
 
 def tiny_config() -> VideoXLConfig:
@@ -111,7 +113,7 @@ def _toy_llm(b: GraphBuilder, cfg: VideoXLConfig, dtype: int, rng: np.random.Gen
 def _embed(b: GraphBuilder, cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> tuple[str, str]:
     """Token embeddings plus a position term (positions past_len + j); returns (x, positions)."""
     positions = b.op("Add", b.arange(b.const(0), b.dim("input_ids", 0)), b.scalar("past_len"))
-    embeds = b.op("Gather", _weight(b, "embed", (cfg.vocab_size, cfg.hidden_size), dtype, rng), "input_ids", axis=0)
+    embeds = b.op("Gather", _weight(b, EMBEDDING_TABLE, (cfg.vocab_size, cfg.hidden_size), dtype, rng), "input_ids", axis=0)
     pos = b.op("Unsqueeze", b.op("Cast", positions, to=dtype), b.const([1]))
     return b.op("Add", embeds, b.op("Mul", pos, _weight(b, "pos_scale", (cfg.hidden_size,), dtype, rng))), positions
 
@@ -137,7 +139,7 @@ def _cache_visible(b: GraphBuilder, positions: str) -> str:
     return b.op("And", causal, b.op("Unsqueeze", valid, b.const([0])))
 
 
-# --- the LLM graphs (contract v2 interface; toy bodies) -----------------------------------------
+# --- the LLM graphs (contract v3 interface; toy bodies) -----------------------------------------
 def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
     """Embeds + summed visual embeds + a position term; per layer q/k/v and ChunkSparseAttention."""
     b = GraphBuilder()
@@ -146,6 +148,7 @@ def prefill_chunk_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator
 
     def attend(i: int, q: str, k: str, v: str) -> str:
         _present(b, i, k, v)
+        b.op("Identity", q, outputs=[f"query.{i}"])
         return b.op(
             ops.CHUNK_SPARSE_ATTENTION.name, q, k, v, *graphs.kv_names("past", i), "past_len", "visible_past_index",
             "timestamp_query_index", domain=ops.DOMAIN, name=f"chunk_attention.{i}", scale=float(cfg.head_dim) ** -0.5,
@@ -172,24 +175,10 @@ def decode_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> on
     return _contract_model(b, graphs.DECODE, cfg, dtype, [])
 
 
-def score_model(cfg: VideoXLConfig, dtype: int, rng: np.random.Generator) -> onnx.ModelProto:
-    """The decode layers with explicit probabilities: their mass on each past row, summed over layers."""
+def score_model(cfg: VideoXLConfig, dtype: int) -> onnx.ModelProto:
+    """No weights: the question's queries and keys -> attention mass per past row, the exporter's body."""
     b = GraphBuilder()
-    x, positions = _embed(b, cfg, dtype, rng)
-    visible = _cache_visible(b, positions)
-    scale = b.const(cfg.head_dim**-0.5, np.float32)
-    num_past = b.op("Shape", graphs.kv_names("past", 0)[0], start=0, end=1)
-    masses: list[str] = []
-
-    def attend(i: int, q: str, k: str, v: str) -> str:
-        past_key, past_value = graphs.kv_names("past", i)
-        keys, values = b.op("Concat", past_key, k, axis=0), b.op("Concat", past_value, v, axis=0)
-        probs = gqa_probs(b, q, keys, visible, scale)
-        masses.append(b.op("Slice", b.op("ReduceSum", probs, b.const([0, 1, 2]), keepdims=0), b.const([0]), num_past))
-        return gqa_attention(b, q, keys, values, visible, scale, probs=probs)
-
-    _toy_llm(b, cfg, dtype, rng, x, attend)
-    b.op("Sum", *masses, outputs=["attention_mass"])
+    attention_mass_body(b, cfg.num_hidden_layers, cfg.head_dim**-0.5)
     return _contract_model(b, graphs.SCORE, cfg, dtype, [])
 
 
@@ -229,7 +218,7 @@ def write_artifacts(out_dir: Path, *, precision: str = "fp16", seed: int = 0) ->
         "vision": vision_model(cfg, dtype, rng),
         "prefill_chunk": prefill_chunk_model(cfg, dtype, rng),
         "decode": decode_model(cfg, dtype, rng),
-        "score": score_model(cfg, dtype, rng),
+        "score": score_model(cfg, dtype),
         "kv_gather": kv_gather_model(cfg, dtype),
     }
     assert sorted(models) == sorted(graphs.GRAPHS), "the fixture writes every graph of the contract"
@@ -239,6 +228,7 @@ def write_artifacts(out_dir: Path, *, precision: str = "fp16", seed: int = 0) ->
     manifest = {
         "dtype": precision, "graphs": sorted(models), "producer": "videoxl test fixture",
         "graph_contract": graphs.manifest_entry(cfg),
+        "special_tokens": {"vision_pad": VISION_PAD},  # its embedding row goes beside the engines
     }
     (out_dir / "export_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir

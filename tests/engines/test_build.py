@@ -289,7 +289,7 @@ def test_graphs_of_another_contract_are_refused(trt, onnx_copy: Path, tmp_path: 
     model = onnx.load(str(onnx_copy / "prefill_chunk.onnx"))
     model.graph.input[2].name = "prefix_len"  # a contract v1 input name
     onnx.save(model, str(onnx_copy / "prefill_chunk.onnx"))
-    err = _refused(onnx_copy, tmp_path / "out", r"prefill_chunk\.onnx: not a graph of contract v2")
+    err = _refused(onnx_copy, tmp_path / "out", r"prefill_chunk\.onnx: not a graph of contract v3")
     assert "inputs missing ['past_len'], unexpected ['prefix_len']" in str(err) and "`videoxl export`" in str(err)
 
 

@@ -101,14 +101,14 @@ def test_rejects_engines_of_another_graph_contract(engines: Path, trt) -> None:
     raw = json.loads((engines / "manifest.json").read_text())
     raw["graph_contract"]["version"] = 1
     (engines / "manifest.json").write_text(json.dumps(raw))
-    assert "built from graphs of contract v1, this videoxl binds contract v2" in _mismatch(engines, trt)
+    assert "built from graphs of contract v1, this videoxl binds contract v3" in _mismatch(engines, trt)
 
 
 def test_rejects_an_older_manifest_format(engines: Path, trt) -> None:
     raw = json.loads((engines / "manifest.json").read_text())
     raw["format"] = 1  # written before the score engine and the input locations existed
     (engines / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(EngineMismatchError, match=r"manifest format 1, this videoxl reads format 3; rebuild with `videoxl build"):
+    with pytest.raises(EngineMismatchError, match=r"manifest format 1, this videoxl reads format 4; rebuild with `videoxl build"):
         check_manifest(engines, trt_module=trt, gpu_compute_capability="sm_89")
 
 

@@ -122,9 +122,10 @@ def test_tiny_export_builds_with_decode_on_prefill(trt, tiny_onnx: Path, tmp_pat
     assert prefill["past_key.0"]["max"][0] == prefill["visible_past_index"]["max"][0] == tokens["total"]  # the decode capacity
     assert prefill["input_ids"]["min"] == [1] and prefill["input_ids"]["max"][0] >= 256  # a step; the question at once
     assert prefill["visual_embeds"]["min"][0] == 0
-    entry = manifest["decode_on_prefill"]
+    assert manifest["decode_on_prefill"] is True
+    entry = manifest["vision_pad"]
     pad = json.loads((tiny_onnx / "export_manifest.json").read_text())["special_tokens"]["vision_pad"]
-    assert entry == {"vision_pad": pad, "file": VISION_PAD_FILE, **{k: entry[k] for k in ("sha256", "bytes", "mtime_ns")}}
+    assert entry == {"token": pad, "file": VISION_PAD_FILE, **{k: entry[k] for k in ("sha256", "bytes", "mtime_ns")}}
     assert entry["sha256"] == file_sha256(out / VISION_PAD_FILE)
     np.testing.assert_array_equal(np.load(out / VISION_PAD_FILE), embedding_row(tiny_onnx / "prefill_chunk.onnx", pad))
     assert "--decode-on-prefill" in rebuild_command(manifest)

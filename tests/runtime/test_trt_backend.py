@@ -119,7 +119,7 @@ def test_a_manifest_mismatch_is_folded_into_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_module, "gpu_compute_capability", lambda device=0: "sm_89")
     VideoXLConfig().save(tmp_path / "config.json")
     manifest = {
-        "format": 3, "graph_contract": {"version": 2}, "precision": "fp16",
+        "format": 4, "graph_contract": {"version": 3}, "precision": "fp16",
         "tensorrt": {"flavour": "tensorrt_rtx", "version": trt.__version__},
         "compute_capabilities": ["sm_120"], "limits": {"max_frames": 64},
         "plugins": {"used": False, "requested": False, "version": "1"},
@@ -329,11 +329,13 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
             return (1, cfg.vocab_size)
         if graph == "kv_gather":
             return (shapes["gather_index"][0], cfg.num_key_value_heads, cfg.head_dim)
+        if name == "attention_mass":  # the score graph: mass on each past row
+            return (shapes["past_key.0"][0],)
         new = shapes["input_ids"][0]
-        if name.startswith("attention_mass"):  # the score graph: mass on each past row (a range's partial sum)
-            return (next(s for n, s in shapes.items() if n.startswith("past_key."))[0],)
         if name.startswith("hidden."):  # a layer range's residual stream, for the next range
             return (new, cfg.hidden_size)
+        if name.startswith("query."):  # prefill_chunk's queries, for score
+            return (new, cfg.num_attention_heads, cfg.head_dim)
         return (new, cfg.num_key_value_heads, cfg.head_dim)
 
     return FakeEngine(
@@ -377,6 +379,8 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
     """
     import shutil
 
+    from videoxl.embedding import embedding_row
+    from videoxl.engines.manifest import VISION_PAD_FILE
     from videoxl.engines.profiles import BuildLimits
     from videoxl.runtime import cuda_memory, device as device_module, trt_backend
 
@@ -403,20 +407,17 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
             entries[graph] = {"file": f"{graph}.engine"}
         if layers_per_engine is not None:
             entries |= _range_engines(tiny_onnx, engines, config, layers_per_engine, decode_on_prefill)
+        pad = json.loads((tiny_onnx / "export_manifest.json").read_text())["special_tokens"]["vision_pad"]
+        np.save(engines / VISION_PAD_FILE, embedding_row(tiny_onnx / "prefill_chunk.onnx", pad))
         manifest = {
             "precision": "fp32", "limits": BuildLimits(**FAKE_LIMITS).to_dict(), "plugins": {"used": False},
             "engines": entries,
             "model": {"onnx_dir": str(tiny_onnx)},
-            "decode_on_prefill": None,
+            "decode_on_prefill": decode_on_prefill,
+            "vision_pad": {"token": pad, "file": VISION_PAD_FILE},
         }
         if decode_on_prefill:
-            from videoxl.embedding import embedding_row
-            from videoxl.engines.manifest import VISION_PAD_FILE
-
             del entries["decode"]
-            pad = json.loads((tiny_onnx / "export_manifest.json").read_text())["special_tokens"]["vision_pad"]
-            np.save(engines / VISION_PAD_FILE, embedding_row(tiny_onnx / "prefill_chunk.onnx", pad))
-            manifest["decode_on_prefill"] = {"vision_pad": pad, "file": VISION_PAD_FILE}
         trt = fake_tensorrt(device, lambda data: onnx_engine(device, data))
         monkeypatch.setattr(device_module, "gpu_problem", lambda: None)
         monkeypatch.setattr(trt_backend, "_checked_manifest", lambda path: (manifest, trt))
@@ -572,9 +573,10 @@ def test_simulated_layer_range_engines_give_the_onnxruntime_tokens(make_simulate
     backend = make_simulated(device, layers_per_engine=1)
     layers = backend.config.num_hidden_layers
     assert all(isinstance(backend.engines[g], EngineChain) and len(backend.engines[g].parts) == layers
-               for g in ("prefill_chunk", "decode", "score"))
-    assert ("decode", "hidden.1") in backend._io and ("score", "attention_mass.1") in backend._io
-    assert backend.arena.layout.regions["weights"].nbytes >= (2 + 3 * layers) * 300_000  # every range holds weights
+               for g in ("prefill_chunk", "decode"))
+    assert not isinstance(backend.engines["score"], EngineChain)  # no weights, nothing to cut
+    assert ("decode", "hidden.1") in backend._io and ("prefill_chunk", f"query.{layers - 1}") in backend._io
+    assert backend.arena.layout.regions["weights"].nbytes >= (3 + 2 * layers) * 300_000  # every range holds weights
     layout = make_layout(10, "Which colour comes last?")
     visual = np.random.default_rng(11).standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
     options = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM)
