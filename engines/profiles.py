@@ -72,7 +72,7 @@ class BuildLimits:
     window_chunks: int
     timestamp_tokens: int = 16  # per group: the tokens of "Time {t}s:"
     prefix_tokens: int = 64  # system prompt and user header before the video
-    suffix_tokens: int = 256  # question + assistant header, run through decode (and score) at once
+    suffix_tokens: int = 256  # question + assistant header, run at once (as a chunk for block scoring, then decoded)
     answer_tokens: int = 256  # generated tokens the decode cache must still hold
     vision_batch_frames: int = 32  # frames per vision engine call
 

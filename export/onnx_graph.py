@@ -99,7 +99,7 @@ class GraphBuilder:
 
     def has_initializer(self, name: str) -> bool:
         """True when this graph has ``name``, or now has it because the shared external file already
-        holds it (the decode and score graphs reuse the prefill's 15 GB without converting it again)."""
+        holds it (the decode graph reuses the prefill's 15 GB without converting it again)."""
         if name in self._initializer_names:
             return True
         if self.external is not None and self.external.holds(name):

@@ -37,7 +37,7 @@ def _no_leftovers(parent: Path) -> list[str]:
 
 def test_engines_and_manifest_written(engines_with_plugins: Path, onnx_dir: Path) -> None:
     files = sorted(p.name for p in engines_with_plugins.iterdir())
-    assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "export_manifest.json", "manifest.json"])
+    assert files == sorted([f"{g}.engine" for g in GRAPHS] + ["config.json", "export_manifest.json", "manifest.json", "vision_pad_embedding.npy"])
     assert set(GRAPHS) == set(graphs.GRAPHS) and "score" in GRAPHS  # the builder's graph list is the contract's
     manifest = _manifest(engines_with_plugins)
     assert manifest["tensorrt"]["flavour"] == "tensorrt_rtx"
@@ -56,12 +56,15 @@ def test_engines_and_manifest_written(engines_with_plugins: Path, onnx_dir: Path
     # Profiles in the user's units, applied to the contract's dimension names.
     tokens, engines = manifest["tokens"], manifest["engines"]
     prefill = engines["prefill_chunk"]["inputs"]
-    assert prefill["past_key.0"]["max"] == [tokens["context"], 2, 16]
-    assert prefill["input_ids"]["max"] == [tokens["chunk"]]
-    assert prefill["visible_past_index"]["max"] == [tokens["visible_past"]]
+    # a chunk, or the question over the whole scoring cache (block scoring runs it on prefill_chunk)
+    assert prefill["past_key.0"]["max"] == [max(tokens["context"], tokens["scoring"]), 2, 16]
+    assert prefill["input_ids"]["max"] == [max(tokens["chunk"], manifest["limits"]["suffix_tokens"])]
+    assert prefill["visible_past_index"]["max"] == [max(tokens["visible_past"], tokens["scoring"])]
     assert prefill["timestamp_query_index"]["min"] == [0]  # the streaming rule has no timestamp queries
     assert engines["decode"]["inputs"]["past_key.1"]["max"] == [tokens["total"], 2, 16]  # the decode capacity
-    assert engines["score"]["inputs"]["past_value.0"]["max"] == [tokens["scoring"], 2, 16]
+    assert engines["score"]["inputs"]["past_key.0"]["max"] == [tokens["scoring"], 2, 16]
+    assert engines["score"]["inputs"]["query.1"]["max"] == [manifest["limits"]["suffix_tokens"], 4, 16]
+    assert manifest["vision_pad"]["token"] == 63 and manifest["decode_on_prefill"] is False
     gather = engines["kv_gather"]["inputs"]
     assert gather["key"]["max"][0] == gather["source_position"]["max"][0] == tokens["sparse"] + tokens["context"]
     assert gather["gather_index"]["min"] == [1, 1] and gather["gather_index"]["max"] == [tokens["context"], 4]

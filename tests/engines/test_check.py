@@ -62,7 +62,7 @@ def test_cache_feeds_leave_unused_capacity(graph: str, fp32_build: tuple[Path, P
     _, engines = fp32_build
     manifest = json.loads((engines / "manifest.json").read_text())
     feed = sample_feeds(graph, manifest, VideoXLConfig.load(engines / "config.json"), np.random.default_rng(2))
-    assert 0 < int(feed["past_len"][0]) < feed["past_value.1"].shape[0]
+    assert 0 < int(feed["past_len"][0]) < feed["past_key.1"].shape[0]
 
 
 def test_gather_feeds_follow_the_source_layout(fp32_build: tuple[Path, Path]) -> None:

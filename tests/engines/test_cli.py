@@ -36,10 +36,14 @@ def test_build_error_is_one_line(trt, onnx_dir: Path, tmp_path: Path, capsys: py
     assert not out.exists()
 
 
-def test_decode_on_prefill_needs_the_vision_pad_token(trt, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The fixture export names no special tokens: --decode-on-prefill is refused in one line, before any build."""
+def test_a_build_needs_the_vision_pad_token(trt, onnx_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An export that names no <|vision_pad|> is refused in one line, before any build: a question (block
+    scoring) and, with --decode-on-prefill, every decode step run on prefill_chunk need its embedding row."""
+    manifest = json.loads((onnx_copy / "export_manifest.json").read_text())
+    del manifest["special_tokens"]
+    (onnx_copy / "export_manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "engines"
-    assert main(["build", "--onnx", str(onnx_dir), "--out", str(out), "--decode-on-prefill", "--no-progress"]) == 1
+    assert main(["build", "--onnx", str(onnx_copy), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("videoxl build: error: ") and err.count("\n") == 1 and "special_tokens.vision_pad" in err
     assert not out.exists()

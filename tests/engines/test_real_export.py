@@ -73,18 +73,18 @@ def test_tiny_export_builds_in_layer_ranges(trt, tiny_onnx: Path, tmp_path: Path
     out = build_engines(onnx_dir, tmp_path / "engines", precision="fp32", use_plugins=False, layers_per_engine=1, **LIMITS)
     manifest = json.loads((out / "manifest.json").read_text())
     layers = VideoXLConfig.load(onnx_dir / "config.json").num_hidden_layers
-    for graph in ("prefill_chunk", "decode", "score"):
+    for graph in ("prefill_chunk", "decode"):
         entry = manifest["engines"][graph]
         ranges = entry["ranges"]
         assert [r["layers"] for r in ranges] == [[i, i + 1] for i in range(layers)]
         assert [r["file"] for r in ranges] == [f"{graph}.layers_{i:02d}-{i:02d}.engine" for i in range(layers)]
         assert all((out / r["file"]).is_file() and (onnx_dir / r["onnx"]).is_file() for r in ranges)
         assert ranges[0]["boundary_in"] == [] and ranges[-1]["boundary_out"] == []
-        assert ranges[1]["boundary_in"] == ranges[0]["boundary_out"] == (
-            ["hidden.1", "attention_mass.1"] if graph == "score" else ["hidden.1"])
+        assert ranges[1]["boundary_in"] == ranges[0]["boundary_out"] == ["hidden.1"]
         assert entry["bytes"] == sum(r["bytes"] for r in ranges)
         assert "hidden.1" not in entry["inputs"] and "past_key.1" in entry["inputs"]  # the graph's own I/O
         assert manifest["onnx"][ranges[0]["onnx"]]["bytes"] > 0  # fingerprinted like the graphs
+    assert manifest["engines"]["score"]["file"] == "score.engine"  # no weights: one engine
     assert "ranges" not in manifest["engines"]["vision"] and manifest["engines"]["kv_gather"]["file"] == "kv_gather.engine"
     assert "--layers-per-engine 1" in rebuild_command(manifest)
     check_manifest(out, trt_module=trt, gpu_compute_capability="sm_89", onnx_dir=onnx_dir)

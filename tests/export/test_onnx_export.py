@@ -103,8 +103,8 @@ def test_external_data_round_trip(tiny_checkpoint, tiny_onnx, tmp_path, backend)
     graphs = manifest["graphs"]
     assert graphs["vision"]["external_data"] == ["vision.onnx.data"]
     # the LLM weights are written once and shared by the LLM graphs
-    assert graphs["prefill_chunk"]["external_data"] == graphs["decode"]["external_data"] == graphs["score"]["external_data"] == ["llm_weights.onnx.data"]
-    assert graphs["kv_gather"]["external_data"] == []  # no weights
+    assert graphs["prefill_chunk"]["external_data"] == graphs["decode"]["external_data"] == ["llm_weights.onnx.data"]
+    assert graphs["score"]["external_data"] == graphs["kv_gather"]["external_data"] == []  # no weights
     llm_bytes = sum(p.numel() * 4 for n, p in backend_model_params(tiny_checkpoint))
     assert 0.9 * llm_bytes <= (out / "llm_weights.onnx.data").stat().st_size < 1.5 * llm_bytes  # once, not twice
     for file in GRAPH_FILES.values():
