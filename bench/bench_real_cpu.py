@@ -190,7 +190,7 @@ def run_worker(args) -> int:
                    "ms_per_token_median": round(1e3 * float(np.median(steps)), 1) if steps else None,
                    "cores": round(decode_cpu / decode_s, 2) if steps else None},
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
-        "score_calls": len(calls["score"]), "score_loaded": "score" in backend.sessions,
+        "score": {"calls": len(calls["score"]), "seconds": round(sum(r[1] for r in calls["score"]), 2)},
         "dense_blocks": report.dense_blocks, "num_blocks": report.num_blocks,
         "first_token_s": round(report.first_token_s, 2) if report.first_token_s is not None else None,
         "answer_text": answer.text, "answer_token_ids": answer.token_ids, "streamed": pieces,
@@ -199,11 +199,6 @@ def run_worker(args) -> int:
     result["memory"]["end"] = memory_summary(smaps_rollup())
     result["memory"]["peak_sampled"] = memory_summary(peak)
     save()
-    if "score" not in backend.sessions:  # what a video with blocks to choose between would add
-        backend._session("score")
-        result["score_session_after_answer"] = sessions.get("score")
-        result["memory"]["with_score_session"] = memory_summary(smaps_rollup())
-        save()
     print("\n".join(report.lines()), file=sys.stderr)
     return 0
 
