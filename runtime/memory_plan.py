@@ -172,7 +172,7 @@ def _fused_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) 
 
 
 def _written_out_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) -> int:
-    """MatMul, Softmax, MatMul in fp32 (the timestamp queries' and the scoring graph's attention): the
+    """MatMul, Softmax, MatMul in fp32 (the inlined prefill body's timestamp queries): the
     scores and the probabilities [heads, queries, keys] both live, with the values cast to fp32."""
     kv_row = cfg.num_key_value_heads * cfg.head_dim
     return 2 * cfg.num_attention_heads * queries * keys * 4 + keys * kv_row * (b + 4)
