@@ -5,14 +5,15 @@ Plain arithmetic from the model config (no GPU, no TensorRT), so that `videoxl p
 
 Weights are counted as the TensorRT backend holds them (``engine_weight_bytes``): one engine (or
 one chain of layer-range engines) per graph, each with its own copy, so the LLM's weights are on
-the device three times (prefill_chunk, decode, score; score without what it never reads)::
+the device twice (prefill_chunk, decode). The score engine holds none (graph contract v3: the
+question runs as a chunk on prefill_chunk, and the score graph reads its queries and keys)::
 
-    weights = vision + 2 x LLM + (LLM - lm_head - final norm - last layer's v/o/MLP)
-            = 0.95 + 14.19 + 14.19 + 12.76 = 42.08 GiB    (Video-XL-2 8B, fp16)
+    weights = vision + prefill_chunk + decode
+            = 0.95 + 14.19 + 14.19 = 29.32 GiB    (Video-XL-2 8B, fp16; int8 16.14, int4 10.24)
 
 Engines built with ``--decode-on-prefill`` have no decode engine (decode runs on prefill_chunk):
-one LLM copy fewer (``decode_on_prefill``: 27.89 GiB at fp16), and the prefill_chunk engine's
-activations are taken at its widened profile (the question's tokens over the decode capacity).
+one LLM copy (``decode_on_prefill``: 15.13 GiB at fp16, 5.58 GiB int4), and the prefill_chunk
+engine's activations are taken at its widened profile (the question's tokens over the decode capacity).
 
 KV arithmetic (DESIGN §3), per token over all layers (``videoxl.graphs.kv_bytes``)::
 
@@ -70,12 +71,22 @@ Activations are what TensorRT reports for an engine at given shapes: one layer's
     prefill, inlined  = max(mlp(chunk), fused(chunk, visible + chunk),
                             written-out(timestamp queries, whole past + chunk))
     decode            = max(mlp(new), fused(new, capacity + new))       (no custom op: same either way)
-    decode on prefill = the prefill formula at max(chunk, new) tokens, past and visible past up to
-                        the decode capacity (TensorRT sizes an engine for its whole profile)
-    score             = max(mlp(new), written-out(new, scoring + new))  (its probabilities are its output)
+    score graph       = 2 x heads x new x keys x 4 + keys x kv_row x b    one layer's fp32 scores and
+                        (keys = scoring + new; no weights, no MLP)        probabilities, its keys concatenated
 
-Checked against the real-size range builds (bench/RESULTS.md, "Real size"): at the profile
-maxima of ``--max-frames 1024`` each phase is within 3 % of TensorRT's report.
+The prefill_chunk engine runs the question too (contract v3), new tokens over the all-sparse
+scoring cache with every row visible, and with ``--decode-on-prefill`` decode: TensorRT sizes one
+scratch for its whole profile, so its prefill formula is taken at max(chunk, new) tokens, past and
+visible past up to the scoring cache (the decode capacity with --decode-on-prefill). The phases::
+
+    prefill chunk     = prefill_chunk engine + logits + query io
+    question scoring  = max(prefill_chunk engine, score graph) + query io + attention mass
+    query io          = layers x max(chunk, new) x heads x head_dim x b   prefill_chunk's query.{layer}
+                        outputs, io at the profile maximum, read in place by the score engine
+
+Checked against the real-size builds (bench/RESULTS.md, "Real size"): at the profile maxima of
+``--max-frames 1024`` each phase is within 3 % of TensorRT's report (the score graph's within 4 %
+at 256 to 4,096 frames).
 """
 
 from __future__ import annotations
@@ -91,7 +102,7 @@ from videoxl import graphs
 from videoxl.config import ConfigError, VideoXLConfig
 from videoxl.engines.profiles import format_bytes, parse_bytes
 from videoxl.runtime.cuda_memory import ArenaOverflowError, KVSlabs
-from videoxl.weight_format import FORMATS, LM_HEAD, WeightFormat, quantized_linears, weight_bytes
+from videoxl.weight_format import FORMATS, WeightFormat, weight_bytes
 
 KV_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 PIXEL_BYTES = 4  # frames enter the vision graph as float32
@@ -125,28 +136,21 @@ def estimate_params(config: VideoXLConfig) -> dict[str, int]:
 def engine_weight_bytes(
     config: VideoXLConfig, fmt: WeightFormat, float_bytes: float, params: dict[str, int], *, decode_on_prefill: bool = False,
 ) -> dict[str, int]:
-    """Weight bytes of each engine the TensorRT backend loads (kv_gather has none).
+    """Weight bytes of each engine the TensorRT backend loads (score and kv_gather have none).
 
-    prefill_chunk, decode and score are separate engines (or chains of layer-range engines), each
-    with its own copy of the LLM weights it reads: score gives out only the attention mass, so it
-    holds no lm_head and no final norm, and its last layer only the query/key path (its value
-    projection, o_proj, post-attention norm and MLP feed nothing it outputs). ``decode_on_prefill``:
-    engines built with --decode-on-prefill, no decode engine (decode runs on prefill_chunk).
+    prefill_chunk and decode are separate engines (or chains of layer-range engines), each with its
+    own copy of the LLM. score holds no weights (graph contract v3): the question runs as a chunk on
+    prefill_chunk, whose queries and keys the score graph reads. ``decode_on_prefill``: engines
+    built with --decode-on-prefill, no decode engine (decode runs on prefill_chunk).
     """
     if float_bytes in (1, 2, 4):
         modules = weight_bytes(config, fmt, int(float_bytes), params)
     else:  # a fractional width (what-if plans): every parameter at it
         modules = {name: math.ceil(n * float_bytes) for name, n in params.items()}
-    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-    last = f"model.layers.{config.num_hidden_layers - 1}"
-    unread = {LM_HEAD, f"{last}.self_attn.v_proj", f"{last}.self_attn.o_proj", f"{last}.mlp.gate_proj", f"{last}.mlp.up_proj", f"{last}.mlp.down_proj"}
-    score_skips = sum(fmt.linear_bytes(lin, float_bytes) for lin in quantized_linears(config) if lin.name in unread)
-    score_skips += (2 * h + kv) * float_bytes  # final norm, post-attention norm, v_proj bias
     engines = {
         "vision": modules["vision"] + modules["compressor"] + modules["projector"],
         "prefill_chunk": modules["llm"],
         "decode": modules["llm"],
-        "score": modules["llm"] - math.ceil(score_skips),
     }
     if decode_on_prefill:
         del engines["decode"]
@@ -168,7 +172,7 @@ def _fused_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) 
 
 
 def _written_out_attention_bytes(cfg: VideoXLConfig, queries: int, keys: int, b: int) -> int:
-    """MatMul, Softmax, MatMul in fp32 (the timestamp queries' and the scoring graph's attention): the
+    """MatMul, Softmax, MatMul in fp32 (the inlined prefill body's timestamp queries): the
     scores and the probabilities [heads, queries, keys] both live, with the values cast to fp32."""
     kv_row = cfg.num_key_value_heads * cfg.head_dim
     return 2 * cfg.num_attention_heads * queries * keys * 4 + keys * kv_row * (b + 4)
@@ -199,9 +203,17 @@ def decode_activation_bytes(cfg: VideoXLConfig, *, new_tokens: int, past_tokens:
 
 
 def score_activation_bytes(cfg: VideoXLConfig, *, new_tokens: int, past_tokens: int, dtype_bytes: int) -> int:
-    """score: the question's attention written out (its probabilities, summed, are the output)."""
-    b = dtype_bytes
-    return max(_mlp_bytes(cfg, new_tokens, b), _written_out_attention_bytes(cfg, new_tokens, past_tokens + new_tokens, b))
+    """score, the weightless graph (contract v3): one layer's past keys concatenated with the question's
+    keys, and its fp32 scores and probabilities [heads, queries, keys]; the layers run in order (the
+    graph makes layer i read layer i-1's running mass), so one layer's working set serves all."""
+    keys = past_tokens + new_tokens
+    return 2 * cfg.num_attention_heads * new_tokens * keys * 4 + keys * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def query_io_bytes(cfg: VideoXLConfig, *, chunk_tokens: int, dtype_bytes: int) -> int:
+    """prefill_chunk's query.{layer} outputs (contract v3), io buffers at the profile maximum: every
+    layer's rotated queries of a chunk, which the score engine reads in place for the question."""
+    return cfg.num_hidden_layers * chunk_tokens * cfg.num_attention_heads * cfg.head_dim * dtype_bytes
 
 
 def vision_activation_bytes(cfg: VideoXLConfig, *, frames: int, dtype_bytes: int) -> int:
@@ -512,24 +524,31 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
         weights_detail = (
             f"{what}; per engine, each its own copy on the device (the TensorRT backend deserialises one engine, "
             "or one chain of layer-range engines, per graph): " + ", ".join(f"{name} {format_bytes(n)}" for name, n in engines.items())
-            + " (score: no lm_head, final norm, nor the last layer's value path and MLP, which it never reads)"
+            + " (score holds none: the question runs on prefill_chunk)"
             + ("; decode runs on prefill_chunk (--decode-on-prefill)" if i.decode_on_prefill else "")
         )
 
     # --- activations: the largest of the phases (they never overlap), with each engine's I/O --------
     timestamp_queries = 0 if on_host else min(i.chunk_groups, groups) * ts  # the streaming rule has none
-    if i.decode_on_prefill:  # one engine for both: TensorRT sizes it for its widened profile (module docstring)
-        chunk_tokens, past_tokens = max(chunk_tokens, i.suffix_tokens), max(past_tokens, t.decode_region)
-        visible_past = max(visible_past, t.decode_region)
-    prefill_act = prefill_activation_bytes(
+    # The prefill_chunk engine also runs the question (new tokens: the suffix) on the all-sparse scoring
+    # cache, every row visible; with --decode-on-prefill it decodes over the decode region too. TensorRT
+    # sizes one scratch for its whole profile, widened to cover those (module docstring).
+    widest_past = t.decode_region if i.decode_on_prefill else t.scoring
+    chunk_tokens, past_tokens = max(chunk_tokens, i.suffix_tokens), max(past_tokens, widest_past)
+    visible_past = max(visible_past, widest_past)
+    prefill_engine_act = prefill_activation_bytes(
         cfg, chunk_tokens=chunk_tokens, past_tokens=past_tokens, visible_past=visible_past,
         timestamp_queries=timestamp_queries, dtype_bytes=b, plugins=i.plugins,
     ) + cfg.vocab_size * 4  # last-position logits (the chunk's KV is written into the dense tier in place)
+    query_io = query_io_bytes(cfg, chunk_tokens=chunk_tokens, dtype_bytes=b)  # written by prefill_chunk, read by score
+    prefill_act = prefill_engine_act + query_io
     vision_frames = min(i.vision_batch_frames, groups * cfg.frames_per_group)
     vision_act = vision_activation_bytes(cfg, frames=vision_frames, dtype_bytes=b) + (
         vision_frames * 3 * cfg.image_size**2 * PIXEL_BYTES)  # the pixel input buffer
-    score_act = score_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.scoring, dtype_bytes=b) + (
-        t.scoring * 4)  # the attention mass
+    # question scoring: the question as a chunk on prefill_chunk, then the weightless score graph on its
+    # queries (query io) and keys (in the decode region, after the scoring cache); one scratch for both
+    score_graph_act = score_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.scoring, dtype_bytes=b)
+    score_act = max(prefill_engine_act, score_graph_act) + query_io + t.scoring * 4  # + the attention mass
     decode_act = decode_activation_bytes(cfg, new_tokens=i.suffix_tokens, past_tokens=t.decode_region, dtype_bytes=b) + (
         cfg.vocab_size * 4)  # logits
     phases = {"prefill chunk": prefill_act, "vision batch": vision_act, "question scoring": score_act, "suffix decode": decode_act}
@@ -549,7 +568,9 @@ def _plan(cfg: VideoXLConfig, i: PlanInputs) -> MemoryPlan:
     items = (
         PlanItem("weights", "device", weights, None, weights_detail),
         PlanItem("activations", "device", phases[largest], None,
-                 f"largest phase: {largest} ({', '.join(f'{k} {format_bytes(v)}' for k, v in phases.items())})"),
+                 f"largest phase: {largest} ({', '.join(f'{k} {format_bytes(v)}' for k, v in phases.items())}); "
+                 f"prefill chunk and question scoring with prefill_chunk's query outputs ({format_bytes(query_io)} of io, "
+                 f"{chunk_tokens:,} tokens x {cfg.num_hidden_layers} layers), which score reads in place"),
         video,
         PlanItem("decode KV region", "device", t.decode_region * kvpt, t.decode_region,
                  f"scoring cache ({t.scoring:,} rows), then in the same rows the decode cache: "
