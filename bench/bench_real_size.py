@@ -71,12 +71,10 @@ def graph_bytes(onnx_dir: Path) -> dict[str, dict]:
     return out
 
 
-def measure_graph(onnx_dir: Path, out: Path, *, graph: str, target: str, plugins: bool, max_frames: int) -> list[dict]:
-    """In this process: build ``graph``'s engines (its layer ranges) and measure each; see the docstring."""
+def trt_memory_report() -> dict[str, int]:
+    """A dict the builder's log fills as engines build: "activation" and "weights", the bytes TensorRT reports."""
     import logging
     import re
-
-    import videoxl.engines.build as build
 
     report: dict[str, int] = {}
 
@@ -89,6 +87,16 @@ def measure_graph(onnx_dir: Path, out: Path, *, graph: str, target: str, plugins
     trt_log = logging.getLogger("videoxl.engines.trt_module")
     trt_log.setLevel(logging.DEBUG)
     trt_log.addHandler(_MemoryReport(logging.DEBUG))
+    return report
+
+
+def measure_graph(onnx_dir: Path, out: Path, *, graph: str, target: str, plugins: bool, max_frames: int) -> list[dict]:
+    """In this process: build ``graph``'s engines (its layer ranges) and measure each; see the docstring."""
+    import re
+
+    import videoxl.engines.build as build
+
+    report = trt_memory_report()
     measured: list[dict] = []
     build_one = build._build_one
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import re
+import sys
 import types
 from pathlib import Path
 
 import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real_size import trt_memory_report  # noqa: E402 (the sibling script's TensorRT log reader)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,17 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = LLMGraphWriter(types.SimpleNamespace(cfg=cfg), args.dtype, state={})
     onnx.save(writer.score(), str(onnx_dir / GRAPH_FILES["score"]))
 
-    report: dict[str, int] = {}
-
-    class _MemoryReport(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            found = re.search(r"Total (Activation|Weights) Memory: (\d+) bytes", record.getMessage())
-            if found:
-                report[found.group(1).lower()] = int(found.group(2))
-
-    trt_log = logging.getLogger("videoxl.engines.trt_module")
-    trt_log.setLevel(logging.DEBUG)
-    trt_log.addHandler(_MemoryReport(logging.DEBUG))
+    report = trt_memory_report()
 
     trt = import_tensorrt("tensorrt_rtx")
     limits = BuildLimits(max_frames=args.max_frames, chunk_groups=cfg.chunk_groups, window_chunks=cfg.window_chunks)
