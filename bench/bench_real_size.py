@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-gib", type=float, default=20.0)
     parser.add_argument("--max-frames", type=int, default=1024)
     parser.add_argument("--keep-exports", action="store_true", help="keep every export (default: delete after its builds)")
-    parser.add_argument("--graphs", default="prefill_chunk,decode,score", help="graphs of the ranges step")
+    parser.add_argument("--graphs", default="prefill_chunk,decode", help="graphs of the ranges step (score holds no weights: bench_score_engine.py)")
     parser.add_argument("--plugins", default="no,yes", help="ranges step: without and/or with the plugins")
     parser.add_argument("--measure-graph", nargs=5, metavar=("ONNX", "OUT", "GRAPH", "TARGET", "PLUGINS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
