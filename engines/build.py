@@ -524,19 +524,23 @@ def _check_gpu_memory(
                      "host and --prefill-rule streaming", limits.max_frames)
         return plan
     parts = ", ".join(f"{item.name} {format_bytes(item.nbytes)}" for item in plan.items if item.where == "device")
-    head = (f"the engines need {format_bytes(plan.device_bytes)} of GPU memory for one request of {limits.max_frames} "
-            f"frames ({parts}), more than --gpu-memory-budget {format_bytes(budget_bytes)}")
+    # the profile maxima, not `videoxl plan`'s typical request: the longest question and timestamps the engines take
+    head = (f"the engines need {format_bytes(plan.device_bytes)} of GPU memory for one request at their profile maxima "
+            f"({limits.max_frames} frames, a {limits.suffix_tokens}-token question; {parts}), more than "
+            f"--gpu-memory-budget {format_bytes(budget_bytes)}")
+    fewer_copies = "" if decode_on_prefill else ", build with --decode-on-prefill (one LLM weight copy fewer)"
     weights_bytes = plan.item("weights").nbytes
     if weights_bytes >= budget_bytes:
         copies = "each LLM engine its own copy" + (", no decode engine" if decode_on_prefill else "")
         raise EngineBuildError(f"{head}: the weights alone ({copies}) need {format_bytes(weights_bytes)}, no frame "
-                               "count fits; raise --gpu-memory-budget or export smaller weights (`videoxl export --weights int4`)")
+                               f"count fits; raise --gpu-memory-budget{fewer_copies} or export smaller weights "
+                               "(`videoxl export --weights int4`)")
     tier, frames = max(plan.frames_fit, key=lambda fit: fit[1])  # auto: whichever dense tier fits more
     if frames == 0:
-        raise EngineBuildError(f"{head}: not even {cfg.frames_per_group} frames fit; raise --gpu-memory-budget")
+        raise EngineBuildError(f"{head}: not even {cfg.frames_per_group} frames fit; raise --gpu-memory-budget{fewer_copies}")
     where = "on the device" if tier == "device" else "in pinned host memory, --prefill-rule streaming at run time"
     raise EngineBuildError(f"{head}: use --max-frames {frames} or less (the most that fits, dense KV tier {where}), "
-                           "or raise --gpu-memory-budget")
+                           f"raise --gpu-memory-budget{fewer_copies}")
 
 
 def _vision_pad_embedding(onnx_dir: Path, graphs: list[_Graph]) -> tuple[int, np.ndarray]:

@@ -227,6 +227,8 @@ def test_gpu_memory_budget_refuses_before_any_tensorrt_work(trt, onnx_dir: Path,
     err = _refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget 5\.25 MiB", gpu_memory_budget_bytes=budget)
     for item in ("weights", "activations", "video KV region", "decode KV region"):  # what takes the memory, the planner's names
         assert re.search(rf"{item} \d", str(err)), (item, str(err))
+    assert "at their profile maxima (64 frames, a 256-token question" in str(err)
+    assert "build with --decode-on-prefill (one LLM weight copy fewer)" in str(err)  # the other way to fit
     fitting = _fitting_frames(err)
     assert fitting % 4 == 0 and 0 < fitting < 64
     assert _fixture_plan(onnx_dir, fitting, budget).fits
@@ -250,6 +252,18 @@ def test_gpu_memory_budget_counts_one_weight_copy_fewer_with_decode_on_prefill(t
     decode_on_prefill = _fitting_frames(_refused(onnx_dir, tmp_path / "out", r"more than --gpu-memory-budget",
                                              gpu_memory_budget_bytes=budget, decode_on_prefill=True))
     assert decode_on_prefill == 60 and with_decode_engine < decode_on_prefill
+
+
+def test_gpu_memory_budget_below_the_weights_fits_no_frame_count(trt, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = _fixture_plan(onnx_dir, 64, 2**40).item("weights").nbytes
+    _no_tensorrt_work(monkeypatch)
+    err = _refused(onnx_dir, tmp_path / "out", r"the weights alone \(each LLM engine its own copy\) need .* no frame count fits",
+                   gpu_memory_budget_bytes=weights - 1)
+    assert "--decode-on-prefill" in str(err) and "--weights int4" in str(err)
+    err = _refused(onnx_dir, tmp_path / "out", r"the weights alone \(each LLM engine its own copy, no decode engine\)",
+                   gpu_memory_budget_bytes=_fixture_plan(onnx_dir, 64, 2**40, decode_on_prefill=True).item("weights").nbytes - 1,
+                   decode_on_prefill=True)
+    assert "build with --decode-on-prefill" not in str(err)  # already
 
 
 def test_corrupt_onnx(trt, onnx_copy: Path, tmp_path: Path) -> None:
