@@ -66,7 +66,8 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--decode-on-prefill", action="store_true",
         help="build no decode engine: the runtime decodes on the prefill_chunk engine (profile widened to the decode "
-        "capacity), one copy of the LLM weights fewer on the GPU; decode steps then run without CUDA graphs",
+        "capacity), one copy of the LLM weights fewer on the GPU; one-token decode steps replay CUDA graphs with the "
+        "plugins, and run plainly without them",
     )
     ranges = parser.add_mutually_exclusive_group()
     ranges.add_argument(

@@ -58,8 +58,12 @@ chain) as a chunk that sees every past row, as the ONNX Runtime backend does by 
                                  timestamp_query_index = [])     past: decode rows [0, length),
                                                                  present: rows [length, length + T) in place
 
-The index list is staged like the other small inputs and grows every step, so such steps run
-plainly, without CUDA graphs (a captured graph bakes the shapes).
+A one-token step replays a CUDA graph per (pads, bucket) like the decode engine's: the token is a
+timestamp query instead (it sees every row below ``past_len``, a device value the graph reads when
+it runs; no index list that grows every step), the engine reads decode rows [0, bucket), and its
+new KV goes to fixed staging, copied to its row after the replay. Longer steps (the question) run
+plainly, in place, and so does every step of engines that read ``past_len`` on the host (the
+plugin-free prefill body makes it a shape tensor, which a captured graph would bake in).
 
 Block scoring runs the question the same way, on the prefill_chunk engine over the all-sparse
 scoring cache (its KV goes to the decode rows right after it, which the decode cache's gather
@@ -482,8 +486,15 @@ class TensorRTBackend(Backend):
         self._row_bytes = cfg.num_key_value_heads * cfg.head_dim * self.float_dtype.itemsize
         io_tensors = [(g, t) for g, e in self.engines.items() for t in e.tensors.values() if not (_is_kv(g, t.name) or _borrowed(g, t.name))]
         boundary = [(g, t) for g, e in self.engines.items() if isinstance(e, EngineChain) for t in e.boundary.values()]
-        io = self.arena.add("io", sum(align_up(_max_bytes(t)) for _, t in io_tensors + boundary))
+        # decode on prefill_chunk: one-token steps replay a graph when the engine reads past_len on the device
+        # (with the plugins; the inlined body makes it a host shape input), their new KV in fixed staging
+        prefill = self.engines["prefill_chunk"]
+        self._prefill_steps_replay = self.decode_on_prefill and "past_len" not in prefill.host_inputs
+        step_present = self._present_names if self._prefill_steps_replay else []
+        io = self.arena.add("io", sum(align_up(_max_bytes(t)) for _, t in io_tensors + boundary)
+                            + len(step_present) * align_up(self._row_bytes))
         self._io = {(g, t.name): io.carve(f"{g}.{t.name}", _max_bytes(t)) for g, t in io_tensors + boundary}
+        self._step_present = {name: io.carve(f"step.{name}", self._row_bytes).ptr for name in step_present}
         for g, engine in self.engines.items():
             if isinstance(engine, EngineChain):  # hidden states between layer ranges: device only, never staged
                 engine.bind_boundary({name: self._io[(g, name)].ptr for name in engine.boundary})
@@ -994,35 +1005,79 @@ class TensorRTBackend(Backend):
         self.engines["decode"].check_shapes({"input_ids": (t,), "past_key.0": (bucket, *self._kv_shape)})
         np.copyto(self._host[("decode", "input_ids")][:t], np.asarray(input_ids, np.int64))
         self._host[("decode", "past_len")][0] = past
-        key = (t, bucket)
-        action = self._graphs.action(key)
-        if action == "replay":
-            self._graphs.graphs[key][1].launch(self.compute)
-        else:
-            engine = self.engines["decode"]
-            context = engine.new_context() if action == "capture" else engine.context
-            if action == "capture":
-                context.set_device_memory(*self._activations)
-            self._decode_step(context, t, bucket)
-            if action == "capture":
-                self._capture_decode(key, context, t, bucket)
-        self._append_new_rows(slabs, past, t)
+        self._replayed_step("decode", (t, bucket), lambda context: self._decode_step(context, t, bucket))
+        self._append_new_rows(slabs, past, t, {name: self._io[("decode", name)].ptr for name in self._present_names})
         self.compute.synchronize()
         cache.length = past + t
         return self._host[("decode", "logits")][: self.config.vocab_size].reshape(1, -1).copy()
 
+    def _replayed_step(self, graph: str, key: tuple, step) -> None:
+        """Queue one step of ``graph``'s engine: replay the CUDA graph of ``key``, or run ``step(context)`` plainly
+        and, on the step's first use, capture it on a context of its own (``DecodeGraphCache``)."""
+        action = self._graphs.action(key)
+        if action == "replay":
+            self._graphs.graphs[key][1].launch(self.compute)
+            return
+        engine = self.engines[graph]
+        context = engine.new_context() if action == "capture" else engine.context
+        if action == "capture":
+            context.set_device_memory(*self._activations)
+        step(context)
+        if action == "capture":
+            self._capture(key, context, step)
+
     def _decode_on_prefill(self, cache: TrtDecodeCache, ids: np.ndarray) -> np.ndarray:
-        """A decode step as a chunk on the prefill_chunk engine that sees decode rows [0, length) and writes its
-        rows after them in place (module docstring); no CUDA graph: the visible index list grows every step."""
+        """A decode step as a chunk on the prefill_chunk engine (module docstring). A one-token step replays a
+        CUDA graph per (pads, bucket), as a decode engine's does: it reads decode rows [0, bucket) with the
+        token as a timestamp query (every row < past_len, a device value) and writes its KV to fixed staging.
+        Longer steps (the question) and engines that read past_len on the host run plainly, in place."""
         past, t = cache.length, len(ids)
         if past + t > cache.capacity:
             raise RuntimeError(f"decode cache full: {past} + {t} > capacity {cache.capacity}")
-        feeds = decode_as_chunk(ids, past, *self._vision_pad)
-        staged = self._stage_chunk(**feeds)
-        self._run_chunk(*staged, self._kv["decode"], (0, past), (past, t))
-        logits = self._chunk_logits()
+        slabs, engine = self._kv["decode"], self.engines["prefill_chunk"]
+        if t != 1 or not self._prefill_steps_replay:
+            self._run_chunk(*self._stage_chunk(**decode_as_chunk(ids, past, *self._vision_pad)), slabs, (0, past), (past, t))
+            logits = self._chunk_logits()
+            cache.length = past + t
+            return logits
+        bucket = capacity_bucket(past + t, granule=DECODE_BUCKET_ROWS, capacity=slabs.capacity)
+        token, pad_row = self._vision_pad
+        pads = int(np.count_nonzero(ids == token))
+        shapes = {"input_ids": (t,), "visual_embeds": (pads, self.config.hidden_size), "past_len": (1,),
+                  "visible_past_index": (0,), "timestamp_query_index": (t,)}
+        engine.check_shapes({**shapes, "past_key.0": (bucket, *self._kv_shape)})
+        host = lambda name: self._host[("prefill_chunk", name)]  # noqa: E731
+        np.copyto(host("input_ids")[:t], ids)
+        host("visual_embeds")[: pads * pad_row.size] = np.tile(pad_row, pads)
+        host("past_len")[0] = past
+        host("timestamp_query_index")[:t] = np.arange(t)
+        self._replayed_step("prefill_chunk", ("prefill_chunk", t, pads, bucket),
+                            lambda context: self._prefill_decode_step(context, shapes, bucket))
+        self._append_new_rows(slabs, past, t, self._step_present)
+        self.compute.synchronize()
         cache.length = past + t
-        return logits
+        return host("logits")[: self.config.vocab_size].reshape(1, -1).copy()
+
+    def _prefill_decode_step(self, context, shapes: dict, bucket: int) -> None:
+        """One decode step on the prefill_chunk engine with fixed addresses (what a graph records): inputs up
+        from their pinned staging, the engine over decode rows [0, bucket), new KV to ``_step_present``."""
+        engine = self.engines["prefill_chunk"]
+        address = {}
+        for name, shape in shapes.items():
+            host, device = self._host[("prefill_chunk", name)], self._io[("prefill_chunk", name)]
+            count = int(np.prod(shape))
+            if count:
+                copy_async(device.ptr, host_pointer(host), count * host.itemsize, "HostToDevice", self.compute)
+            address[name] = device.ptr
+        address["logits"] = self._io[("prefill_chunk", "logits")].ptr
+        for layer in range(self.config.num_hidden_layers):
+            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
+        bound = dict(shapes)
+        self._bind_rows(bound, address, "past", self._kv["decode"], 0, bucket)
+        address.update(self._step_present)
+        engine.set_shapes(context, bound)
+        engine.enqueue(context, address, self.compute)
+        self._fetch("prefill_chunk", "logits", self.config.vocab_size)
 
     @property
     def _kv_shape(self) -> tuple[int, int]:
@@ -1050,24 +1105,29 @@ class TensorRTBackend(Backend):
         engine.enqueue(context, address, self.compute)
         self._fetch("decode", "logits", cfg.vocab_size)
 
-    def _append_new_rows(self, slabs: KVSlabs, row: int, t: int) -> None:
-        """The step's new K/V from the engine's staging outputs to rows [row, row + t) of every layer."""
+    @property
+    def _present_names(self) -> list[str]:
+        return [name for layer in range(self.config.num_hidden_layers) for name in kv_names("present", layer)]
+
+    def _append_new_rows(self, slabs: KVSlabs, row: int, t: int, staging: dict[str, int]) -> None:
+        """The step's new K/V from the engine's staging outputs (name -> address) to rows [row, row + t) of every layer."""
         for layer in range(self.config.num_hidden_layers):
             for name, dst in zip(kv_names("present", layer), (slabs.key(layer, row), slabs.value(layer, row))):
-                copy_async(dst, self._io[("decode", name)].ptr, t * slabs.row_bytes, "DeviceToDevice", self.compute)
+                copy_async(dst, staging[name], t * slabs.row_bytes, "DeviceToDevice", self.compute)
 
-    def _capture_decode(self, key: tuple[int, int], context, t: int, bucket: int) -> None:
+    def _capture(self, key: tuple, context, step) -> None:
+        """Record ``step(context)`` as the CUDA graph of ``key`` (after its plain run)."""
         capturable = getattr(context, "is_stream_capturable", None)
         if capturable is not None and not capturable(self.compute.handle):
-            log.info("decode context is not stream-capturable: CUDA graphs off")
+            log.info("%s context is not stream-capturable: CUDA graphs off", key[0] if isinstance(key[0], str) else "decode")
             self._graphs.max_graphs = 0
             return
         # not for data (the capture only records): TensorRT must have finished the plain run, which
         # settles its shape-dependent state, before its enqueue is recorded
         self.compute.synchronize()
-        graph = CudaGraph(f"decode t={t} rows={bucket}")
+        graph = CudaGraph(f"step {key}")
         with graph.capture(self.compute):
-            self._decode_step(context, t, bucket)
+            step(context)
         for _old_context, old_graph in self._graphs.add(key, (context, graph)):
             old_graph.close()
 

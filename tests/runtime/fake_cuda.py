@@ -671,6 +671,9 @@ class FakeEngine:
     def get_tensor_location(self, name: str):
         return self.trt.TensorLocation.HOST if self.tensors[name].on_host else self.trt.TensorLocation.DEVICE
 
+    def is_shape_inference_io(self, name: str) -> bool:  # TensorRT's word for a shape tensor, read on the host
+        return self.tensors[name].on_host
+
     def get_tensor_profile_shape(self, name: str, profile: int):
         return self.tensors[name].profile
 

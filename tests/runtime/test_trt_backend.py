@@ -28,9 +28,11 @@ from __future__ import annotations
 #   score             compute.synchronize()    backend_gives_the_onnxruntime_tokens_..., answers_follow_up_questions,
 #                                              chunks_that_finish_two_blocks_each
 #   decode            compute.synchronize()    the same three
+#   _decode_on_prefill compute.synchronize()   decode_on_prefill_gives_the_onnxruntime_tokens[whole-graphs], [layer-ranges],
+#     (a replayed one-token step)              decode_on_prefill_splices_the_vision_pad_row (logits read before they came down)
 #   _download_video   compute.synchronize()    tiers_round_trip_through_the_host (3 of 3 runs; the process crashes)
 #   _upload_video     compute.synchronize()    tiers_round_trip_through_the_host (3 of 3 runs)
-#   _capture_decode   compute.synchronize()    none, and none can: it orders nothing that is read (the capture
+#   _capture          compute.synchronize()    none, and none can: it orders nothing that is read (the capture
 #                                              only records); it is there for TensorRT's state after a plain run
 #
 # With the dense tier in pinned host memory (--dense-tier host) a copy stream moves each chunk's rows
@@ -319,7 +321,8 @@ def onnx_engine(device: FakeCudart, data: bytes) -> FakeEngine:
     profile = input_profile(graph, dims, ranges[graph])
     dtype = {vi.name: ONNX_TYPES[vi.type.tensor_type.elem_type] for vi in (*model.graph.input, *model.graph.output)}
     outputs = [vi.name for vi in model.graph.output]
-    tensors = [TensorSpec(n, dtype[n], profile=profile[n]) for n in dims] + [TensorSpec(n, dtype[n], is_input=False) for n in outputs]
+    on_host = set(spec.get("host_inputs", {}).get(graph, []))  # shape tensors, as the inlined prefill body makes past_len
+    tensors = [TensorSpec(n, dtype[n], profile=profile[n], on_host=n in on_host) for n in dims] + [TensorSpec(n, dtype[n], is_input=False) for n in outputs]
     session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
 
     def output_shape(name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -388,11 +391,12 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
 
     def make(
         device: FakeCudart, *, layers: int | None = None, layers_per_engine: int | None = None, decode_on_prefill: bool = False,
-        **options,
+        host_inputs: dict[str, list[str]] | None = None, **options,
     ) -> TensorRTBackend:
         """``layers_per_engine``: the LLM graphs as layer-range engines (videoxl.engines.ranges), as `videoxl build` cuts them.
         ``decode_on_prefill``: as `videoxl build --decode-on-prefill` writes it: no decode engine, the prefill_chunk
-        profile widened, the vision_pad row beside the engines."""
+        profile widened, the vision_pad row beside the engines. ``host_inputs``: per graph, the inputs its engine
+        reads on the host (shape tensors)."""
         engines = tmp_path / f"engines{len(made)}"
         engines.mkdir()
         config = VideoXLConfig.load(tiny_onnx / "config.json")
@@ -402,7 +406,7 @@ def make_simulated(tiny_onnx, tmp_path, monkeypatch):
         entries = {}
         for graph in GRAPHS:
             spec = {"graph": graph, "onnx": str(tiny_onnx / f"{graph}.onnx"), "config": str(engines / "config.json"),
-                    "decode_on_prefill": decode_on_prefill}
+                    "decode_on_prefill": decode_on_prefill, "host_inputs": host_inputs or {}}
             (engines / f"{graph}.engine").write_text(json.dumps(spec))
             entries[graph] = {"file": f"{graph}.engine"}
         if layers_per_engine is not None:
@@ -596,8 +600,8 @@ def test_simulated_layer_range_engines_give_the_onnxruntime_tokens(make_simulate
 @pytest.mark.parametrize("layers_per_engine", [None, 1], ids=["whole-graphs", "layer-ranges"])
 def test_simulated_decode_on_prefill_gives_the_onnxruntime_tokens(make_simulated, tiny_onnx, tiny_tokenizer, make_layout, layers_per_engine):
     """Engines built with --decode-on-prefill: no decode engine (one copy of the LLM weights fewer), every
-    decode step a plain run of the prefill_chunk engine or chain (no CUDA graph), and the answers are
-    ONNX Runtime's, token for token, under both prefill rules."""
+    decode step a run of the prefill_chunk engine or chain, the one-token steps replayed as CUDA graphs after
+    the first of their bucket, and the answers are ONNX Runtime's, token for token, under both prefill rules."""
     from videoxl.runtime.ort_backend import OnnxRuntimeBackend
     from videoxl.runtime.pipeline import InferenceOptions, Pipeline
     from videoxl.sampling import GenerationConfig
@@ -613,13 +617,37 @@ def test_simulated_decode_on_prefill_gives_the_onnxruntime_tokens(make_simulated
     gen = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
     ours, reference = Pipeline(backend, tiny_tokenizer), Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer)
     launches = device.graph_launches
+    prefill_parts = [getattr(part, "engine", part) for part in getattr(backend.engines["prefill_chunk"], "parts", [backend.engines["prefill_chunk"]])]
+    runs = [e.executions for e in prefill_parts]
     for rule in ("evaluation", "streaming"):
         options = InferenceOptions(dense_blocks=1, prefill_rule=rule, **GEOMETRY_SIM)
         answer = ours.answer_tokens(layout, visual, options=options, gen=gen)
         expected = reference.answer_tokens(layout, visual, options=options, gen=gen)
         assert answer.token_ids == expected.token_ids
         assert answer.report.dense_blocks == expected.report.dense_blocks
-    assert device.graph_launches == launches and backend._graphs.replays == 0
+    assert backend._graphs.replays > 0 and device.graph_launches > launches
+    assert all(key[0] == "prefill_chunk" for key in backend._graphs.graphs)  # (graph, tokens, pads, bucket)
+    steps = [e.executions - r for e, r in zip(prefill_parts, runs)]
+    assert len(set(steps)) == 1  # replays ran every range of the chain, not just the first
+
+
+def test_simulated_decode_on_prefill_runs_plainly_when_past_len_is_read_on_the_host(make_simulated, tiny_onnx, tiny_tokenizer, make_layout):
+    """The plugin-free prefill body makes past_len a shape tensor (read on the host at enqueue): a captured
+    graph would bake it, so every step runs plainly, in place, and the tokens are still ONNX Runtime's."""
+    from videoxl.runtime.ort_backend import OnnxRuntimeBackend
+    from videoxl.runtime.pipeline import InferenceOptions, Pipeline
+    from videoxl.sampling import GenerationConfig
+
+    device = FakeCudart(delay_ms=(0.0, 1.0), seed=8)
+    backend = make_simulated(device, decode_on_prefill=True, host_inputs={"prefill_chunk": ["past_len"]})
+    assert backend.engines["prefill_chunk"].host_inputs == {"past_len"} and not backend._prefill_steps_replay
+    layout = make_layout(10, "Which colour comes last?")
+    visual = np.random.default_rng(11).standard_normal((10, backend.config.tokens_per_group, backend.config.hidden_size)).astype(np.float32)
+    options, gen = InferenceOptions(dense_blocks=1, **GEOMETRY_SIM), GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    answer = Pipeline(backend, tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    expected = Pipeline(OnnxRuntimeBackend(tiny_onnx), tiny_tokenizer).answer_tokens(layout, visual, options=options, gen=gen)
+    assert answer.token_ids == expected.token_ids
+    assert backend._graphs.replays == 0 and not backend._graphs.graphs and device.graph_launches == 0
 
 
 def test_simulated_decode_on_prefill_splices_the_vision_pad_row(make_simulated, tiny_onnx, tiny_tokenizer):
@@ -632,11 +660,14 @@ def test_simulated_decode_on_prefill_splices_the_vision_pad_row(make_simulated, 
     backend = make_simulated(FakeCudart(delay_ms=(0.0, 1.0), seed=6), decode_on_prefill=True)
     reference = OnnxRuntimeBackend(tiny_onnx, share_llm_session=False)  # the decode graph itself
     ours, theirs = backend.new_decode_cache(32), reference.new_decode_cache(32)
-    for ids in ([5, 17, 42, 99, 7, 64, 120, 33], [pad], [7], [pad, 3, pad]):
+    for ids in ([5, 17, 42, 99, 7, 64, 120, 33], [pad], [7], [pad, 3, pad], [pad], [8], [pad]):  # one-token steps replay
         got = backend.decode(ours, np.array(ids, np.int64))
         want = reference.decode(theirs, np.array(ids, np.int64))
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), ids
-    assert ours.length == theirs.length == 13
+    assert ours.length == theirs.length == 16
+    assert backend._graphs.replays == 3  # the second [pad], [8] and the third [pad]: their graphs exist by then
+    for key in (("prefill_chunk", 1, 1, 256), ("prefill_chunk", 1, 0, 256)):
+        assert key in backend._graphs.graphs
     with pytest.raises(RuntimeError, match="decode cache full"):
         backend.decode(ours, np.arange(20, dtype=np.int64))
 
