@@ -824,8 +824,7 @@ class TensorRTBackend(Backend):
         self.engines["prefill_chunk"].check_shapes(shapes)  # before anything is staged
         address = {name: self._put("prefill_chunk", name, value) for name, value in feeds.items()}
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        for layer in range(self.config.num_hidden_layers):  # read by score only; every run writes them
-            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
+        address.update(self._query_io)  # read by score only; every run writes them
         return shapes, address
 
     def _run_chunk(self, shapes: dict, address: dict, slabs: KVSlabs, past: tuple[int, int], present: tuple[int, int]) -> None:
@@ -981,8 +980,8 @@ class TensorRTBackend(Backend):
         # its KV goes to decode rows [past, past + t): the scoring cache is not read again after this call
         self._run_chunk(*self._stage_chunk(**decode_as_chunk(ids, past, *self._vision_pad)), slabs, (0, past), (past, t))
         address = {"past_len": self._put("score", "past_len", np.array([past], np.int64)), "attention_mass": self._io[("score", "attention_mass")].ptr}
+        address.update(self._query_io)
         for layer in range(cfg.num_hidden_layers):
-            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
             address[f"key.{layer}"] = slabs.key(layer, past)
             address[kv_names("past", layer)[0]] = slabs.key(layer, 0)
         engine.set_shapes(engine.context, shapes)
@@ -1070,8 +1069,7 @@ class TensorRTBackend(Backend):
                 copy_async(device.ptr, host_pointer(host), count * host.itemsize, "HostToDevice", self.compute)
             address[name] = device.ptr
         address["logits"] = self._io[("prefill_chunk", "logits")].ptr
-        for layer in range(self.config.num_hidden_layers):
-            address[f"query.{layer}"] = self._io[("prefill_chunk", f"query.{layer}")].ptr
+        address.update(self._query_io)
         bound = dict(shapes)
         self._bind_rows(bound, address, "past", self._kv["decode"], 0, bucket)
         address.update(self._step_present)
@@ -1104,6 +1102,11 @@ class TensorRTBackend(Backend):
         engine.set_shapes(context, shapes)
         engine.enqueue(context, address, self.compute)
         self._fetch("decode", "logits", cfg.vocab_size)
+
+    @property
+    def _query_io(self) -> dict[str, int]:
+        """prefill_chunk's query.i outputs: their io buffers, which score reads in place."""
+        return {f"query.{layer}": self._io[("prefill_chunk", f"query.{layer}")].ptr for layer in range(self.config.num_hidden_layers)}
 
     @property
     def _present_names(self) -> list[str]:
