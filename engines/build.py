@@ -1012,6 +1012,7 @@ def _manifest(
                 "budget_bytes": gpu_plan.budget_bytes,
                 "device_bytes": gpu_plan.device_bytes,
                 "dense_tier": gpu_plan.inputs.dense_tier,
+                "unified_memory": gpu_plan.inputs.unified_memory,
             },
         },
         "model": {"config_hash": cfg.model_hash(), "onnx_dir": str(onnx_dir.resolve())},

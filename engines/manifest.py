@@ -118,6 +118,13 @@ def rebuild_command(manifest: dict[str, Any], engine_dir: str | Path | None = No
         args.append("--no-plugins")
     if manifest.get("decode_on_prefill"):
         args.append("--decode-on-prefill")
+    memory = manifest.get("memory") or {}
+    if memory.get("budget_bytes") is not None:  # the same checks as the first build
+        args += ["--memory-budget", str(memory["budget_bytes"])]
+    if memory.get("gpu_plan"):
+        args += ["--gpu-memory-budget", str(memory["gpu_plan"]["budget_bytes"])]
+        if memory["gpu_plan"].get("unified_memory"):
+            args.append("--unified-memory")
     layer_ranges = manifest.get("layer_ranges", {})
     if layer_ranges.get("layers_per_engine") is not None:
         args += ["--layers-per-engine", str(layer_ranges["layers_per_engine"])]

@@ -241,7 +241,9 @@ def test_gpu_memory_budget_that_fits_is_recorded(trt, onnx_dir: Path, tmp_path: 
     out = build_engines(onnx_dir, tmp_path / "out", precision="fp16", use_plugins=False,
                         gpu_memory_budget_bytes=plan.device_bytes, **BUILD_LIMITS)
     memory = _manifest(out)["memory"]
-    assert memory["gpu_plan"] == {"budget_bytes": plan.device_bytes, "device_bytes": plan.device_bytes, "dense_tier": "device"}
+    assert memory["gpu_plan"] == {"budget_bytes": plan.device_bytes, "device_bytes": plan.device_bytes, "dense_tier": "device",
+                                  "unified_memory": False}
+    assert f"--gpu-memory-budget {plan.device_bytes}" in _manifest(out)["build_command"]  # a rebuild checks the same
     assert memory["budget_bytes"] is None  # --memory-budget (KV only) was not given
 
 

@@ -130,3 +130,6 @@ def test_rebuild_command_repeats_the_limits(engines: Path) -> None:
     manifest = json.loads((engines / "manifest.json").read_text())
     command = rebuild_command(manifest, engines)
     assert "--fp16 --max-frames 64 --chunk-groups 2 --window 1 --target sm_89 --no-plugins" in command
+    assert "budget" not in command  # none was given
+    manifest["memory"].update(budget_bytes=2**30, gpu_plan={"budget_bytes": 16 * 2**30, "unified_memory": True})
+    assert rebuild_command(manifest, engines).endswith(f"--memory-budget {2**30} --gpu-memory-budget {16 * 2**30} --unified-memory")
