@@ -46,6 +46,12 @@ MAX_SCORE_BLOCKS = 8192  # VIDEOXL_MAX_SCORE_BLOCKS in plugins/block_score/block
 LayerAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA on token-major tensors: query (Q, Hq, D), key/value (K, Hkv, D), visible (Q, K) bool -> (Q, Hq, D)."""
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+
+
 def chunk_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
     past_len: int, visible_past_index: torch.Tensor, timestamp_query_index: torch.Tensor, scale: float,
@@ -64,11 +70,7 @@ def chunk_sparse_attention(
         visible = torch.cat([torch.ones(len(query_pos), len(rows), dtype=torch.bool, device=query.device),
                              own[None, :] <= query_pos[:, None]], dim=1)
         if query.is_cuda:
-            out = F.scaled_dot_product_attention(
-                queries.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                attn_mask=visible, scale=scale, enable_gqa=True,
-            )
-            return out[0].transpose(0, 1)
+            return masked_sdpa(queries, keys, values, visible, scale)
         return attend(queries, keys, values, visible, scale)[0]
 
     out = run(query, visible_past_index, own)
@@ -319,10 +321,7 @@ class TorchBackend(Backend):
                 stop = min(past, start + MAX_SCORE_BLOCKS)
                 self.kernels.block_scores_torch(query, keys, row_bounds[start:stop], scale=self.scale,
                                                 scores=mass[start:stop], causal_tail=len(ids))
-            # the kernel has the mass, so the layer's output needs no probabilities: SDPA
-            q, k, v = (x.transpose(0, 1)[None] for x in (query, keys, values))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale, enable_gqa=True)
-            return out[0].transpose(0, 1)
+            return masked_sdpa(query, keys, values, visible, self.scale)  # the kernel has the mass: no probabilities
 
         self.forward(self.model.model.embed_tokens(ids), torch.arange(past, past + len(ids), device=self.device), attention)
         return mass.float().cpu().numpy()
